@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh Debian/Ubuntu machine with Python 3.11:
+#   make serve   - install the runtime (no torch) into .venv and serve models/fashion-seresnet
+#   make test    - install runtime + export + dev extras into .venv and run the whole suite
+# Everything else (lint, bench, container check) builds on the same .venv.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+OPS_SOURCES := $(shell find ops -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -name 'CMakeLists.txt' -o -name '*.cmake' 2>/dev/null)
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: serve test lint bench container-check clean
+
+$(VENV)/.runtime: pyproject.toml $(OPS_SOURCES) scripts/setup.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh runtime
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh dev
+	touch $@
+
+serve: $(VENV)/.runtime
+	$(PY) -m service --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: $(VENV)/.dev
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build dist
