@@ -12,7 +12,7 @@ timm ``seresnet*`` state dict loads with strict key checking.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -262,13 +262,36 @@ def arch_spec(name: str) -> ArchSpec:
         ) from None
 
 
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+    """Give every BatchNorm random affine parameters and running statistics.
+
+    Training init zeroes the last BN of each block, which makes a fresh net's SE gates
+    irrelevant to its output; a test or benchmark net must exercise every block, so its
+    statistics are drawn to keep activations in a sane range instead.
+    """
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.empty(c).uniform_(0.2, 0.6, generator=generator))
+                m.bias.copy_(torch.empty(c).uniform_(-0.1, 0.1, generator=generator))
+                m.running_mean.copy_(torch.empty(c).uniform_(-0.1, 0.1, generator=generator))
+                m.running_var.copy_(torch.empty(c).uniform_(0.5, 1.5, generator=generator))
+
+
 def create_model(
     name: str,
     num_classes: int | None = None,
     in_chans: int | None = None,
     seed: int | None = None,
+    init: Literal["train", "random"] = "train",
 ) -> SEResNet:
-    """Build ``name`` with random weights (seeded when ``seed`` is given), in eval mode."""
+    """Build ``name`` in eval mode.
+
+    ``init="train"`` is the initialisation to train from (zero-init residual BNs);
+    ``init="random"`` also randomises BN statistics so every block, SE included, shapes the
+    output (for tests and benchmarks). ``seed`` makes either reproducible.
+    """
     spec = arch_spec(name)
     if seed is not None:
         torch.manual_seed(seed)
@@ -283,6 +306,8 @@ def create_model(
         base_width=spec.base_width,
         stem=spec.stem,
     )
+    if init == "random":
+        randomize_batchnorm(model, torch.Generator().manual_seed(seed or 0))
     return model.eval()
 
 
@@ -318,5 +343,3 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
             h.remove()
     return total
 
-
-ModelFactory = Callable[..., SEResNet]

@@ -8,7 +8,6 @@ same weights on the same machine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from export import fashion_mnist
 from export.architectures import count_parameters, create_model
+from export.checkpoint import sha256_of
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,6 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return top1 / len(images), top5 / len(images)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def train(recipe: TrainRecipe, checkpoint: Path, progress: bool = True) -> TrainRecord:
     """Train ``recipe.arch`` on Fashion-MNIST; write ``checkpoint`` (a timm-style state dict)
     and ``<checkpoint>.train.json`` (this record). Returns the record."""
@@ -136,7 +128,7 @@ def train(recipe: TrainRecipe, checkpoint: Path, progress: bool = True) -> Train
     model = create_model(recipe.arch, num_classes=10, in_chans=1, seed=recipe.seed)
     model = model.to(memory_format=torch.channels_last).train()
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD(
         [{"params": decay, "weight_decay": recipe.weight_decay},
@@ -177,7 +169,8 @@ def train(recipe: TrainRecipe, checkpoint: Path, progress: bool = True) -> Train
         tqdm.write(f"{recipe.arch} epoch {epoch + 1:2d}/{recipe.epochs}: loss {running:.4f}  "
                    f"test top-1 {top1:.2%}  top-5 {top5:.2%}  ({elapsed:.0f} s)")
 
-    record.test_top1, record.test_top5 = record.epochs[-1]["test_top1"], record.epochs[-1]["test_top5"]
+    record.test_top1 = record.epochs[-1]["test_top1"]
+    record.test_top5 = record.epochs[-1]["test_top5"]
     record.seconds = round(time.perf_counter() - start, 1)
     model = model.to(memory_format=torch.contiguous_format).eval()
     checkpoint.parent.mkdir(parents=True, exist_ok=True)

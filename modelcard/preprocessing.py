@@ -21,9 +21,10 @@ _RESAMPLE = {
 }
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Open without decoding pixels: size and format are known, nothing is allocated yet."""
-    return Image.open(io.BytesIO(data))
+def open_image(data: bytes, formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Open without decoding pixels: size and format are known, nothing is allocated yet.
+    ``formats`` limits which Pillow plugins may parse the bytes (None: any)."""
+    return Image.open(io.BytesIO(data), formats=formats)
 
 
 def resized_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:

@@ -54,9 +54,11 @@ class InputSpec(_Strict):
             raise ValueError("mean and std need one value per channel")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be positive")
-        if self.resize == "shorter-side-crop":
-            if self.resize_shorter is None or self.resize_shorter < max(self.height, self.width):
-                raise ValueError("shorter-side-crop needs resize_shorter >= height and width")
+        shorter = self.resize_shorter
+        if self.resize == "shorter-side-crop" and (
+            shorter is None or shorter < max(self.height, self.width)
+        ):
+            raise ValueError("shorter-side-crop needs resize_shorter >= height and width")
         if (self.dtype == "uint8") != (self.normalization == "in-graph"):
             raise ValueError("uint8 input means in-graph normalisation, float32 means caller")
         return self

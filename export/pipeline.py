@@ -1,0 +1,260 @@
+"""The export chain for one model folder: checkpoint -> model.onnx -> parity -> model.se.onnx ->
+parity -> test accuracy -> model.json, written to a staging folder and renamed into place so a
+failure never leaves a half-written model folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from torch import nn
+
+from export import fashion_mnist
+from export.architectures import count_parameters, create_model
+from export.checkpoint import load_into, read_state_dict, sha256_of
+from export.errors import ExportError
+from export.fusion import fuse_file
+from export.model_card import (
+    FASHION_MNIST,
+    input_spec_for,
+    now,
+    read_labels,
+    read_record,
+    tool_versions,
+)
+from export.onnx_export import (
+    DEFAULT_OPSET,
+    Comparison,
+    ParityError,
+    accuracy,
+    check_parity,
+    compare,
+    export_onnx,
+    parity_images,
+    run_onnx,
+    session,
+)
+from modelcard import FUSED_FILE, UNFUSED_FILE, InputSpec, ModelCard, read_card
+from modelcard.schema import Fusion, Metrics, Parity, Provenance
+
+MAX_FUSED_DIFF = 1e-5
+CHECKPOINT_FILE = "checkpoint.pt"
+TRAIN_RECORD = "checkpoint.train.json"
+BASELINE_RECORD = "baseline.train.json"
+
+
+@dataclass
+class ExportOptions:
+    arch: str
+    out: Path
+    checkpoint: Path | None = None
+    seed: int = 0
+    name: str | None = None
+    version: str = "1"
+    num_classes: int | None = None
+    in_chans: int | None = None
+    labels: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    opset: int = DEFAULT_OPSET
+    parity_images: int = 256
+    fuse: bool = True
+    evaluate: bool | None = None  # None: when the labels are Fashion-MNIST's
+    train_record: Path | None = None
+    baseline_record: Path | None = None
+
+
+def load_model(arch: str, checkpoint: Path | None, num_classes: int | None = None,
+               in_chans: int | None = None, seed: int = 0) -> nn.Module:
+    """``arch`` with the checkpoint's weights, or random weights (seeded) without one."""
+    model = create_model(arch, num_classes=num_classes, in_chans=in_chans, seed=seed,
+                         init="train" if checkpoint else "random")
+    if checkpoint is not None:
+        load_into(model, read_state_dict(checkpoint), arch, str(checkpoint))
+    return model.eval()
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A fresh sibling folder to write into; renamed over ``target`` only on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def fused_session(path: Path) -> ort.InferenceSession:
+    """A CPU session for a fused model, with the op library registered."""
+    import ops
+
+    so = ort.SessionOptions()
+    try:
+        ops.register(so)
+    except ops.OpsLibraryError as e:
+        raise ExportError(f"cannot check the fused model: {e}") from e
+    return session(path, so=so)
+
+
+def check_fused(unfused: Path, fused: Path, spec: InputSpec, pixels: np.ndarray) -> Comparison:
+    """Unfused vs fused ONNX Runtime on ``pixels``; raise :class:`ParityError` if they differ."""
+    result = compare(run_onnx(session(unfused), pixels, spec),
+                     run_onnx(fused_session(fused), pixels, spec))
+    if not result.ok(MAX_FUSED_DIFF):
+        raise ParityError(
+            f"fused model {fused} disagrees with {unfused} on {result.images} images: max "
+            f"|logit diff| {result.max_abs_diff:.3g} (limit {MAX_FUSED_DIFF:g}), top-5 "
+            f"agreement {result.top5_agreement:.2%}"
+        )
+    return result
+
+
+def export_folder(opts: ExportOptions, say=print) -> ModelCard:
+    """Run the chain of ``opts`` and write the model folder ``opts.out`` atomically."""
+    model = load_model(opts.arch, opts.checkpoint, opts.num_classes, opts.in_chans, opts.seed)
+    num_classes = model.fc.out_features
+    in_chans = model.conv1.in_channels
+    record = read_record(opts.train_record)
+    if record and opts.mean is None:
+        opts.mean, opts.std = [record["mean"]], [record["std"]]
+    spec = input_spec_for(opts.arch, in_chans, opts.mean, opts.std)
+    labels = read_labels(opts.labels, num_classes)
+    evaluate = opts.evaluate if opts.evaluate is not None else opts.labels == FASHION_MNIST
+
+    with staged_folder(opts.out) as tmp:
+        if opts.checkpoint is not None:
+            shutil.copyfile(opts.checkpoint, tmp / CHECKPOINT_FILE)
+            for rec in (opts.train_record, opts.baseline_record):
+                if rec is not None and rec.is_file():
+                    name = TRAIN_RECORD if rec == opts.train_record else BASELINE_RECORD
+                    shutil.copyfile(rec, tmp / name)
+        say(f"exporting {opts.arch} to ONNX (opset {opts.opset}, dynamic batch, {spec.dtype} "
+            "input)")
+        export_onnx(model, spec, tmp / UNFUSED_FILE, opts.opset)
+        torch_vs_onnx = check_parity(model, tmp / UNFUSED_FILE, spec, opts.parity_images)
+        say(f"parity PyTorch vs ONNX Runtime on {torch_vs_onnx.images} real images: max |logit "
+            f"diff| {torch_vs_onnx.max_abs_diff:.2e}, top-5 agreement "
+            f"{torch_vs_onnx.top5_agreement:.0%}")
+
+        fusion = Fusion()
+        onnx_vs_fused: Comparison | None = None
+        if opts.fuse:
+            report = fuse_file(tmp / UNFUSED_FILE, tmp / FUSED_FILE)
+            say(f"fusion: {report.summary()}")
+            pixels = parity_images(spec, opts.parity_images)
+            onnx_vs_fused = check_fused(tmp / UNFUSED_FILE, tmp / FUSED_FILE, spec, pixels)
+            say(f"parity ONNX vs fused on {onnx_vs_fused.images} real images: max |logit diff| "
+                f"{onnx_vs_fused.max_abs_diff:.2e}, top-5 agreement "
+                f"{onnx_vs_fused.top5_agreement:.0%}")
+            import ops
+
+            fusion = Fusion(se_blocks=report.fused, fused=report.fused, op_domain=ops.OP_DOMAIN)
+
+        metrics = Metrics()
+        if evaluate:
+            images, labels_true = fashion_mnist.load("test")
+            pixels = np.stack([img[None] for img in images])
+            top1, top5 = accuracy(run_onnx(session(tmp / UNFUSED_FILE), pixels, spec), labels_true)
+            say(f"test accuracy of model.onnx on {len(images)} Fashion-MNIST test images: "
+                f"top-1 {top1:.2%}, top-5 {top5:.2%}")
+            baseline = read_record(opts.baseline_record)
+            metrics = Metrics(
+                test_top1=top1, test_top5=top5, test_images=len(images),
+                evaluated_with="onnxruntime, model.onnx, CPUExecutionProvider",
+                baseline_without_se=None if baseline is None else {
+                    "architecture": baseline["recipe"]["arch"],
+                    "parameters": baseline["parameters"],
+                    "test_top1": baseline["test_top1"],
+                    "test_top5": baseline["test_top5"],
+                    "evaluated_with": "PyTorch, after the last epoch, same recipe",
+                },
+            )
+
+        card = ModelCard(
+            name=opts.name or opts.out.name,
+            version=opts.version,
+            architecture=opts.arch,
+            num_classes=num_classes,
+            labels=labels,
+            input=spec,
+            opset=opts.opset,
+            parameters=count_parameters(model),
+            provenance=Provenance(
+                checkpoint=CHECKPOINT_FILE if opts.checkpoint else None,
+                checkpoint_sha256=sha256_of(opts.checkpoint) if opts.checkpoint else None,
+                dataset=record.get("dataset") if record else None,
+                training=None if record is None else {
+                    "recipe": record["recipe"], "seconds": record["seconds"],
+                    "test_top1_pytorch": record["test_top1"], "epochs": record["epochs"],
+                    "torch_version": record.get("torch_version"),
+                },
+            ),
+            metrics=metrics,
+            parity=Parity(
+                images=torch_vs_onnx.images,
+                max_abs_logit_diff_torch_vs_onnx=torch_vs_onnx.max_abs_diff,
+                top5_agreement_torch_vs_onnx=torch_vs_onnx.top5_agreement,
+                max_abs_logit_diff_onnx_vs_fused=onnx_vs_fused and onnx_vs_fused.max_abs_diff,
+                top5_agreement_onnx_vs_fused=onnx_vs_fused and onnx_vs_fused.top5_agreement,
+            ),
+            fusion=fusion,
+            tool_versions=tool_versions(),
+            created=now(),
+        )
+        card.write(tmp)
+    say(f"wrote {opts.out}/ ({_folder_size(opts.out) / 1e6:.1f} MB)")
+    return card
+
+
+def verify_folder(folder: Path, images: int = 1000, say=print) -> bool:
+    """Re-check a model folder: PyTorch vs ONNX (when the checkpoint is there), ONNX vs fused,
+    and the card's test accuracy (for Fashion-MNIST models). True when all hold."""
+    card = read_card(folder)
+    spec = card.input
+    pixels = parity_images(spec, images)
+    ok = True
+    ckpt = folder / CHECKPOINT_FILE
+    if ckpt.is_file():
+        model = load_model(card.architecture, ckpt, card.num_classes, spec.channels)
+        try:
+            r = check_parity(model, folder / UNFUSED_FILE, spec, images)
+            say(f"PyTorch vs model.onnx: max |diff| {r.max_abs_diff:.2e}, top-5 "
+                f"{r.top5_agreement:.2%} on {r.images} images")
+        except ParityError as e:
+            say(f"FAIL {e}")
+            ok = False
+    if (folder / FUSED_FILE).is_file():
+        try:
+            r = check_fused(folder / UNFUSED_FILE, folder / FUSED_FILE, spec, pixels)
+            say(f"model.onnx vs model.se.onnx: max |diff| {r.max_abs_diff:.2e}, top-5 "
+                f"{r.top5_agreement:.2%} on {r.images} images")
+        except ParityError as e:
+            say(f"FAIL {e}")
+            ok = False
+    if card.metrics.test_top1 is not None and card.labels == fashion_mnist.LABELS:
+        test_x, test_y = fashion_mnist.load("test")
+        top1, _ = accuracy(run_onnx(session(folder / UNFUSED_FILE), test_x[:, None], spec), test_y)
+        same = abs(top1 - card.metrics.test_top1) <= 0.001
+        ok &= same
+        say(f"{'ok' if same else 'FAIL'} test top-1 {top1:.2%} (card: "
+            f"{card.metrics.test_top1:.2%})")
+    return ok
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
