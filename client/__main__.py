@@ -1,0 +1,216 @@
+"""``python -m client score PATH... --url URL`` (console script: ``seresnet-client``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from client.job import (
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_SERVICE,
+    EXIT_USAGE,
+    JobOptions,
+    run_job,
+)
+from client.scoring import Settings
+
+DESCRIPTION = """\
+Score images through a running seresnet-serve service and write one result row per image.
+
+PATH is an image file, a folder (walked recursively; files with image extensions such as
+.jpg .png .webp .bmp .tif, in sorted order; hidden entries skipped; symlinked folders followed
+once), or @LIST: a text file with one path (file or folder) per line, '#' comments allowed;
+@- reads the list from standard input.
+"""
+
+EPILOG = f"""\
+examples:
+  # score a folder; results.jsonl gets one JSON object per image
+  python -m client score photos/ --url http://127.0.0.1:8000
+
+  # a labelled folder (class/xxx.png): also report top-1/top-5 accuracy and a per-class table
+  python -m client score fashion-test/ --url http://127.0.0.1:8000 --labels-from-dirs \\
+      --out fashion.jsonl --summary-json fashion-summary.json
+
+  # continue after Ctrl-C, a crash or a service outage: skips what is already done
+  python -m client score fashion-test/ --url http://127.0.0.1:8000 --labels-from-dirs \\
+      --out fashion.jsonl --resume
+
+  # paths from another tool, CSV out, bigger requests
+  find archive -name '*.jpg' -newer stamp | python -m client score @- --url http://gpu-box:8000 \\
+      --format csv --out new.csv --batch-size 64 --concurrency 8
+
+output rows (JSON Lines; --format csv has the same fields as columns):
+  {{"path": "...", "true_label": "Coat", "predictions": [{{"label": "Coat", "class_id": 4,
+   "score": 0.93}}, ...]}}
+  {{"path": "...", "error": {{"code": "...", "message": "...", "scope": "image|request|file"}}}}
+  scope "image": the service (or the client) judged the image itself unusable; kept by
+  --resume. "request": the request failed even after retries; "file": the file could not be
+  read. Both are retried by a rerun with --resume.
+
+exit codes:
+  {EXIT_OK}    every image of the job (the whole --out file) was scored
+  {EXIT_INCOMPLETE}    the run finished, but some images have error rows (see the summary)
+  {EXIT_USAGE}    bad arguments or inputs (nothing was scored)
+  {EXIT_SERVICE}    the service is unreachable, refused the API key, or failed every request
+  {EXIT_OUTPUT}    the output file could not be written
+  {EXIT_INTERRUPTED}  interrupted by Ctrl-C (143: SIGTERM); every row written so far is kept
+
+environment: SERESNET_API_KEY (instead of --api-key)
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be more than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="Batch scoring client for seresnet-serve (knows only its HTTP API).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    score = commands.add_parser(
+        "score",
+        help="score files, folders or @lists of images",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder, or @LIST")
+    score.add_argument(
+        "--url",
+        required=True,
+        help="the service's base URL, e.g. http://127.0.0.1:8000",
+    )
+    score.add_argument(
+        "--out",
+        help="result file, written as it goes (default results.jsonl, or results.csv with "
+        "--format csv); '-' for standard output",
+    )
+    score.add_argument(
+        "--format",
+        choices=["jsonl", "csv"],
+        help="result format (default: from the --out extension, else jsonl)",
+    )
+    score.add_argument(
+        "--top-k", type=_positive_int, metavar="K", default=5, help="classes per image (5)"
+    )
+    score.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="images per request (16)"
+    )
+    score.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=4,
+        help="requests in flight at once, over as many keep-alive connections (4)",
+    )
+    score.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=5,
+        help="retries of a failed request (connection error, timeout, 429/502/503/504) with "
+        "exponential backoff and jitter, or as long as Retry-After says (5)",
+    )
+    score.add_argument(
+        "--timeout", type=_positive_float, default=60.0, help="seconds per request (60)"
+    )
+    score.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the job in --out: skip images already there, retry failed ones",
+    )
+    score.add_argument(
+        "--overwrite", action="store_true", help="replace an --out file that has results"
+    )
+    score.add_argument(
+        "--labels-from-dirs",
+        action="store_true",
+        help="each image's folder name is its true label (class/xxx.jpg); adds accuracy. "
+        "Names match class labels ignoring case and punctuation (T-shirt_top = T-shirt/top)",
+    )
+    score.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
+    score.add_argument(
+        "--api-key",
+        default=os.environ.get("SERESNET_API_KEY"),
+        help="API key, when the service requires one (default: $SERESNET_API_KEY)",
+    )
+    score.add_argument(
+        "--quiet", action="store_true", help="no progress bar, notices or summary text"
+    )
+    return parser
+
+
+def _output(args: argparse.Namespace) -> tuple[str, str]:
+    fmt = args.format
+    out = args.out
+    if fmt is None:
+        fmt = "csv" if out is not None and out.lower().endswith(".csv") else "jsonl"
+    if out is None:
+        out = f"results.{fmt}"
+    return out, fmt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    url = args.url.strip()
+    if not url.startswith(("http://", "https://")):
+        print(f"error: --url {url!r} must start with http:// or https://", file=sys.stderr)
+        return EXIT_USAGE
+    out, fmt = _output(args)
+    settings = Settings(
+        url=url,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        retries=args.retries,
+        timeout=args.timeout,
+        api_key=args.api_key or None,
+    )
+    opts = JobOptions(
+        paths=list(args.paths),
+        settings=settings,
+        out=out,
+        fmt=fmt,
+        labels_from_dirs=args.labels_from_dirs,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        summary_json=args.summary_json,
+        quiet=args.quiet,
+    )
+    return run_job(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
