@@ -84,18 +84,20 @@ def read_image_file(path: str) -> bytes:
         fd = os.open(path, flags)
     except OSError as exc:
         raise FileProblem(os_error_code(exc), f"cannot open: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb") as f:
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FileProblem("not_a_file", "not a regular file (a FIFO, socket or device)")
-            if st.st_size > MAX_FILE_BYTES:
-                raise FileProblem(
-                    "file_too_large", f"{st.st_size} bytes, more than {MAX_FILE_BYTES}", "image"
-                )
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileProblem("not_a_file", "not a regular file (a folder, FIFO, socket or device)")
+        if st.st_size > MAX_FILE_BYTES:
+            raise FileProblem(
+                "file_too_large", f"{st.st_size} bytes, more than {MAX_FILE_BYTES}", "image"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            raise FileProblem(os_error_code(exc), f"cannot read: {exc.strerror or exc}") from exc
+    except OSError as exc:
+        raise FileProblem(os_error_code(exc), f"cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
     if not data:
         raise FileProblem("empty_file", "the file is empty", "image")
     if len(data) > MAX_FILE_BYTES:

@@ -207,9 +207,17 @@ class Summary:
 
     def _class_table(self) -> str:
         width = max(5, *(len(n) for n in self.classes))
-        lines = [f"  {'class':<{width}}  images  errors   top-1    top-5"]
+        with_top5 = self.top_k >= 5
+        lines = [
+            f"  {'class':<{width}}  images  errors    top-1" + ("    top-5" if with_top5 else "")
+        ]
         for name, s in sorted(self.classes.items()):
-            top1 = f"{s.top1 / s.images:7.2%}" if s.images else "      -"
-            top5 = f"{s.top5 / s.images:7.2%}" if s.images and self.top_k >= 5 else "      -"
-            lines.append(f"  {name:<{width}}  {s.images:6d}  {s.errors:6d}  {top1}  {top5}")
+            line = f"  {name:<{width}}  {s.images:6d}  {s.errors:6d}  " + _pct(s.top1, s.images)
+            if with_top5:
+                line += "  " + _pct(s.top5, s.images)
+            lines.append(line)
         return "\n".join(lines)
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{part / whole:7.2%}" if whole else "      -"
