@@ -32,6 +32,13 @@ UNREADABLE: Row = {
 }
 
 
+def _write(out: Path, fmt: str, *batches: list[Row], append: bool = False) -> None:
+    writer = open_writer(str(out), fmt, top_k=2, append=append)
+    for rows in batches:
+        writer.write(rows)
+    writer.close()
+
+
 def _read_back(path: Path, fmt: str, top_k: int = 2) -> tuple[set[str], list[Row]]:
     rows: list[Row] = []
     existing = read_existing(str(path), fmt, top_k, rows.append)
@@ -52,10 +59,7 @@ def test_rows_are_on_disk_before_close(tmp_path: Path, fmt: str) -> None:
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_round_trip_keeps_final_rows_and_drops_retryable_ones(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / f"r.{fmt}"
-    writer = open_writer(str(out), fmt, top_k=2, append=False)
-    writer.write([OK, FAILED_REQUEST])
-    writer.write([BAD_IMAGE, UNREADABLE])
-    writer.close()
+    _write(out, fmt, [OK, FAILED_REQUEST], [BAD_IMAGE, UNREADABLE])
 
     done, rows = _read_back(out, fmt)
     assert done == {OK["path"], BAD_IMAGE["path"]}
@@ -68,27 +72,23 @@ def test_round_trip_keeps_final_rows_and_drops_retryable_ones(tmp_path: Path, fm
     text = out.read_text()
     assert FAILED_REQUEST["path"] not in text and UNREADABLE["path"] not in text
 
-    writer = open_writer(str(out), fmt, top_k=2, append=True)
-    writer.write([{"path": FAILED_REQUEST["path"], "predictions": OK["predictions"]}])
-    writer.close()
+    _write(
+        out, fmt, [{"path": FAILED_REQUEST["path"], "predictions": OK["predictions"]}], append=True
+    )
     done, _ = _read_back(out, fmt)
     assert done == {OK["path"], BAD_IMAGE["path"], FAILED_REQUEST["path"]}
 
 
 def test_jsonl_rows_are_one_json_object_per_line(tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
-    writer = open_writer(str(out), "jsonl", top_k=2, append=False)
-    writer.write([OK, BAD_IMAGE])
-    writer.close()
+    _write(out, "jsonl", [OK, BAD_IMAGE])
     lines = out.read_text().splitlines()
     assert [json.loads(line) for line in lines] == [OK, BAD_IMAGE]
 
 
 def test_csv_has_a_column_per_rank_and_one_line_per_row(tmp_path: Path) -> None:
     out = tmp_path / "r.csv"
-    writer = open_writer(str(out), "csv", top_k=2, append=False)
-    writer.write([OK, BAD_IMAGE])
-    writer.close()
+    _write(out, "csv", [OK, BAD_IMAGE])
     lines = out.read_text().splitlines()
     assert lines[0].split(",")[:6] == [
         "path",
@@ -105,17 +105,13 @@ def test_csv_has_a_column_per_rank_and_one_line_per_row(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path: Path, fmt: str) -> None:
     out = tmp_path / f"r.{fmt}"
-    writer = open_writer(str(out), fmt, top_k=2, append=False)
-    writer.write([OK, BAD_IMAGE])
-    writer.close()
+    _write(out, fmt, [OK, BAD_IMAGE])
     whole = out.read_bytes()
     out.write_bytes(whole[:-7])  # the last row lost its end, as under SIGKILL mid-write
     done, _ = _read_back(out, fmt)
     assert done == {OK["path"]}
     assert out.read_bytes().endswith(b"\n")  # truncated back to the last whole row
-    writer = open_writer(str(out), fmt, top_k=2, append=True)
-    writer.write([BAD_IMAGE])
-    writer.close()
+    _write(out, fmt, [BAD_IMAGE], append=True)
     assert out.read_bytes() == whole
 
 
@@ -129,9 +125,7 @@ def test_a_corrupt_line_in_the_middle_is_an_error_not_silently_dropped(tmp_path:
 
 def test_format_and_top_k_mismatches_are_explained(tmp_path: Path) -> None:
     out = tmp_path / "r.out"
-    writer = open_writer(str(out), "csv", top_k=2, append=False)
-    writer.write([OK])
-    writer.close()
+    _write(out, "csv", [OK])
     with pytest.raises(OutputError, match="--format csv"):
         _read_back(out, "jsonl")
     with pytest.raises(OutputError, match="--top-k 2"):
