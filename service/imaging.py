@@ -1,0 +1,69 @@
+"""Request bytes -> the model's input array, with limits and stable error codes.
+
+Decoding and preprocessing are :mod:`modelcard.preprocessing`'s (the export's own path), so an
+image served here becomes bit-for-bit the tensor the export checked parity with. This module
+adds what serving needs around it: which formats are accepted, the pixel limit checked from
+the header before any pixel is decoded, and errors that map onto HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from modelcard.preprocessing import apply_draft, open_image, to_array
+from modelcard.schema import InputSpec
+from service.errors import ServiceError
+
+# Formats are restricted so that no other Pillow plugin ever parses request bytes.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+class ImageError(ServiceError):
+    """One image cannot be classified (alone in a request, its status is the response's)."""
+
+
+def disable_pillow_bomb_check() -> None:
+    """:func:`decode` checks ``width*height`` against the service's own limit right after the
+    header is read, so Pillow's process-global (and differently sized) check is switched off;
+    otherwise a limit configured above Pillow's would be silently capped by it."""
+    Image.MAX_IMAGE_PIXELS = None
+
+
+def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    """Bytes of one image file -> [C, H, W] array as the card says. Raises :class:`ImageError`:
+    ``empty_image`` (400), ``unsupported_format`` (415), ``image_too_large`` (413, before
+    decoding), ``corrupt_image`` (400)."""
+    if not data:
+        raise ImageError(400, "empty_image", "the image is empty (0 bytes)")
+    try:
+        image = open_image(data, formats=FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(
+            415, "unsupported_format",
+            f"not a supported image (accepted: {', '.join(FORMATS)}; first bytes {data[:8]!r})",
+        ) from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(413, "image_too_large", str(e)) from None
+    except Exception as e:  # a header Pillow cannot parse, any exception type
+        raise ImageError(400, "corrupt_image", f"cannot read the image header: {e}") from None
+    with image:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ImageError(400, "corrupt_image", f"{image.format} claims {width}x{height} pixels")
+        if width * height > max_pixels:
+            raise ImageError(
+                413, "image_too_large",
+                f"{image.format} of {width}x{height} = {width * height} pixels exceeds the limit "
+                f"of {max_pixels} (SERESNET_MAX_IMAGE_PIXELS)",
+            )
+        try:
+            apply_draft(image, spec)
+            return to_array(image, spec)
+        except MemoryError:
+            raise ImageError(413, "image_too_large", "not enough memory to decode the image") \
+                from None
+        except Exception as e:  # truncated or corrupt data: many exception types
+            raise ImageError(
+                400, "corrupt_image", f"{image.format} data cannot be decoded: {e}"
+            ) from None

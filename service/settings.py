@@ -1,0 +1,170 @@
+"""Service configuration: environment variables with the ``SERESNET_`` prefix (DESIGN.md §5),
+overridden by command-line flags. A bad value stops start-up with one line naming its source."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "SERESNET_"
+DEFAULT_MODEL = Path("models") / "fashion-seresnet"
+
+
+def default_model_dir() -> Path:
+    """``models/fashion-seresnet`` under the working directory, else beside the installed
+    package (so ``python -m service`` works from a checkout and from elsewhere)."""
+    if DEFAULT_MODEL.is_dir():
+        return DEFAULT_MODEL
+    return Path(__file__).resolve().parent.parent / DEFAULT_MODEL
+
+
+def available_cores() -> int:
+    """Cores this process may run on (honours taskset/cgroup CPU affinity, unlike cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class SettingsError(ValueError):
+    """One line that names the variable (or flag) and what is wrong with its value."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Field ``x`` is read from ``SERESNET_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="ignore", frozen=True
+    )
+
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
+    model_dir: Path = Field(default_factory=default_model_dir, description="model folder")
+    provider: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="execution provider; auto = CUDA when a GPU is usable, else CPU"
+    )
+    graph: Literal["auto", "fused", "unfused"] = Field(
+        "auto", description="model.se.onnx (fused SE ops) or model.onnx; auto = engine policy"
+    )
+    opt_level: Literal["auto", "basic", "extended", "all"] = Field(
+        "auto", description="ONNX Runtime graph optimisation level; auto = engine policy"
+    )
+    device_id: int = Field(0, ge=0, description="CUDA device ordinal")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="largest batch one model run takes")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, le=60_000, description="longest an image waits for a batch to fill"
+    )
+    max_queue_size: int = Field(
+        1024, ge=1, description="images admitted but not yet run; beyond it 503 + Retry-After"
+    )
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="per-request deadline (504)")
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="largest request body (413)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest width*height, checked before decoding (413)"
+    )
+    max_images_per_request: int = Field(256, ge=1, description="most images in one request (413)")
+    api_key: SecretStr | None = Field(
+        None, description="if set, required as 'Authorization: Bearer KEY' (health stays open)"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ORT CPU threads; 0 = one per core")
+    preprocess_threads: int = Field(0, ge=0, description="decode/resize threads; 0 = one per core")
+    batch_buckets: Annotated[tuple[int, ...], NoDecode] = Field(
+        (), description="CUDA batch shapes, e.g. 1,2,4,8 (empty: powers of two to max batch)"
+    )
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "EXHAUSTIVE", description="cuDNN algorithm search (paid once per bucket at warm-up)"
+    )
+    cuda_tf32: bool = Field(False, description="allow TF32 convolutions on CUDA (faster, inexact)")
+    warmup_rounds: int = Field(2, ge=1, le=100_000, description="warm-up runs per batch shape")
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["json", "text"] = Field("json", description="json lines or plain text")
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"{str(value)!r} is not a directory (a model folder, DESIGN.md §3)")
+        return value
+
+    @field_validator("max_queue_delay_ms", "request_timeout_s", "drain_timeout_s")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("batch_buckets", mode="before")
+    @classmethod
+    def _parse_buckets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            try:
+                return tuple(int(p) for p in parts)
+            except ValueError:
+                raise ValueError("must be comma-separated positive integers, e.g. 1,4,16") from None
+        return value
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> Settings:
+        if self.max_images_per_request > self.max_queue_size:
+            raise ValueError(
+                f"max_images_per_request: {self.max_images_per_request} exceeds max_queue_size="
+                f"{self.max_queue_size}, so such a request could never be admitted")
+        if any(b < 1 for b in self.batch_buckets):
+            raise ValueError("batch_buckets: sizes must be positive")
+        if any(b > self.max_batch_size for b in self.batch_buckets):
+            raise ValueError(
+                f"batch_buckets: no bucket may exceed max_batch_size={self.max_batch_size}"
+            )
+        return self
+
+    def buckets(self) -> tuple[int, ...]:
+        """Batch shapes the engine prepares: the configured ones (or powers of two), always
+        ending with ``max_batch_size`` so every batch fits one."""
+        chosen = set(self.batch_buckets)
+        if not chosen:
+            b = 1
+            while b < self.max_batch_size:
+                chosen.add(b)
+                b *= 2
+        chosen.add(self.max_batch_size)
+        return tuple(sorted(chosen))
+
+    def intra_threads(self) -> int:
+        return self.intra_op_threads or available_cores()
+
+    def preprocess_workers(self) -> int:
+        return self.preprocess_threads or available_cores()
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None,
+                  ) -> Settings:
+    """Environment plus ``overrides`` (which win). ``flags`` maps a field to the flag that set
+    it, so an error names what the user actually typed. Raises :class:`SettingsError`."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if not loc:  # a cross-field rule: its message starts with the field it is about
+            field, _, rest = msg.partition(": ")
+            loc, msg = [field], rest or msg
+        field = loc[0]
+        source = (flags or {}).get(field) or env_name(field)
+        raw = overrides.get(field, os.environ.get(env_name(field)))
+        shown = "" if raw is None or field == "api_key" else f"={raw}"
+        raise SettingsError(f"{source}{shown}: {msg}") from None
