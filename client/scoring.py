@@ -4,9 +4,10 @@ One :class:`Scorer` wraps one ``httpx.AsyncClient`` (a keep-alive connection poo
 the concurrency). A request is retried, with exponential backoff and jitter, on connection
 errors, timeouts, 429, 502, 503 and 504; a ``Retry-After`` header sets the wait instead. A
 request that still fails becomes one error row per image (scope ``request``, retried by the next
---resume run). A 413 on a multi-image request is split in halves, so one oversized image costs
-only its own row. Per-image errors inside a 200 answer are the service's verdict on that image:
-recorded (scope ``image``), never retried.
+--resume run). A 400, 413 or 415 on a multi-image request (too many images, one too large) is
+split in halves until each image has its own answer, so one bad image costs only its own row.
+Per-image errors inside a 200 answer, and those statuses for a single image, are the service's
+verdict on that image: recorded (scope ``image``), never retried.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from client.output import Row
 
 #: Statuses worth another try: the service is busy, restarting, or a proxy lost it.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+#: Statuses that can be about the images themselves (too large, undecodable, empty).
+IMAGE_VERDICT_STATUSES = frozenset({400, 413, 415})
 #: Files larger than this are not read (memory stays bounded); no service accepts them anyway.
 MAX_FILE_BYTES = 64 * 1024 * 1024
 API_KEY_HEADER = "Authorization"
@@ -279,8 +282,8 @@ class Scorer:
                     failure = _Failure(
                         "bad_response", "the answer is not a result list", None, False
                     )
-                elif status == 413:
-                    return await self._split_too_large(images, response)
+                elif status in IMAGE_VERDICT_STATUSES:
+                    return await self._isolate(images, response)
                 elif status in (401, 403):
                     _, message = _error_of(response)
                     raise ServiceError(
@@ -322,7 +325,10 @@ class Scorer:
             "/classify", params={"top_k": self.settings.top_k}, files=files
         )
 
-    async def _split_too_large(self, images: list[Image], response: httpx.Response) -> list[Row]:
+    async def _isolate(self, images: list[Image], response: httpx.Response) -> list[Row]:
+        """A 400/413/415 for a whole request: split it until each image gets its own answer.
+        For one image it is the service's verdict on that image (a single bad image is
+        answered that way, not with a 200 and an error entry)."""
         if len(images) > 1:
             half = len(images) // 2
             return await self.score(images[:half]) + await self.score(images[half:])
