@@ -71,9 +71,29 @@ def fashion(tmp_path_factory: pytest.TempPathFactory) -> LabelledFolder:
     return LabelledFolder(root, sorted(files))
 
 
-def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+def client_command(path: Path, url: str, out: Path, options: str = "", *extra: str) -> list[str]:
+    """``python -m client score PATH --url URL --out OUT`` plus ``options`` (plain flags,
+    split on spaces) and ``extra`` arguments (paths, passed as they are)."""
+    return [
+        sys.executable,
+        "-m",
+        "client",
+        "score",
+        str(path),
+        "--url",
+        url,
+        "--out",
+        str(out),
+        *options.split(),
+        *extra,
+    ]
+
+
+def run_client(
+    path: Path, url: str, out: Path, options: str = "", *extra: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "client", "score", *args],
+        client_command(path, url, out, options, *extra),
         cwd=REPO_ROOT,
         env=client_env(),
         capture_output=True,
@@ -192,18 +212,12 @@ def test_reported_accuracy_equals_a_direct_onnx_runtime_run(
 ) -> None:
     out, summary_path = tmp_path / "r.jsonl", tmp_path / "summary.json"
     result = run_client(
-        str(fashion.root),
-        "--url",
+        fashion.root,
         service.url,
-        "--out",
-        str(out),
-        "--labels-from-dirs",
+        out,
+        f"--labels-from-dirs --batch-size {2 * MAX_IMAGES_PER_REQUEST} --concurrency 2",
         "--summary-json",
         str(summary_path),
-        "--batch-size",
-        str(2 * MAX_IMAGES_PER_REQUEST),
-        "--concurrency",
-        "2",
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(summary_path.read_text())
@@ -229,28 +243,17 @@ def test_reported_accuracy_equals_a_direct_onnx_runtime_run(
     assert f"top-1 {top1 / N_IMAGES:.2%}" in result.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_resume_after_a_kill_mid_run(
     service: ServiceProcess, fashion: LabelledFolder, tmp_path: Path, sig: signal.Signals
 ) -> None:
     out = tmp_path / "r.jsonl"
     log = tmp_path / "client.log"
-    common = ["--out", str(out), "--labels-from-dirs", "--batch-size", "4"]
+    options = "--labels-from-dirs --batch-size 4"
     # A slow proxy keeps the first run going long enough to be stopped in the middle.
     with Proxy(service.url, delay_s=0.1) as proxy, open(log, "w") as log_file:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "client",
-                "score",
-                str(fashion.root),
-                "--url",
-                proxy.url,
-                "--concurrency",
-                "1",
-                *common,
-            ],
+            client_command(fashion.root, proxy.url, out, options + " --concurrency 1"),
             cwd=REPO_ROOT,
             env=client_env(),
             stdout=log_file,
@@ -276,15 +279,12 @@ def test_resume_after_a_kill_mid_run(
 
     summary_path = tmp_path / "summary.json"
     result = run_client(
-        str(fashion.root),
-        "--url",
+        fashion.root,
         service.url,
-        "--resume",
+        out,
+        options + " --resume --concurrency 2",
         "--summary-json",
         str(summary_path),
-        "--concurrency",
-        "2",
-        *common,
     )
     assert result.returncode == 0, result.stderr
     paths = [r["path"] for r in read_rows(out)]
@@ -294,7 +294,7 @@ def test_resume_after_a_kill_mid_run(
     assert summary["job"]["images"] == N_IMAGES and summary["complete"]
     assert summary["run"]["skipped_already_done"] >= done_before - 1  # a cut last line is redone
 
-    again = run_client(str(fashion.root), "--url", service.url, "--resume", *common)
+    again = run_client(fashion.root, service.url, out, options + " --resume")
     assert again.returncode == 0 and "Scored 0 images" in again.stdout
     assert len(read_rows(out)) == N_IMAGES
 
@@ -322,19 +322,11 @@ def test_corrupt_files_non_images_and_unreadable_files(
     os.symlink("missing.png", folder / "dangling.png")
     os.mkfifo(folder / "pipe.png")
     out = tmp_path / "r.jsonl"
-    result = run_client(str(folder), "--url", service.url, "--out", str(out), "--batch-size", "8")
+    result = run_client(folder, service.url, out, "--batch-size 8")
     assert result.returncode == 1, result.stderr
     rows = {Path(r["path"]).name: r for r in read_rows(out)}
-    assert set(rows) == {
-        "good0.png",
-        "good1.png",
-        "good2.png",
-        "truncated.png",
-        "text.jpg",
-        "empty.png",
-        "dangling.png",
-        "pipe.png",
-    }
+    sent = {"good0.png", "good1.png", "good2.png", "truncated.png", "text.jpg", "empty.png"}
+    assert set(rows) == sent | {"dangling.png", "pipe.png"}  # and never notes.txt
     for name in ("good0.png", "good1.png", "good2.png"):
         assert len(rows[name]["predictions"]) == 5
     for name in ("truncated.png", "text.jpg"):
@@ -347,7 +339,7 @@ def test_corrupt_files_non_images_and_unreadable_files(
     # Alone in its request, a bad image is answered with a 4xx, not a 200 with an error entry;
     # it must still be a verdict on the image, not a failed request.
     single = tmp_path / "single.jsonl"
-    alone = run_client(str(folder / "text.jpg"), "--url", service.url, "--out", str(single))
+    alone = run_client(folder / "text.jpg", service.url, single)
     assert alone.returncode == 1
     (row,) = read_rows(single)
     assert row["error"]["scope"] == "image"
@@ -356,7 +348,7 @@ def test_corrupt_files_non_images_and_unreadable_files(
     # --resume retries what the client could not read, keeps verdicts, duplicates nothing.
     (folder / "dangling.png").unlink()
     (folder / "dangling.png").write_bytes(_png(images[4]))
-    again = run_client(str(folder), "--url", service.url, "--out", str(out), "--resume")
+    again = run_client(folder, service.url, out, "--resume")
     assert again.returncode == 1
     rows_after = read_rows(out)
     assert len(rows_after) == len(rows)
@@ -364,60 +356,42 @@ def test_corrupt_files_non_images_and_unreadable_files(
     assert len(fixed["predictions"]) == 5
 
 
+def _one_class(fashion: LabelledFolder) -> tuple[Path, int]:
+    folder = fashion.files[0].parent
+    return folder, sum(1 for _ in folder.iterdir())
+
+
+def _all_scored(out: Path, n: int) -> bool:
+    rows = read_rows(out)
+    return len(rows) == n and all("predictions" in r for r in rows)
+
+
 def test_a_service_that_answers_503_for_a_while_is_waited_for(
     service: ServiceProcess, fashion: LabelledFolder, tmp_path: Path
 ) -> None:
     out = tmp_path / "r.jsonl"
-    subset = fashion.files[0].parent
-    n = sum(1 for _ in subset.iterdir())
+    folder, n = _one_class(fashion)
     with Proxy(service.url, fail_first=4) as proxy:
-        result = run_client(
-            str(subset),
-            "--url",
-            proxy.url,
-            "--out",
-            str(out),
-            "--batch-size",
-            "4",
-            "--concurrency",
-            "2",
-            "--retries",
-            "5",
-        )
+        result = run_client(folder, proxy.url, out, "--batch-size 4 --concurrency 2 --retries 5")
     assert result.returncode == 0, result.stderr
     assert proxy.refused == 4 and proxy.forwarded >= n // 4
     assert "retrying: queue_full" in result.stderr
-    rows = read_rows(out)
-    assert len(rows) == n and all("predictions" in r for r in rows)
+    assert _all_scored(out, n)
 
 
 def test_a_service_that_keeps_failing_stops_the_run_and_resume_finishes_it(
     service: ServiceProcess, fashion: LabelledFolder, tmp_path: Path
 ) -> None:
     out = tmp_path / "r.jsonl"
-    subset = fashion.files[0].parent
-    n = sum(1 for _ in subset.iterdir())
+    folder, n = _one_class(fashion)
     with Proxy(service.url, fail_first=-1) as proxy:
-        result = run_client(
-            str(subset),
-            "--url",
-            proxy.url,
-            "--out",
-            str(out),
-            "--batch-size",
-            "2",
-            "--concurrency",
-            "1",
-            "--retries",
-            "1",
-        )
+        result = run_client(folder, proxy.url, out, "--batch-size 2 --concurrency 1 --retries 1")
     assert result.returncode == 3, result.stderr
     assert "requests in a row failed" in result.stderr and "--resume" in result.stderr
     failed = read_rows(out)
     assert failed and all(r["error"]["scope"] == "request" for r in failed)
     assert proxy.forwarded == 0
 
-    result = run_client(str(subset), "--url", service.url, "--out", str(out), "--resume")
+    result = run_client(folder, service.url, out, "--resume")
     assert result.returncode == 0, result.stderr
-    rows = read_rows(out)
-    assert len(rows) == n and all("predictions" in r for r in rows)
+    assert _all_scored(out, n)
