@@ -201,7 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary_json=args.summary_json,
         quiet=args.quiet,
     )
-    return run_job(opts)
+    try:
+        return run_job(opts)
+    except KeyboardInterrupt:
+        # Ctrl-C before scoring started (e.g. while reading a long --resume file): nothing
+        # was written yet, so there is nothing to flush.
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -227,6 +228,7 @@ def run_job(opts: JobOptions) -> int:
     progress.count_in_background(opts.paths, opts.done)
     writer = open_writer(opts.out, opts.fmt, s.top_k, append=opts.resume)
     code = EXIT_OK
+    summary.started = time.monotonic()  # throughput counts from here, not from reading --resume
     try:
         signal_name = asyncio.run(
             _run_with_signals(_Pipeline(opts, summary, progress, writer), summary)
