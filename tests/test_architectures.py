@@ -104,7 +104,7 @@ def test_wrong_keys_are_named(tmp_path: Path) -> None:
 
 def test_checkpoint_of_another_architecture_is_refused() -> None:
     state = create_model("resnet18").state_dict()
-    with pytest.raises(CheckpointError, match="missing: .*se.fc1"):
+    with pytest.raises(CheckpointError, match=r"missing: .*se\.fc1"):
         load_into(create_model("seresnet18"), state, "seresnet18", "resnet18.pth")
 
 
