@@ -194,6 +194,8 @@ class Scorer:
         self.failure_streak = 0
         self.last_failure = ""
         self._last_notice = 0.0
+        #: Most images per request; lowered when the service says "too_many_images".
+        self.request_limit = settings.batch_size
 
     @staticmethod
     def make_client(settings: Settings) -> httpx.AsyncClient:
@@ -266,6 +268,11 @@ class Scorer:
         """One row per image, in order. Raises only :class:`ServiceError`."""
         if not images:
             return []
+        if len(images) > self.request_limit:
+            rows: list[Row] = []
+            for start in range(0, len(images), self.request_limit):
+                rows += await self.score(images[start : start + self.request_limit])
+            return rows
         failure: _Failure | None = None
         for attempt in range(self.settings.retries + 1):
             try:
@@ -329,10 +336,17 @@ class Scorer:
         """A 400/413/415 for a whole request: split it until each image gets its own answer.
         For one image it is the service's verdict on that image (a single bad image is
         answered that way, not with a 200 and an error entry)."""
+        code, message = _error_of(response)
         if len(images) > 1:
             half = len(images) // 2
+            if code == "too_many_images" and half < self.request_limit:
+                # A service limit (SERESNET_MAX_IMAGES_PER_REQUEST), not a bad image: remember
+                # it, so later batches are not refused and split every time.
+                self.request_limit = half
+                self.notify(
+                    f"the service refused {len(images)} images per request; sending at most {half}"
+                )
             return await self.score(images[:half]) + await self.score(images[half:])
-        code, message = _error_of(response)
         self.failure_streak = 0
         return [error_row(images[0].path, images[0].true_label, code, message, "image")]
 

@@ -220,6 +220,8 @@ def test_reported_accuracy_equals_a_direct_onnx_runtime_run(
         str(summary_path),
     )
     assert result.returncode == 0, result.stderr
+    # Twice the service's per-request limit: refused once, then sent in halves.
+    assert f"sending at most {MAX_IMAGES_PER_REQUEST}" in result.stderr
     summary = json.loads(summary_path.read_text())
     rows = {Path(r["path"]): r for r in read_rows(out)}
     assert sorted(rows) == fashion.files  # every image once, nothing else
