@@ -79,12 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class ServiceServer(uvicorn.Server):
-    """uvicorn, plus: log the address really bound (``--port 0`` picks a free port), and mark
-    the service not ready as soon as a shutdown signal arrives."""
+    """uvicorn, plus: log the address really bound (``--port 0`` picks a free port), mark the
+    service not ready as soon as a shutdown signal arrives, and flush the batcher when the
+    shutdown starts (uvicorn then waits for in-flight requests, the lifespan drains the rest)."""
 
-    def __init__(self, config: uvicorn.Config, on_exit_signal: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit_signal: Callable[[], None],
+                 on_shutdown: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_exit_signal = on_exit_signal
+        self._on_shutdown = on_shutdown
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -95,9 +98,13 @@ class ServiceServer(uvicorn.Server):
                 log.info("listening", extra={"url": f"http://{shown}:{port}"})
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Runs as a signal handler: only set flags here (no logging, no locks).
+        # Runs as a signal handler: only set a flag here (no logging, no locks).
         self._on_exit_signal()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_shutdown()
+        await super().shutdown(sockets)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or 1, lifespan="on",
         server_header=False,
     )
-    server = ServiceServer(config, mark_draining)
+    server = ServiceServer(config, mark_draining, state.begin_drain)
 
     def fatal(message: str) -> None:
         server.should_exit = True

@@ -160,6 +160,17 @@ class ServiceState:
         self.metrics.ready.set(1)
         log.info("ready", extra={"model": self.engine.card.name})
 
+    def begin_drain(self) -> None:
+        """Shutdown has begun: report not ready, and stop holding images for fuller batches
+        (what is queued runs now). Requests already accepted are still answered."""
+        self.draining = True
+        if self.metrics is not None:
+            self.metrics.ready.set(0)
+        if self.batcher is not None:
+            self.batcher.flush()
+        log.info("draining", extra={"queued": self.batcher.depth if self.batcher else 0,
+                                    "decoding": self.decoding})
+
     async def stop(self) -> None:
         """Lifespan shutdown: uvicorn has already let in-flight requests finish; run anything
         still queued, then stop the threads."""

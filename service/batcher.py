@@ -130,6 +130,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
+        self._flushing = False
         self._mean_batch_s = 0.0
         self.stats = BatcherStats()
 
@@ -158,6 +159,13 @@ class Batcher:
             pass
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+    def flush(self) -> None:
+        """From now on dispatch without waiting for batches to fill (shutdown has begun);
+        new work is still taken until :meth:`close`."""
+        self._flushing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     @property
     def depth(self) -> int:
@@ -209,11 +217,14 @@ class Batcher:
         try:
             return await asyncio.wait_for(request.future, timeout)
         except TimeoutError:
-            # wait_for cancelled the future: the queued items are dropped when reached.
             request.gave_up = "deadline"
+            self._purge(request)
             raise DeadlineExceededError(
                 f"deadline passed with {request.remaining} of {request.size} images not run"
             ) from None
+        except asyncio.CancelledError:
+            self._purge(request)
+            raise
 
     # ----------------------------------------------------------------- the loop
 
@@ -238,7 +249,8 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             # Wait for more only while the batch is not full and the oldest image has time.
-            while len(self._queue) < self.max_batch_size and not self._closing:
+            while (len(self._queue) < self.max_batch_size and not self._closing
+                   and not self._flushing):
                 wait = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
                 if wait <= 0:
                     break
@@ -329,6 +341,18 @@ class Batcher:
     def _depth_observed(self) -> None:
         if self._observer is not None:
             self._observer.on_depth(len(self._queue))
+
+    def _purge(self, request: _Request) -> None:
+        """Take a caller's images out of the queue at once, so they stop holding queue
+        space (and count as dropped) the moment the caller gives up."""
+        if request.future.done() and not request.future.cancelled():
+            return  # answered: nothing of it is queued any more
+        kept = [item for item in self._queue if item.request is not request]
+        dropped = len(self._queue) - len(kept)
+        if dropped:
+            self._queue = collections.deque(kept)
+            self._drop_observed(request.gave_up, dropped)
+            self._depth_observed()
 
     def _fail_queued(self, error: Exception) -> None:
         while self._queue:

@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = REPO_ROOT / "models" / "fashion-seresnet"
 
 
 class ServiceStartError(RuntimeError):

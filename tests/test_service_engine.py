@@ -1,0 +1,233 @@
+"""service.engine: the provider and graph policy, the op-library fallback, the signature check,
+and that the engine computes exactly what a direct ONNX Runtime session computes, on the
+embedded model. The CUDA bucket runner is exercised on the CPU device, where it must agree
+with the plain runner bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from serverutil import EMBEDDED_MODEL
+
+from modelcard.schema import FUSED_FILE, UNFUSED_FILE, read_card
+from service.engine import (
+    CPU_EP,
+    CUDA_EP,
+    BucketRunner,
+    Engine,
+    EngineError,
+    OpsStatus,
+    choose_graph,
+    choose_provider,
+    cuda_device_count,
+    probe_ops,
+    softmax,
+    top_k,
+)
+from service.settings import load_settings
+
+
+def _settings(model_dir: Path = EMBEDDED_MODEL, **kw: object):
+    return load_settings({"model_dir": model_dir, "provider": "cpu", **kw})
+
+
+def _images(n: int, engine: Engine, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, engine.sample_shape, dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    e = Engine.load(_settings())
+    e.warm_up(1)
+    return e
+
+
+# ----------------------------------------------------------------------------- provider
+
+
+@pytest.mark.parametrize(
+    ("requested", "gpus", "eps", "want"),
+    [
+        ("auto", 0, [CUDA_EP, CPU_EP], "cpu"),  # onnxruntime-gpu on a machine without a GPU
+        ("auto", 1, [CUDA_EP, CPU_EP], "cuda"),
+        ("auto", 2, [CPU_EP], "cpu"),  # a GPU, but a CPU-only onnxruntime
+        ("cpu", 4, [CUDA_EP, CPU_EP], "cpu"),
+        ("cuda", 1, [CUDA_EP, CPU_EP], "cuda"),
+    ],
+)
+def test_provider_policy(requested: str, gpus: int, eps: list[str], want: str) -> None:
+    choice = choose_provider(requested, gpus, eps)
+    assert choice.provider == want
+    assert choice.reason
+
+
+@pytest.mark.parametrize(("gpus", "eps", "why"), [(0, [CUDA_EP, CPU_EP], "no GPU"),
+                                                  (1, [CPU_EP], "no CUDA provider")])
+def test_explicit_cuda_that_cannot_work_is_an_error(gpus: int, eps: list[str], why: str) -> None:
+    with pytest.raises(EngineError, match=f"SERESNET_PROVIDER=cuda.*{why}"):
+        choose_provider("cuda", gpus, eps)
+
+
+def test_auto_picks_what_this_machine_really_has() -> None:
+    e = Engine.load(load_settings({"model_dir": EMBEDDED_MODEL, "provider": "auto"}))
+    has_gpu = cuda_device_count() > 0 and CUDA_EP in ort.get_available_providers()
+    assert e.info.provider == ("cuda" if has_gpu else "cpu")
+    assert e.info.session_providers[0] == (CUDA_EP if has_gpu else CPU_EP)
+
+
+# ----------------------------------------------------------------------------- graph
+
+
+@pytest.mark.parametrize(
+    ("provider", "lib", "fused_file", "graph", "level", "want", "want_level", "why"),
+    [
+        ("cpu", {CPU_EP}, True, "auto", "auto", "fused", "extended", "has a CPUExecution"),
+        ("cpu", {CPU_EP, CUDA_EP}, True, "unfused", "auto", "unfused", "all", "GRAPH=unfused"),
+        ("cpu", set(), True, "auto", "auto", "unfused", "all", "has no CPUExecution"),
+        ("cpu", {CPU_EP}, False, "auto", "auto", "unfused", "all", "no model.se.onnx"),
+        ("cuda", {CPU_EP}, True, "auto", "auto", "unfused", "all", "no CUDAExecution"),
+        ("cuda", {CPU_EP, CUDA_EP}, True, "auto", "auto", "fused", "all", "CUDAExecution"),
+        ("cpu", {CPU_EP}, True, "fused", "all", "fused", "all", "OPT_LEVEL=all"),
+        ("cpu", {CPU_EP}, True, "auto", "basic", "fused", "basic", "OPT_LEVEL=basic"),
+    ],
+)
+def test_graph_policy(provider, lib, fused_file, graph, level, want, want_level, why) -> None:
+    choice = choose_graph(provider, frozenset(lib), fused_file, graph, level)
+    assert (choice.graph, choice.opt_level) == (want, want_level)
+    assert choice.filename == (FUSED_FILE if want == "fused" else UNFUSED_FILE)
+    assert why in choice.reason
+
+
+def test_library_error_is_the_reason_for_the_fallback() -> None:
+    choice = choose_graph("cpu", frozenset(), True, "auto", "auto", "libfoo.so: wrong ELF")
+    assert choice.graph == "unfused" and "wrong ELF" in choice.reason
+
+
+@pytest.mark.parametrize(("lib", "fused_file"), [(set(), True), ({CPU_EP}, False)])
+def test_explicit_fused_that_cannot_be_honoured_is_an_error(lib, fused_file) -> None:
+    with pytest.raises(EngineError, match="SERESNET_GRAPH=fused"):
+        choose_graph("cpu", frozenset(lib), fused_file, "fused")
+
+
+def test_unloadable_library_falls_back_to_the_unfused_graph(monkeypatch, tmp_path) -> None:
+    bogus = tmp_path / "libseresnet_ops.so"
+    bogus.write_bytes(b"not a shared object")
+    monkeypatch.setenv("SERESNET_OPS_LIBRARY", str(bogus))
+    status = probe_ops()
+    assert not status.loaded and "libseresnet_ops.so" in (status.error or "")
+    e = Engine.load(_settings(), ops_status=status)
+    assert e.info.graph == "unfused" and e.info.graph_file == UNFUSED_FILE
+    assert "op library unavailable" in e.info.reason
+    assert e.info.describe()["ops"]["error"] == status.error
+
+
+def test_fused_and_unfused_graphs_agree(engine: Engine) -> None:
+    status = probe_ops()
+    if not ((EMBEDDED_MODEL / FUSED_FILE).is_file() and CPU_EP in status.providers):
+        pytest.fail(f"the embedded model must ship {FUSED_FILE} and the op library must build "
+                    f"with a CPU kernel: {status}")
+    fused = Engine.load(_settings(graph="fused"))
+    unfused = Engine.load(_settings(graph="unfused"))
+    assert (fused.info.graph, unfused.info.graph) == ("fused", "unfused")
+    images = _images(16, engine, seed=5)
+    np.testing.assert_allclose(fused.run(images), unfused.run(images), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def test_engine_equals_a_direct_onnxruntime_run(engine: Engine) -> None:
+    images = _images(7, engine, seed=2)
+    session = ort.InferenceSession(str(EMBEDDED_MODEL / engine.info.graph_file),
+                                   providers=[CPU_EP]) if engine.info.graph == "unfused" else None
+    if session is None:  # the fused graph needs the op library registered
+        import ops
+
+        so = ort.SessionOptions()
+        ops.register(so)
+        session = ort.InferenceSession(str(EMBEDDED_MODEL / FUSED_FILE), so, providers=[CPU_EP])
+    card = engine.card
+    direct = session.run([card.output.logits], {card.input.tensor: np.stack(images)})[0]
+    np.testing.assert_allclose(engine.run(images), direct, rtol=0, atol=1e-5)
+    # batch composition does not change a row
+    np.testing.assert_allclose(engine.run(images[3:4])[0], direct[3], rtol=0, atol=1e-5)
+
+
+def test_bucket_runner_pads_and_binds_correctly_on_cpu(engine: Engine) -> None:
+    card = engine.card
+    session = ort.InferenceSession(str(EMBEDDED_MODEL / UNFUSED_FILE), providers=[CPU_EP])
+    runner = BucketRunner(session, card.input.tensor, card.output.logits, engine.sample_shape,
+                          np.dtype(card.input.dtype), card.num_classes, (1, 4, 8), device="cpu")
+    images = _images(8, engine, seed=3)
+    plain = session.run([card.output.logits], {card.input.tensor: np.stack(images)})[0]
+    for n in (8, 4, 3, 1, 5, 2):  # padded shapes after full ones: no stale rows may leak
+        out = runner.run(images[:n])
+        assert out.shape == (n, card.num_classes)
+        np.testing.assert_allclose(out, plain[:n], rtol=0, atol=1e-5)
+    assert runner.bucket_for(3) == 4 and runner.bucket_for(5) == 8
+    with pytest.raises(EngineError, match="largest bucket"):
+        runner.bucket_for(9)
+
+
+def test_warm_up_runs_each_shape_and_records_it() -> None:
+    e = Engine.load(_settings(max_batch_size=8, max_queue_size=8, max_images_per_request=8))
+    e.warm_up(1)
+    assert e.info.warm_shapes == (1, 8)
+    assert e.info.warmup_seconds is not None
+    assert e.info.batch_buckets == (1, 2, 4, 8)
+
+
+def test_softmax_and_top_k_are_exact() -> None:
+    logits = np.array([[2.0, 1.0, 0.1, 2.0, -3.0], [1000.0, 0.0, -1000.0, 999.0, 5.0]],
+                      dtype=np.float32)
+    probs = softmax(logits)
+    ref = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+    ref /= ref.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, ref, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-12)
+    assert top_k(probs[0], 2) == [(0, probs[0, 0]), (3, probs[0, 3])]  # tie: lower id first
+    assert [c for c, _ in top_k(probs[0], 50)] == [0, 3, 1, 2, 4]  # clamped to 5 classes
+    assert [c for c, _ in top_k(probs[1], 1)] == [0]
+    scores = [p for _, p in top_k(probs[1], 5)]
+    assert scores == sorted(scores, reverse=True)
+
+
+# ----------------------------------------------------------------------------- card checks
+
+
+def _copy_with_card(tmp_path: Path, **input_changes: object) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(EMBEDDED_MODEL / UNFUSED_FILE, folder / UNFUSED_FILE)
+    card = read_card(EMBEDDED_MODEL)
+    spec = card.input.model_copy(update=input_changes)
+    card.model_copy(update={"input": spec}).write(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tensor": "pixels"}, "no input named 'pixels'"),
+        ({"dtype": "float32", "normalization": "caller"}, "model.json says float32"),
+        ({"height": 32, "width": 32}, "does not match model.json"),
+    ],
+)
+def test_a_card_that_disagrees_with_the_graph_is_refused(tmp_path, changes, message) -> None:
+    with pytest.raises(EngineError, match=message):
+        Engine.load(_settings(_copy_with_card(tmp_path, **changes), graph="unfused"))
+
+
+def test_a_folder_without_a_card_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=r"model\.json"):
+        Engine.load(_settings(tmp_path))
+
+
+def test_ops_status_describes_itself() -> None:
+    d = OpsStatus(True, frozenset({CUDA_EP, CPU_EP}), "x.so").describe()
+    assert d["providers"] == [CPU_EP, CUDA_EP] and d["error"] is None
