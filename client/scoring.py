@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import mimetypes
 import os
 import random
@@ -54,6 +55,7 @@ class Settings:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     retry_after_max: float = 120.0
+    ready_wait_s: float = 300.0
 
 
 class Image(NamedTuple):
@@ -193,7 +195,7 @@ class Scorer:
         #: Requests that failed in a row (after retries); any success resets it.
         self.failure_streak = 0
         self.last_failure = ""
-        self._last_notice = 0.0
+        self._last_notice: dict[str, float] = {}
         #: Most images per request; lowered when the service says "too_many_images".
         self.request_limit = settings.batch_size
 
@@ -213,66 +215,64 @@ class Scorer:
             follow_redirects=False,
         )
 
-    def _notice(self, message: str) -> None:
-        # Many requests retry together when the service is busy; one line every few seconds
-        # tells the user enough.
+    def _notice(self, kind: str, message: str) -> None:
+        # Many requests retry together when the service is busy; one line of each kind every
+        # few seconds tells the user enough.
         now = time.monotonic()
-        if now - self._last_notice >= 5.0:
-            self._last_notice = now
+        if now - self._last_notice.get(kind, -math.inf) >= 5.0:
+            self._last_notice[kind] = now
             self.notify(message)
 
     async def wait_ready(self) -> None:
-        """Wait (with the same retry policy) until ``/v2/health/ready`` answers 200.
+        """Wait until ``/v2/health/ready`` answers 200.
 
-        Raises :class:`ServiceError` when the service cannot be reached or stays unready, so a
-        job against a wrong URL fails in seconds instead of writing an error row per image.
+        An unreachable service gets ``retries`` tries, so a job against a wrong URL fails in
+        seconds instead of writing an error row per image; a service that answers but is
+        still warming up (503) is waited for up to ``ready_wait_s``. Raises
+        :class:`ServiceError` when either runs out.
         """
         url = self.settings.url
-        failure: _Failure | None = None
-        for attempt in range(self.settings.retries + 1):
+        deadline = time.monotonic() + self.settings.ready_wait_s
+        attempt = 0
+        while True:
             try:
                 response = await self.client.get("/v2/health/ready")
             except httpx.TransportError as exc:
                 failure = _transport_failure(exc)
+                attempt += 1
+                if attempt > self.settings.retries:
+                    raise ServiceError(
+                        f"cannot reach the service at {url}: {failure.message}. Is it "
+                        "running (python -m service), and is --url right?"
+                    ) from None
+                delay = backoff_delay(attempt - 1, self.settings, None)
             else:
                 if response.status_code == 200 or response.status_code in (401, 403, 404):
-                    return  # 404: a gateway without health routes; classify will tell
+                    return  # 404: a gateway without health routes; /classify will tell
                 code, message = _error_of(response)
-                failure = _Failure(
-                    code,
-                    message,
-                    parse_retry_after(response.headers.get("Retry-After")),
-                    response.status_code in RETRY_STATUSES,
-                )
-                if not failure.retryable:
+                if response.status_code not in RETRY_STATUSES:
                     raise ServiceError(
                         f"the service at {url} answered /v2/health/ready with "
                         f"{response.status_code} ({code}: {message})"
                     )
-            if attempt < self.settings.retries:
-                delay = backoff_delay(attempt, self.settings, failure.retry_after)
-                self.notify(
-                    f"waiting for the service at {url}: {failure.message} "
-                    f"(try {attempt + 1} of {self.settings.retries + 1}, next in {delay:.1f} s)"
-                )
-                await asyncio.sleep(delay)
-        assert failure is not None
-        if failure.code in ("connection_error", "timeout"):
-            raise ServiceError(
-                f"cannot reach the service at {url}: {failure.message}. Is it running "
-                "(python -m service), and is --url right?"
-            )
-        raise ServiceError(f"the service at {url} is not ready: {failure.code}: {failure.message}")
+                if time.monotonic() >= deadline:
+                    raise ServiceError(f"the service at {url} is not ready: {code}: {message}")
+                failure = _Failure(code, message, None, True)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                delay = backoff_delay(0, self.settings, retry_after if retry_after else 1.0)
+                delay = min(delay, max(0.0, deadline - time.monotonic()))
+            self._notice("ready", f"waiting for the service at {url}: {failure.message}")
+            await asyncio.sleep(delay)
 
     async def score(self, images: list[Image]) -> list[Row]:
         """One row per image, in order. Raises only :class:`ServiceError`."""
         if not images:
             return []
         if len(images) > self.request_limit:
-            rows: list[Row] = []
+            chunks: list[Row] = []
             for start in range(0, len(images), self.request_limit):
-                rows += await self.score(images[start : start + self.request_limit])
-            return rows
+                chunks += await self.score(images[start : start + self.request_limit])
+            return chunks
         failure: _Failure | None = None
         for attempt in range(self.settings.retries + 1):
             try:
@@ -313,7 +313,9 @@ class Scorer:
             if not failure.retryable or attempt == self.settings.retries:
                 break
             delay = backoff_delay(attempt, self.settings, failure.retry_after)
-            self._notice(f"retrying: {failure.code}: {failure.message} (waiting {delay:.1f} s)")
+            self._notice(
+                "retry", f"retrying: {failure.code}: {failure.message} (waiting {delay:.1f} s)"
+            )
             await asyncio.sleep(delay)
         assert failure is not None
         self.failure_streak += 1

@@ -116,12 +116,16 @@ def read_rows(path: Path) -> list[dict]:
 
 class Proxy:
     """A tiny HTTP/1.1 proxy in front of the service: answers ``503`` + ``Retry-After`` to the
-    first ``fail_first`` classify requests (or all, with ``fail_first=-1``), delays each
-    classify request by ``delay_s``, and forwards everything else unchanged."""
+    first ``fail_first`` classify requests (or all, with ``fail_first=-1``) and to the first
+    ``unready_first`` readiness probes, delays each classify request by ``delay_s``, and
+    forwards everything else unchanged."""
 
-    def __init__(self, upstream: str, fail_first: int = 0, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, upstream: str, fail_first: int = 0, delay_s: float = 0.0, unready_first: int = 0
+    ) -> None:
         self.upstream = urlsplit(upstream)
         self.fail_first = fail_first
+        self.unready_first = unready_first
         self.delay_s = delay_s
         self.refused = 0
         self.forwarded = 0
@@ -135,25 +139,32 @@ class Proxy:
                 pass
 
             def do_GET(self) -> None:
-                proxy._forward(self, b"")
+                with proxy._lock:
+                    unready = self.path == "/v2/health/ready" and proxy.unready_first > 0
+                    proxy.unready_first -= unready
+                if unready:
+                    self._refuse(b'{"error": {"code": "not_ready", "message": "warming up"}}')
+                else:
+                    proxy._forward(self, b"")
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with proxy._lock:
                     refuse = proxy.fail_first < 0 or proxy.refused < proxy.fail_first
-                    if refuse:
-                        proxy.refused += 1
+                    proxy.refused += refuse
                 if refuse:
-                    payload = b'{"error": {"code": "queue_full", "message": "busy (proxy)"}}'
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Retry-After", "1")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
+                    self._refuse(b'{"error": {"code": "queue_full", "message": "busy (proxy)"}}')
                     return
                 time.sleep(proxy.delay_s)
                 proxy._forward(self, body)
+
+            def _refuse(self, payload: bytes) -> None:
+                self.send_response(503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Retry-After", "1")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -368,14 +379,15 @@ def _all_scored(out: Path, n: int) -> bool:
     return len(rows) == n and all("predictions" in r for r in rows)
 
 
-def test_a_service_that_answers_503_for_a_while_is_waited_for(
+def test_a_service_that_is_warming_up_or_answers_503_for_a_while_is_waited_for(
     service: ServiceProcess, fashion: LabelledFolder, tmp_path: Path
 ) -> None:
     out = tmp_path / "r.jsonl"
     folder, n = _one_class(fashion)
-    with Proxy(service.url, fail_first=4) as proxy:
+    with Proxy(service.url, fail_first=4, unready_first=2) as proxy:
         result = run_client(folder, proxy.url, out, "--batch-size 4 --concurrency 2 --retries 5")
     assert result.returncode == 0, result.stderr
+    assert proxy.unready_first == 0 and "warming up" in result.stderr  # waited to be ready
     assert proxy.refused == 4 and proxy.forwarded >= n // 4
     assert "retrying: queue_full" in result.stderr
     assert _all_scored(out, n)
