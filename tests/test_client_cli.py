@@ -91,3 +91,24 @@ def test_a_service_that_is_down_fails_fast_with_a_clear_message(
     assert f"cannot reach the service at {url}: Connection refused" in result.stderr
     assert "python -m service" in result.stderr
     assert out.read_text() == ""  # no error row per image for a wrong URL
+
+
+def test_the_client_knows_only_http() -> None:
+    """No service, exporter, op library, model card code or inference runtime gets imported:
+    the client must run where only httpx and tqdm are installed."""
+    probe = (
+        "import sys, client.__main__\n"
+        "roots = {m.split('.')[0] for m in sys.modules}\n"
+        "print(sorted(roots & {'service', 'export', 'ops', 'modelcard', 'onnxruntime', 'torch',"
+        " 'numpy', 'PIL'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO_ROOT,
+        env=client_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
