@@ -204,6 +204,7 @@ class ServiceState:
         images is refused (503) instead of piling up in the decode pool."""
         assert self.batcher is not None and self.metrics is not None
         if self.decoding + self.batcher.depth + n > self.settings.max_queue_size:
+            self.metrics.on_dropped("queue_full", n)
             raise ApiError(503, "queue_full",
                            f"{self.decoding + self.batcher.depth} images in progress; {n} more "
                            f"exceed SERESNET_MAX_QUEUE_SIZE={self.settings.max_queue_size}",
