@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from client.discovery import Item, check_arguments, iter_items, true_label
-from client.output import OutputError, Row, open_writer, read_existing
+from client.output import OutputError, Row, Writer, open_writer, read_existing
 from client.progress import Progress
 from client.scoring import (
     FileProblem,
@@ -80,7 +80,9 @@ def _check(opts: JobOptions) -> None:
 
 
 class _Pipeline:
-    def __init__(self, opts: JobOptions, summary: Summary, progress: Progress, writer) -> None:
+    def __init__(
+        self, opts: JobOptions, summary: Summary, progress: Progress, writer: Writer
+    ) -> None:
         self.opts = opts
         self.settings = opts.settings
         self.summary = summary
