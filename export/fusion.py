@@ -19,15 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import NodeProto, TensorProto, helper, numpy_helper
+from onnx import NodeProto, helper, numpy_helper
 from onnxruntime.transformers.fusion_base import Fusion
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from export.errors import ExportError
-
-OP_DOMAIN = "ai.seresnet"
-OP_TYPE = "SqueezeExcitation"
-OP_DOMAIN_VERSION = 1
+from ops import OP_DOMAIN, OP_TYPE, make_node, opset_import
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +105,8 @@ class _SqueezeExcitationFusion(Fusion):
                                              f"{name}.{suffix}")
             self.model.add_initializer(tensor, self.this_graph_name)
             weights.append(tensor.name)
-        inputs = [se.pool_input, *weights] + ([residual] if residual else [])
-        fused = helper.make_node(OP_TYPE, inputs, [output], name=name, domain=OP_DOMAIN,
-                                 relu=relu)
+        fused = make_node(se.pool_input, *weights, output=output, residual=residual,
+                          relu=bool(relu), name=name)
         self.nodes_to_remove.extend(chain)
         self.nodes_to_add.append(fused)
         self.node_name_to_graph_name[name] = self.this_graph_name
@@ -384,7 +380,7 @@ def fuse_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     fused_nodes = [n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == OP_DOMAIN]
     if fused_nodes:
         if not any(o.domain == OP_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(OP_DOMAIN, OP_DOMAIN_VERSION))
+            model.opset_import.append(opset_import())
         wrapped.topological_sort()
         produced = {o for n in model.graph.node for o in n.output}
         stale = [vi for vi in model.graph.value_info if vi.name not in produced]
@@ -426,7 +422,6 @@ __all__ = [
     "FusionReport",
     "FusionSqueezeExcitationConv",
     "FusionSqueezeExcitationLinear",
-    "TensorProto",
     "fuse_file",
     "fuse_model",
 ]
