@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--api-key",
         default=os.environ.get("SERESNET_API_KEY"),
-        help="API key, when the service requires one (default: $SERESNET_API_KEY)",
+        help="API key, when the service requires one (default: $SERESNET_API_KEY, the safer "
+        "way: other users can read command lines)",
     )
     score.add_argument(
         "--quiet", action="store_true", help="no progress bar, notices or summary text"
