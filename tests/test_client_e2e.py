@@ -422,3 +422,31 @@ def test_a_service_that_keeps_failing_stops_the_run_and_resume_finishes_it(
     result = run_client(folder, service.url, out, "--resume")
     assert result.returncode == 0, result.stderr
     assert _all_scored(out, n)
+
+
+def test_api_key_from_the_option_or_the_environment(tmp_path: Path) -> None:
+    images, _ = fashion_mnist.load("test")
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_png(images[i]))
+    with running_service(MODEL_DIR, env={"SERESNET_API_KEY": "s3cret"}) as svc:
+        refused = run_client(folder, svc.url, tmp_path / "a.jsonl")
+        assert refused.returncode == 3
+        assert "refused" in refused.stderr and "--api-key" in refused.stderr
+
+        by_option = run_client(folder, svc.url, tmp_path / "b.jsonl", "--api-key s3cret")
+        assert by_option.returncode == 0, by_option.stderr
+        assert len(read_rows(tmp_path / "b.jsonl")) == 3
+
+        env = client_env() | {"SERESNET_API_KEY": "s3cret"}
+        by_env = subprocess.run(
+            client_command(folder, svc.url, tmp_path / "c.jsonl"),
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert by_env.returncode == 0, by_env.stderr
+        assert len(read_rows(tmp_path / "c.jsonl")) == 3
