@@ -124,9 +124,13 @@ def start_service(
     env: Mapping[str, str] | None = None,
     args: Sequence[str] = (),
     log_dir: Path | None = None,
+    command: Sequence[str] | None = None,
 ) -> Iterator[ServiceProcess]:
     """Start the process and yield it as soon as it runs (``.url`` not yet known); the caller
-    waits with :func:`wait_until`. Stops it on exit. For tests that watch start-up itself."""
+    waits with :func:`wait_until`. Stops it on exit. For tests that watch start-up itself.
+    ``command`` replaces ``python -m service ...`` by another server that follows the same
+    protocol (a JSON log line with ``"event": "listening"`` and ``"url"``; the bench's naive
+    baseline does)."""
     with contextlib.ExitStack() as stack:
         if log_dir is None:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="svc-log-")))
@@ -134,7 +138,7 @@ def start_service(
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                service_command(model_dir, args),
+                list(command) if command is not None else service_command(model_dir, args),
                 cwd=REPO_ROOT,
                 env=full_env,
                 stdout=log,
@@ -156,10 +160,12 @@ def running_service(
     ready_timeout: float = 120.0,
     args: Sequence[str] = (),
     log_dir: Path | None = None,
+    command: Sequence[str] | None = None,
 ) -> Iterator[ServiceProcess]:
     """Start ``python -m service`` for ``model_dir`` (None: the service's default model) with
     extra environment ``env`` and CLI ``args``, wait until ``/v2/health/ready`` answers 200,
     yield the :class:`ServiceProcess`, and shut it down with SIGTERM on exit."""
-    with start_service(model_dir, env=env, args=args, log_dir=log_dir) as service:
+    with start_service(model_dir, env=env, args=args, log_dir=log_dir,
+                       command=command) as service:
         wait_until(service, "/v2/health/ready", time.monotonic() + ready_timeout)
         yield service

@@ -1,0 +1,387 @@
+"""Load benchmark of the service (issue 4, part 6), side by side with a naive baseline.
+
+Part 1 — the embedded model over HTTP. A closed-loop load generator (httpx, one connection per
+simulated client, each sending its next request as soon as the last one is answered) drives
+``python -m service`` and ``python -m bench.naive_server`` (FastAPI + PyTorch eager, one image
+per request, no batching) in turn with the same real files: Fashion-MNIST test images upscaled
+to 224x224 JPEG and the original 28x28 PNGs, alternating; then a few large photos. For each
+concurrency it reports images/s and p50/p90/p99 latency, and for the service the batch-size
+distribution read from its own /metrics; ratios service/naive are given per concurrency.
+
+Part 2 — SE-ResNet-50 at 224x224 (random weights, exported into a temporary folder): images/s
+of the raw engine (service.engine.Engine.run on preprocessed arrays, batch B) against images/s
+through HTTP when the service runs batches of B (concurrency 2B, single-image requests).
+
+Servers run one at a time (they would fight for the cores otherwise); the load generator shares
+the machine with them, and its own CPU use is reported.
+
+    python -m bench.load                       # both parts -> bench/results/service_load.json
+    python -m bench.load --quick               # short levels, to try the set-up
+    python -m bench.load --skip-resnet50 --concurrency 1,8,32 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the launcher the end-to-end tests use
+
+from serverutil import EMBEDDED_MODEL, running_service  # noqa: E402
+
+Upload = tuple[str, bytes, str]  # filename, bytes, content type
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def fashion_files(folder: Path, count: int) -> list[Upload]:
+    """Fashion-MNIST test images as files: 224x224 JPEG (RGB) and the 28x28 PNG, alternating."""
+    from export.fashion_mnist import load
+
+    images, _ = load("test")
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[Upload] = []
+    for i, pixels in enumerate(images[:count]):
+        small = Image.fromarray(pixels, "L")
+        if i % 2 == 0:
+            path = folder / f"fm{i:05d}.jpg"
+            small.resize((224, 224), Image.Resampling.BICUBIC).convert("RGB").save(
+                path, quality=90)
+            out.append((path.name, path.read_bytes(), "image/jpeg"))
+        else:
+            path = folder / f"fm{i:05d}.png"
+            small.save(path)
+            out.append((path.name, path.read_bytes(), "image/png"))
+    return out
+
+
+def photo_files(folder: Path, count: int = 6) -> list[Upload]:
+    """Large photo-like JPEGs (1600x1200 and 4000x3000): smooth colour fields, edges and fine
+    texture, so decoding costs what a camera photo costs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[Upload] = []
+    for i in range(count):
+        w, h = (1600, 1200) if i % 2 == 0 else (4000, 3000)
+        rng = np.random.default_rng(i)
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        r = 127 + 100 * np.sin(x / w * 7 + i) + rng.normal(0, 12, (h, w))
+        g = 127 + 100 * np.cos(y / h * 5 + i) + rng.normal(0, 12, (h, w))
+        b = np.where(((x // 90) + (y // 70)) % 2 == 0, 60.0, 190.0) + rng.normal(0, 12, (h, w))
+        rgb = np.stack([r, g, b], -1).clip(0, 255).astype(np.uint8)
+        path = folder / f"photo{i}_{w}x{h}.jpg"
+        Image.fromarray(rgb, "RGB").save(path, quality=88)
+        out.append((path.name, path.read_bytes(), "image/jpeg"))
+    return out
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclass
+class Level:
+    server: str
+    workload: str
+    concurrency: int
+    images_per_request: int
+    seconds: float
+    requests: int
+    images: int
+    errors: int
+    images_per_s: float
+    latency_ms: dict[str, float]
+    client_cpu_cores: float
+    batching: dict | None = None
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values) * 1000
+    return {"p50": round(float(np.percentile(arr, 50)), 2),
+            "p90": round(float(np.percentile(arr, 90)), 2),
+            "p99": round(float(np.percentile(arr, 99)), 2),
+            "mean": round(float(arr.mean()), 2)}
+
+
+async def _closed_loop(url: str, files: Sequence[Upload], concurrency: int, warmup: float,
+                       duration: float, per_request: int) -> tuple[list[float], int, int, float]:
+    """(latencies of requests finished in the window, images ok, errors, window seconds)."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    images_ok = 0
+    errors = 0
+    start = time.perf_counter()
+    record_from = start + warmup
+    stop_at = record_from + duration
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
+
+        async def worker(k: int) -> None:
+            nonlocal images_ok, errors
+            j = k * per_request
+            while time.perf_counter() < stop_at:
+                batch = [files[(j + m) % len(files)] for m in range(per_request)]
+                j += concurrency * per_request
+                parts = [("images", f) for f in batch]
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/classify", files=parts)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                t1 = time.perf_counter()
+                if record_from <= t1 <= stop_at:
+                    if ok:
+                        latencies.append(t1 - t0)
+                        images_ok += per_request
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return latencies, images_ok, errors, duration
+
+
+def _histogram(text: str) -> dict[str, float]:
+    """Cumulative ``le`` buckets of seresnet_batch_size, and the inference/exec counters."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("seresnet_batch_size_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[f"le_{le}"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(("seresnet_inference_count_total{",
+                              "seresnet_inference_exec_count_total{")):
+            out[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def batching_delta(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Batch-size distribution between two scrapes: runs per size range, and the mean."""
+    images = after["seresnet_inference_count_total"] - before["seresnet_inference_count_total"]
+    runs = after["seresnet_inference_exec_count_total"] - \
+        before["seresnet_inference_exec_count_total"]
+    edges = sorted((k for k in after if k.startswith("le_")),
+                   key=lambda k: float(k[3:].replace("+Inf", "inf")))
+    dist: dict[str, int] = {}
+    prev_edge, prev_count = 0.0, 0.0
+    for k in edges:
+        edge = float(k[3:].replace("+Inf", "inf"))
+        count = after[k] - before.get(k, 0.0)
+        span = f"{int(prev_edge) + 1}" if edge == prev_edge + 1 else (
+            f"{int(prev_edge) + 1}-{int(edge)}" if edge != float("inf") else f">{int(prev_edge)}")
+        if count - prev_count:
+            dist[span] = int(count - prev_count)
+        prev_edge, prev_count = edge, count
+    return {"model_runs": int(runs), "images_run": int(images),
+            "mean_batch_size": round(images / runs, 2) if runs else None,
+            "runs_by_batch_size": dist}
+
+
+def run_level(server: str, url: str, workload: str, files: Sequence[Upload], concurrency: int,
+              warmup: float, duration: float, per_request: int = 1,
+              metrics_url: str | None = None) -> Level:
+    before = _histogram(httpx.get(metrics_url).text) if metrics_url else None
+    cpu0 = time.process_time()
+    latencies, images, errors, window = asyncio.run(
+        _closed_loop(url, files, concurrency, warmup, duration, per_request))
+    cpu = time.process_time() - cpu0
+    batching = None
+    if metrics_url and before is not None:
+        batching = batching_delta(before, _histogram(httpx.get(metrics_url).text))
+    level = Level(server, workload, concurrency, per_request, round(window, 2), len(latencies),
+                  images, errors, round(images / window, 1), _percentiles(latencies),
+                  round(cpu / (warmup + duration), 2), batching)
+    lat = level.latency_ms
+    print(f"  {server:<8} {workload:<10} c={concurrency:<3} {level.images_per_s:>8.1f} img/s  "
+          f"p50 {lat.get('p50', 0):>7.1f}  p99 {lat.get('p99', 0):>7.1f} ms  errors {errors}"
+          + (f"  mean batch {batching['mean_batch_size']}" if batching else ""), flush=True)
+    return level
+
+
+# ----------------------------------------------------------------------------- parts
+
+
+@dataclass
+class Config:
+    model_dir: Path
+    concurrency: list[int]
+    warmup: float
+    duration: float
+    photo_concurrency: list[int]
+    resnet50_batch: int
+    resnet50_duration: float
+    service_env: dict[str, str] = field(default_factory=dict)
+
+
+def part_embedded(cfg: Config, work: Path, skip_naive: bool) -> dict:
+    mixed = fashion_files(work / "fashion", 512)
+    photos = photo_files(work / "photos")
+    levels: list[Level] = []
+    print(f"part 1: {cfg.model_dir} ({len(mixed)} Fashion-MNIST files, {len(photos)} photos)")
+    with running_service(cfg.model_dir, env=cfg.service_env, log_dir=work) as svc:
+        engine = httpx.get(f"{svc.url}/v2/models/{_model_name(cfg.model_dir)}").json()["engine"]
+        for c in cfg.concurrency:
+            levels.append(run_level("service", svc.url, "fashion", mixed, c, cfg.warmup,
+                                    cfg.duration, metrics_url=f"{svc.url}/metrics"))
+        levels.append(run_level("service", svc.url, "fashion", mixed, 8, cfg.warmup,
+                                cfg.duration, per_request=8, metrics_url=f"{svc.url}/metrics"))
+        for c in cfg.photo_concurrency:
+            levels.append(run_level("service", svc.url, "photos", photos, c, cfg.warmup,
+                                    cfg.duration, metrics_url=f"{svc.url}/metrics"))
+    if not skip_naive:
+        command = [sys.executable, "-m", "bench.naive_server", "--model-dir",
+                   str(cfg.model_dir), "--host", "127.0.0.1", "--port", "0"]
+        with running_service(None, command=command, log_dir=work) as naive:
+            for c in cfg.concurrency:
+                levels.append(run_level("naive", naive.url, "fashion", mixed, c, cfg.warmup,
+                                        cfg.duration))
+            for c in cfg.photo_concurrency:
+                levels.append(run_level("naive", naive.url, "photos", photos, c, cfg.warmup,
+                                        cfg.duration))
+    return {"engine": engine, "levels": [asdict(lv) for lv in levels],
+            "side_by_side": _side_by_side(levels)}
+
+
+def _side_by_side(levels: list[Level]) -> list[dict]:
+    rows = []
+    by_key = {(lv.server, lv.workload, lv.concurrency, lv.images_per_request): lv
+              for lv in levels}
+    for (server, workload, c, per), svc in sorted(by_key.items()):
+        naive = by_key.get(("naive", workload, c, 1))
+        if server != "service" or per != 1 or naive is None or not naive.images_per_s:
+            continue
+        rows.append({
+            "workload": workload, "concurrency": c,
+            "service_images_per_s": svc.images_per_s, "naive_images_per_s": naive.images_per_s,
+            "throughput_ratio": round(svc.images_per_s / naive.images_per_s, 2),
+            "service_p99_ms": svc.latency_ms.get("p99"),
+            "naive_p99_ms": naive.latency_ms.get("p99"),
+            "p99_ratio": round(svc.latency_ms["p99"] / naive.latency_ms["p99"], 2)
+            if svc.latency_ms and naive.latency_ms else None,
+            "service_mean_batch": (svc.batching or {}).get("mean_batch_size"),
+        })
+    return rows
+
+
+def _model_name(model_dir: Path) -> str:
+    return json.loads((model_dir / "model.json").read_text())["name"]
+
+
+def part_resnet50(cfg: Config, work: Path) -> dict:
+    """Raw engine vs HTTP for SE-ResNet-50 at 224x224, at the same batch size."""
+    from modelcard.preprocessing import load_array
+    from service.engine import Engine
+    from service.settings import load_settings
+
+    folder = work / "seresnet50"
+    print(f"part 2: exporting a random-weight SE-ResNet-50 to {folder} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "export", "onnx", "--arch", "seresnet50",
+                    "--random-init", "--parity-images", "8", "--out", str(folder)],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    b = cfg.resnet50_batch
+    files = fashion_files(work / "fashion224", 64)[::2]  # the 224x224 JPEGs
+    env = {"SERESNET_MAX_BATCH_SIZE": str(b), "SERESNET_MAX_QUEUE_DELAY_MS": "100",
+           **cfg.service_env}
+    settings = load_settings({"model_dir": folder, "provider": "cpu",
+                              "max_batch_size": b, "graph": env.get("SERESNET_GRAPH")})
+    engine = Engine.load(settings)
+    engine.warm_up(2)
+    arrays = [load_array(data, engine.card.input) for _, data, _ in files]
+    batches = [arrays[i:i + b] for i in range(0, len(arrays) - b + 1, b)]
+    times: list[float] = []
+    t_end = time.perf_counter() + cfg.resnet50_duration
+    k = 0
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        engine.run(batches[k % len(batches)])
+        times.append(time.perf_counter() - t0)
+        k += 1
+    raw_ips = b * len(times) / sum(times)
+    raw = {"batch_size": b, "runs": len(times), "median_batch_ms": round(
+        statistics.median(times) * 1000, 2), "images_per_s": round(raw_ips, 2),
+        "graph": engine.info.graph, "opt_level": engine.info.opt_level}
+    print(f"  raw engine  batch {b}: {raw_ips:.2f} img/s (median {raw['median_batch_ms']} ms "
+          f"per batch, {engine.info.graph} @ {engine.info.opt_level})", flush=True)
+    del engine
+    with running_service(folder, env=env, log_dir=work) as svc:
+        level = run_level("service", svc.url, "se50-224", files, 2 * b, cfg.warmup * 3,
+                          cfg.resnet50_duration, metrics_url=f"{svc.url}/metrics")
+    return {"raw_engine": raw, "http": asdict(level),
+            "http_over_raw": round(level.images_per_s / raw_ips, 3)}
+
+
+def machine() -> dict:
+    import onnxruntime
+
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "onnxruntime": onnxruntime.__version__,
+            "load": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=EMBEDDED_MODEL)
+    p.add_argument("--concurrency", default="1,4,16,64",
+                   help="closed-loop clients per level (default: %(default)s)")
+    p.add_argument("--photo-concurrency", default="4", help="levels for large photos")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
+    p.add_argument("--resnet50-batch", type=int, default=8)
+    p.add_argument("--resnet50-duration", type=float, default=30.0)
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--skip-resnet50", action="store_true")
+    p.add_argument("--quick", action="store_true", help="2 s levels, c=1,16, short part 2")
+    p.add_argument("--env", action="append", default=[], metavar="SERESNET_X=V",
+                   help="extra service setting for every run (repeatable)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "service_load.json")
+    args = p.parse_args(argv)
+    cfg = Config(
+        model_dir=args.model_dir,
+        concurrency=[int(c) for c in args.concurrency.split(",")],
+        warmup=args.warmup, duration=args.duration,
+        photo_concurrency=[int(c) for c in args.photo_concurrency.split(",") if c],
+        resnet50_batch=args.resnet50_batch, resnet50_duration=args.resnet50_duration,
+        service_env=dict(e.split("=", 1) for e in args.env),
+    )
+    if args.quick:
+        cfg.concurrency, cfg.duration, cfg.warmup = [1, 16], 2.0, 1.0
+        cfg.resnet50_duration = 6.0
+    result: dict = {"benchmark": "service_load", "created": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "config": {
+        **asdict(cfg), "model_dir": str(cfg.model_dir)}}
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        work = Path(tmp)
+        result["embedded"] = part_embedded(cfg, work, args.skip_naive)
+        if not args.skip_resnet50:
+            result["seresnet50_224"] = part_resnet50(cfg, work)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    for row in result["embedded"]["side_by_side"]:
+        print(f"  {row['workload']:<8} c={row['concurrency']:<3} service/naive images/s "
+              f"{row['throughput_ratio']:>5}x   p99 ratio {row['p99_ratio']}")
+    if "seresnet50_224" in result:
+        print(f"  SE-ResNet-50 224: HTTP/raw engine = {result['seresnet50_224']['http_over_raw']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
