@@ -69,6 +69,11 @@ class ServiceProcess:
         r.raise_for_status()
         return r.text
 
+    def metric(self, name: str, headers: Mapping[str, str] | None = None, **labels: str,
+               ) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels``."""
+        return metric_value(self.metrics_text(headers), name, **labels)
+
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (graceful: queued work is drained), wait, SIGKILL if it hangs; the exit code."""
         if self.proc.poll() is None:
@@ -80,6 +85,17 @@ class ServiceProcess:
                 self.proc.wait(timeout=10)
         self._stopped = True
         return self.proc.returncode
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` in a Prometheus exposition whose labels include
+    ``labels`` (0 when there are none)."""
+    total = 0.0
+    for line in text.splitlines():
+        named = line.startswith(name + "{") or line.startswith(name + " ")
+        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def service_command(model_dir: Path | None, args: Sequence[str] = ()) -> list[str]:

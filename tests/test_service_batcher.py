@@ -70,6 +70,17 @@ async def wait_for_entry(rec: Recorder) -> None:
     raise AssertionError("run_batch was never entered")
 
 
+async def busy(**kw: object) -> tuple[Recorder, Batcher, asyncio.Future[np.ndarray]]:
+    """A started batcher whose model is busy with image 0, held there by the gate."""
+    rec = Recorder()
+    rec.gate.clear()
+    b = make(rec, max_queue_delay_s=0, **kw)
+    b.start()
+    first = asyncio.ensure_future(b.submit([img(0)]))
+    await wait_for_entry(rec)
+    return rec, b, first
+
+
 def test_concurrent_callers_are_coalesced_and_answered_in_order() -> None:
     async def main() -> None:
         rec = Recorder()
@@ -155,12 +166,7 @@ def test_inference_runs_in_its_own_thread_and_the_loop_stays_free() -> None:
 
 def test_a_full_queue_refuses_with_a_retry_hint() -> None:
     async def main() -> None:
-        rec = Recorder()
-        rec.gate.clear()
-        b = make(rec, max_queue_size=4, max_queue_delay_s=0)
-        b.start()
-        first = asyncio.ensure_future(b.submit([img(0)]))
-        await wait_for_entry(rec)  # image 0 is in the model, the queue is empty
+        rec, b, first = await busy(max_queue_size=4)  # image 0 in the model, queue empty
         queued = asyncio.ensure_future(b.submit([img(i) for i in (1, 2, 3)]))
         await asyncio.sleep(0)
         assert b.depth == 3
@@ -178,12 +184,7 @@ def test_a_full_queue_refuses_with_a_retry_hint() -> None:
 
 def test_past_deadline_images_are_not_run() -> None:
     async def main() -> None:
-        rec = Recorder()
-        rec.gate.clear()
-        b = make(rec, max_queue_delay_s=0)
-        b.start()
-        first = asyncio.ensure_future(b.submit([img(0)]))
-        await wait_for_entry(rec)
+        rec, b, first = await busy()
         with pytest.raises(DeadlineExceededError):
             await b.submit([img(5), img(6)], deadline=time.monotonic() + 0.05)
         assert b.depth == 0  # a caller that gave up holds no queue space
@@ -211,12 +212,7 @@ def test_a_deadline_already_passed_is_refused_at_once() -> None:
 
 def test_cancelled_callers_cost_no_model_run() -> None:
     async def main() -> None:
-        rec = Recorder()
-        rec.gate.clear()
-        b = make(rec, max_queue_delay_s=0)
-        b.start()
-        first = asyncio.ensure_future(b.submit([img(0)]))
-        await wait_for_entry(rec)
+        rec, b, first = await busy()
         gone = asyncio.ensure_future(b.submit([img(5), img(6), img(7)]))
         stays = asyncio.ensure_future(b.submit([img(8)]))
         await asyncio.sleep(0)

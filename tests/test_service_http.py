@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -25,7 +26,7 @@ from imagesamples import (
     truncated_jpeg,
 )
 from PIL import Image
-from serverutil import EMBEDDED_MODEL, ServiceProcess, running_service
+from serverutil import EMBEDDED_MODEL, ServiceProcess, metric_value, running_service
 
 from export.fashion_mnist import load as load_fashion_mnist
 from modelcard.preprocessing import load_array
@@ -308,21 +309,17 @@ def test_request_ids_and_structured_logs(svc: ServiceProcess, client: httpx.Clie
     assert re.fullmatch(r"[0-9a-f]{32}", other.headers["x-request-id"])
     failing = client.post("/classify", content=TEXT, headers={"Content-Type": "image/jpeg"})
     assert failing.headers["x-request-id"]
-    records = {r.get("request_id"): r for r in svc.log_records()
-               if r.get("event") == "request"}
+    wanted = {"trace-42.a", failing.headers["x-request-id"]}
+    for _ in range(500):  # the access line is written just after the response is sent
+        records = {r.get("request_id"): r for r in svc.log_records()
+                   if r.get("event") == "request"}
+        if wanted <= set(records):
+            break
+        time.sleep(0.02)
     line = records["trace-42.a"]
     assert line["status"] == 200 and line["path"] == "/classify" and line["images"] == 1
     assert line["level"] == "info" and "duration_ms" in line and "ts" in line
     assert records[failing.headers["x-request-id"]]["code"] == "unsupported_format"
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        named = line.startswith(name + "{") or line.startswith(name + " ")
-        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_metrics_have_tritons_meaning(svc: ServiceProcess, client: httpx.Client,
@@ -335,7 +332,7 @@ def test_metrics_have_tritons_meaning(svc: ServiceProcess, client: httpx.Client,
     after = svc.metrics_text()
 
     def delta(name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, **labels)
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     assert delta("seresnet_inference_request_success_total") == 2
     assert delta("seresnet_inference_request_failure_total", code="unsupported_format") == 1
@@ -347,13 +344,13 @@ def test_metrics_have_tritons_meaning(svc: ServiceProcess, client: httpx.Client,
     assert delta("seresnet_queue_duration_seconds_count") == 8
     assert delta("seresnet_compute_duration_seconds_count") == execs
     assert delta("seresnet_request_duration_seconds_count") == 3
-    assert metric(after, "seresnet_queue_depth") == 0
+    assert metric_value(after, "seresnet_queue_depth") == 0
     meta = client.get(f"/v2/models/{CARD.name}").json()["engine"]
     info = [ln for ln in after.splitlines() if ln.startswith("seresnet_model_info{")]
     assert len(info) == 1
     for key in ("provider", "graph", "opt_level"):
         assert f'{key}="{meta[key]}"' in info[0]
-    assert metric(after, "seresnet_ready") == 1
+    assert metric_value(after, "seresnet_ready") == 1
 
 
 def test_large_photo_is_downscaled_from_the_jpeg_directly(client: httpx.Client) -> None:

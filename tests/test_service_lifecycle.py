@@ -39,15 +39,6 @@ def post_png(url: str, seed: int, headers: dict[str, str] | None = None,
     return httpx.post(f"{url}/classify", files=files, headers=headers or {}, timeout=120)
 
 
-def metric(svc: ServiceProcess, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in svc.metrics_text().splitlines():
-        named = line.startswith(name + "{") or line.startswith(name + " ")
-        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def eventually(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -72,7 +63,7 @@ def held() -> Iterator[ServiceProcess]:
 def test_full_queue_is_503_with_retry_after_and_a_deadline_is_504(held: ServiceProcess) -> None:
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(post_png, held.url, 0, None, 3)
-        eventually(lambda: metric(held, "seresnet_queue_depth") == 3, "3 images queued")
+        eventually(lambda: held.metric("seresnet_queue_depth") == 3, "3 images queued")
         refused = post_png(held.url, 10)
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "queue_full"
@@ -80,30 +71,30 @@ def test_full_queue_is_503_with_retry_after_and_a_deadline_is_504(held: ServiceP
         timed_out = first.result()
     assert timed_out.status_code == 504
     assert timed_out.json()["error"]["code"] == "deadline_exceeded"
-    assert metric(held, "seresnet_dropped_images_total", reason="deadline") == 3
-    assert metric(held, "seresnet_dropped_images_total", reason="queue_full") == 1
-    assert metric(held, "seresnet_queue_depth") == 0
-    assert metric(held, "seresnet_inference_count_total") == 0  # nothing was run for nobody
-    assert metric(held, "seresnet_inference_request_failure_total", code="queue_full") == 1
-    assert metric(held, "seresnet_inference_request_failure_total",
+    assert held.metric("seresnet_dropped_images_total", reason="deadline") == 3
+    assert held.metric("seresnet_dropped_images_total", reason="queue_full") == 1
+    assert held.metric("seresnet_queue_depth") == 0
+    assert held.metric("seresnet_inference_count_total") == 0  # nothing was run for nobody
+    assert held.metric("seresnet_inference_request_failure_total", code="queue_full") == 1
+    assert held.metric("seresnet_inference_request_failure_total",
                   code="deadline_exceeded") == 1
 
 
 def test_a_caller_that_hangs_up_costs_no_model_run(held: ServiceProcess) -> None:
-    before = metric(held, "seresnet_dropped_images_total", reason="cancelled")
+    before = held.metric("seresnet_dropped_images_total", reason="cancelled")
     body = png(7)
     parts = urlsplit(held.url)
     request = (f"POST /classify HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: image/png\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
         sock.sendall(request)
-        eventually(lambda: metric(held, "seresnet_queue_depth") == 1, "the image is queued")
+        eventually(lambda: held.metric("seresnet_queue_depth") == 1, "the image is queued")
     # the socket is closed: the service notices and withdraws the image
-    eventually(lambda: metric(held, "seresnet_dropped_images_total", reason="cancelled")
+    eventually(lambda: held.metric("seresnet_dropped_images_total", reason="cancelled")
                == before + 1, "the queued image is dropped")
-    assert metric(held, "seresnet_queue_depth") == 0
-    assert metric(held, "seresnet_inference_count_total") == 0
-    assert metric(held, "seresnet_inference_exec_count_total") == 0
+    assert held.metric("seresnet_queue_depth") == 0
+    assert held.metric("seresnet_inference_count_total") == 0
+    assert held.metric("seresnet_inference_exec_count_total") == 0
 
 
 # ----------------------------------------------------------------------------- batching
@@ -121,21 +112,21 @@ def test_concurrent_requests_are_batched(batching: ServiceProcess) -> None:
     with ThreadPoolExecutor(n) as pool:
         responses = list(pool.map(lambda i: post_png(batching.url, 100 + i), range(n)))
     assert all(r.status_code == 200 for r in responses)
-    images = metric(batching, "seresnet_inference_count_total")
-    runs = metric(batching, "seresnet_inference_exec_count_total")
+    images = batching.metric("seresnet_inference_count_total")
+    runs = batching.metric("seresnet_inference_exec_count_total")
     assert images == n
     assert runs < n / 2  # mean batch size = inference count / execution count > 2
-    assert metric(batching, "seresnet_batch_size_bucket", le="1.0") < runs  # not all singles
-    assert metric(batching, "seresnet_batch_size_sum") == n
+    assert batching.metric("seresnet_batch_size_bucket", le="1.0") < runs  # not all singles
+    assert batching.metric("seresnet_batch_size_sum") == n
 
 
 def test_graceful_shutdown_loses_no_accepted_request(batching: ServiceProcess) -> None:
     n = 8
-    depth_before = metric(batching, "seresnet_queue_depth")
+    depth_before = batching.metric("seresnet_queue_depth")
     assert depth_before == 0
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(post_png, batching.url, 200 + i) for i in range(n)]
-        eventually(lambda: metric(batching, "seresnet_queue_depth") == n, "all queued")
+        eventually(lambda: batching.metric("seresnet_queue_depth") == n, "all queued")
         code = batching.stop(timeout=60)  # SIGTERM while 8 accepted requests wait
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200] * n
