@@ -23,12 +23,26 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / DEFAULT_MODEL
 
 
-def available_cores() -> int:
-    """Cores this process may run on (honours taskset/cgroup CPU affinity, unlike cpu_count)."""
+def _cgroup_cpu_limit(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """Whole CPUs a cgroup v2 quota allows (a container's ``--cpus``), None without a quota."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def available_cores() -> int:
+    """Cores this process may really use: its CPU affinity (taskset, cpusets), capped by a
+    cgroup CPU quota, which affinity does not show inside a container."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    limit = _cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
 
 
 class SettingsError(ValueError):

@@ -110,3 +110,14 @@ def test_help_teaches_flags_variables_and_examples() -> None:
                    "SERESNET_MAX_IMAGES_PER_REQUEST", "SERESNET_API_KEY", "overrides",
                    "examples:", "curl", "/classify", "/v2/health/ready"):
         assert needle in out, needle
+
+
+@pytest.mark.parametrize(("content", "want"), [("max 100000\n", None), ("150000 100000\n", 2),
+                                               ("50000 100000\n", 1), ("garbage", None)])
+def test_a_container_cpu_quota_caps_the_thread_counts(tmp_path, content: str, want) -> None:
+    from service.settings import _cgroup_cpu_limit
+
+    path = tmp_path / "cpu.max"
+    path.write_text(content)
+    assert _cgroup_cpu_limit(path) == want
+    assert _cgroup_cpu_limit(tmp_path / "missing") is None
