@@ -133,6 +133,8 @@ CASES = [
     pytest.param(64, 32, 2, 6, 6, "residual", True, id="batch64"),
     pytest.param(2, 256, 16, 28, 28, "", True, id="c256-empty-residual-relu"),
     pytest.param(2, 24, 6, 40, 40, None, False, id="hw1600"),
+    pytest.param(5, 200, 72, 3, 3, "residual", False, id="cr72-batch5"),
+    pytest.param(9, 512, 128, 2, 2, None, True, id="cr128-batch9"),
 ]
 
 
@@ -168,6 +170,26 @@ def test_matches_numpy_reference(
     np.testing.assert_allclose(y, expected, **TOLERANCE)
     if relu:
         assert (y >= 0).all()
+
+
+@pytest.mark.parametrize("provider", usable_providers())
+@pytest.mark.parametrize(("batch", "channels", "reduced"), [(1, 40, 8), (5, 200, 72)])
+def test_weights_as_graph_inputs(provider: str, batch: int, channels: int, reduced: int) -> None:
+    """Weights fed at run time (not initializers) take the path without pre-packing."""
+    rng = np.random.default_rng(31)
+    weights = random_weights(rng, channels, reduced)
+    model = se_model(channels, reduced, 4, 4, weights, relu=True)
+    graph = model.graph
+    for init in graph.initializer:
+        graph.input.append(
+            helper.make_tensor_value_info(init.name, TensorProto.FLOAT, list(init.dims))
+        )
+    del graph.initializer[:]
+    x = rng.standard_normal((batch, channels, 4, 4)).astype(np.float32)
+
+    (y,) = session(model, provider).run(None, {"x": x, **weights})
+
+    np.testing.assert_allclose(y, ops.numpy_reference(x, **weights, relu=True), **TOLERANCE)
 
 
 @pytest.mark.parametrize("provider", usable_providers())
