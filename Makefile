@@ -34,5 +34,10 @@ lint: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) -m bench
 
+# The Dockerfile and docker-compose.yml built and run for real by a private Docker engine from
+# Debian's packages (root; no registry needed): scripts/container-e2e.sh --help.
+container-check:
+	bash scripts/container-e2e.sh
+
 clean:
 	rm -rf $(VENV) build dist

@@ -1,0 +1,303 @@
+#!/usr/bin/env bash
+# Real end-to-end check of the Dockerfile and docker-compose.yml on a machine with no Docker
+# engine and no registry access (DESIGN.md §6, Containers). Run as root: `make container-check`.
+#
+#  1. fetches Debian's docker.io, docker-cli, containerd, runc, tini and trixie's docker-compose
+#     (Compose v2) and debootstrap packages with a private apt configuration taken from this
+#     machine's own apt sources, and unpacks them into a temporary folder (installs nothing);
+#  2. starts dockerd by hand with its own data-root, exec-root, pidfile and socket there;
+#  3. builds the Dockerfile's base image(s) with `debootstrap --variant=minbase` (cached), adds
+#     this machine's CA certificates, and `docker import`s them under the FROM lines' names;
+#  4. `docker compose config -q` for the GPU and the CPU stacks, then `docker compose up -d
+#     --build --wait` of the CPU stack (host networking, test-only override), posts real
+#     Fashion-MNIST images to /classify from the host (127.0.0.1) and checks the top-5 answer;
+#  5. checks the image (no torch, no compiler) and the bad-input behaviour (empty models
+#     volume, bad SERESNET_* values, no GPU) and that compose does not restart a broken
+#     configuration forever; then `docker compose down`;
+#  6. prints image size, build time, time to healthy and total time, and on any exit, failure
+#     included, stops what it started (by pid) and undoes what the engine changed.
+#
+# Environment: SERESNET_CACHE_DIR (cache root, default ~/.cache/seresnet-serve: .debs, base
+# image tarballs), SERESNET_DEBIAN_MIRROR (Debian archive URI, default: from apt's sources),
+# FASHION_MNIST_DIR (test images; default: Debian's dataset-fashion-mnist, fetched if absent),
+# SERESNET_E2E_GPU_IMAGE=1 (also build the GPU image — multi-GB downloads — and check that it
+# falls back to the CPU without a GPU), SERESNET_E2E_SUMMARY=FILE (write the numbers as JSON).
+set -euo pipefail
+
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HERE="$REPO/scripts/container"
+CACHE="${SERESNET_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/seresnet-serve}/container"
+MODEL_NAME=fashion-seresnet
+SERVICE=seresnet
+CPU_IMAGE=seresnet-serve:cpu
+GPU_IMAGE=seresnet-serve:gpu
+
+say() { echo "container-e2e: $*"; }
+die() { echo "container-e2e: FAILED: $*" >&2; exit 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+[ "$(id -u)" = 0 ] || die "run as root (it starts a Docker engine)"
+for tool in apt-get dpkg tar awk python3 ip nice timeout mktemp; do
+  command -v "$tool" > /dev/null || die "$tool not found"
+done
+[ -f "$REPO/models/$MODEL_NAME/model.json" ] || die "models/$MODEL_NAME/model.json missing"
+
+# Settings of the shell running this must not leak into the stacks under test.
+while read -r var; do
+  case "$var" in SERESNET_CACHE_DIR|SERESNET_DEBIAN_MIRROR|SERESNET_E2E_*) ;; *) unset "$var" ;; esac
+done < <(compgen -e | grep -E '^(SERESNET_|COMPOSE_)' || true)
+
+# shellcheck source=scripts/container/debian-apt.sh
+. "$HERE/debian-apt.sh"
+# shellcheck source=scripts/container/engine.sh
+. "$HERE/engine.sh"
+# shellcheck source=scripts/container/base-image.sh
+. "$HERE/base-image.sh"
+
+T_START=$(now)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/seresnet-e2e.XXXXXX")
+STACK_UP=
+COMPOSE_E2E=()
+
+cleanup() {
+  local rc=$?
+  set +e
+  trap - EXIT INT TERM
+  if [ -n "$STACK_UP" ]; then
+    timeout 120 docker compose "${COMPOSE_E2E[@]}" down --timeout 45 > /dev/null 2>&1
+  fi
+  engine_stop
+  rm -rf --one-file-system "$WORK"
+  if [ "$rc" -eq 0 ]; then
+    say "cleaned up (engine stopped, temporary folder removed)"
+  else
+    echo "container-e2e: FAILED (exit $rc) after $(since "$T_START") s; cleaned up" >&2
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- 1. packages ------------------------------------------------------------------------------
+say "fetching Docker engine, Compose v2 and debootstrap packages (cache: $CACHE)"
+apt_private_init "$CACHE/apt"
+engine_fetch "$CACHE" "$WORK/engine"
+if [ -z "${FASHION_MNIST_DIR:-}" ]; then
+  FASHION_MNIST_DIR=/usr/share/datasets/fashion-mnist
+  if [ ! -f "$FASHION_MNIST_DIR/t10k-images-idx3-ubyte.gz" ]; then
+    apt_private_download "$CACHE/debs/data" "dataset-fashion-mnist/$(host_codename)"
+    dpkg -x "$CACHE"/debs/data/dataset-fashion-mnist_*.deb "$WORK/data"
+    FASHION_MNIST_DIR="$WORK/data/usr/share/datasets/fashion-mnist"
+  fi
+fi
+export FASHION_MNIST_DIR
+
+# --- 2. engine, 3. base images -----------------------------------------------------------------
+mkdir -p "$WORK/docker"
+engine_start "$WORK/docker" "$WORK/engine"
+T_BASE=$(now)
+mapfile -t BASE_IMAGES < <(dockerfile_base_images "$REPO/Dockerfile")
+[ ${#BASE_IMAGES[@]} -gt 0 ] || die "no base image found in the Dockerfile's FROM lines"
+for image in "${BASE_IMAGES[@]}"; do
+  base_image_import "$image" "$CACHE" "$WORK"
+done
+BASE_S=$(since "$T_BASE")
+
+# --- 4. compose ---------------------------------------------------------------------------------
+cd "$REPO"
+SERESNET_E2E_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export SERESNET_E2E_PORT
+# Build args from this machine's own configuration (proxies, a pip index mirror): generated
+# here, never committed. JSON is YAML.
+python3 - "$WORK/compose.host.yml" <<'EOF'
+import json, os, subprocess, sys
+
+args = {k: v for k in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                       "NO_PROXY") if (v := os.environ.get(k))}
+def pip_config(key: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "pip", "config", "get", key],
+                       capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
+def remote(urls: str) -> str:  # file:// indexes are on this machine only
+    return " ".join(u for u in urls.split() if u.startswith(("http://", "https://")))
+for env, key in (("PIP_INDEX_URL", "global.index-url"),
+                 ("PIP_EXTRA_INDEX_URL", "global.extra-index-url"),
+                 ("PIP_TRUSTED_HOST", "global.trusted-host")):
+    value = os.environ.get(env) or pip_config(key)
+    value = remote(value) if env != "PIP_TRUSTED_HOST" else value
+    if value:
+        args[env] = value
+if "http_proxy" not in args:
+    r = subprocess.run(["apt-config", "shell", "P", "Acquire::http::Proxy"],
+                       capture_output=True, text=True)
+    line = r.stdout.strip()
+    if line.startswith("P="):
+        args["http_proxy"] = line[2:].strip("'\"")
+spec = {"services": {"seresnet": {"build": {"args": args}}}} if args else {}
+with open(sys.argv[1], "w") as f:
+    json.dump(spec or {"services": {"seresnet": {}}}, f)
+print("container-e2e: build args from this machine's configuration: "
+      + (", ".join(sorted(args)) or "none needed"))
+EOF
+COMPOSE_GPU=(-f docker-compose.yml)
+COMPOSE_CPU=(-f docker-compose.yml -f docker-compose.cpu.yml)
+COMPOSE_E2E=("${COMPOSE_CPU[@]}" -f scripts/container/compose.e2e.yml -f "$WORK/compose.host.yml")
+
+say "docker compose config -q (GPU stack, CPU stack, test override)"
+docker compose "${COMPOSE_GPU[@]}" config -q
+docker compose "${COMPOSE_CPU[@]}" config -q
+docker compose "${COMPOSE_E2E[@]}" config -q
+grep -q 'driver: nvidia' <(docker compose "${COMPOSE_GPU[@]}" config) \
+  || die "the GPU stack reserves no GPU"
+if docker compose "${COMPOSE_CPU[@]}" config | grep -q 'driver: nvidia'; then
+  die "the CPU stack still reserves a GPU"
+fi
+
+say "building the CPU image (docker compose build; log: build.log)"
+T_BUILD=$(now)
+if ! docker compose "${COMPOSE_E2E[@]}" build --progress plain > "$WORK/build.log" 2>&1; then
+  tail -n 60 "$WORK/build.log" >&2
+  die "docker compose build"
+fi
+BUILD_S=$(since "$T_BUILD")
+IMAGE_BYTES=$(docker image inspect -f '{{.Size}}' "$CPU_IMAGE")
+say "built $CPU_IMAGE in $BUILD_S s: $((IMAGE_BYTES / 1000000)) MB"
+
+say "docker compose up -d --build --wait (CPU stack on 127.0.0.1:$SERESNET_E2E_PORT)"
+T_UP=$(now)
+STACK_UP=1
+if ! timeout 900 docker compose "${COMPOSE_E2E[@]}" up -d --build --wait --wait-timeout 600 \
+     > "$WORK/up.log" 2>&1; then
+  cat "$WORK/up.log" >&2
+  docker compose "${COMPOSE_E2E[@]}" logs --tail 40 >&2 || true
+  die "docker compose up --wait"
+fi
+UP_S=$(since "$T_UP")
+CID=$(docker compose "${COMPOSE_E2E[@]}" ps -q "$SERVICE")
+# From the container's start to the end of its first passing health probe.
+HEALTHY_S=$(docker inspect "$CID" | python3 -c '
+import json, sys
+from datetime import datetime
+def t(s):  # RFC 3339 with nanoseconds -> seconds
+    s = s.rstrip("Z"); base, _, frac = s.partition(".")
+    return datetime.fromisoformat(base).timestamp() + float("0." + (frac or "0")[:9].split("+")[0])
+st = json.load(sys.stdin)[0]["State"]
+ok = [e for e in st["Health"]["Log"] if e["ExitCode"] == 0]
+print(f"{t(ok[0][\"End\"]) - t(st[\"StartedAt\"]):.1f}")')
+say "healthy ${HEALTHY_S} s after the container started (up --wait took $UP_S s)"
+docker compose "${COMPOSE_E2E[@]}" logs --no-log-prefix "$SERVICE" 2>&1 | tail -n 5 | sed 's/^/  log: /'
+
+say "POST /classify with real images from the host"
+python3 "$HERE/classify_check.py" --url "http://127.0.0.1:$SERESNET_E2E_PORT" \
+  --card "models/$MODEL_NAME/model.json" --expect-provider cpu \
+  || die "classify check"
+
+# --- 5. image content, bad input ---------------------------------------------------------------
+say "image content: no torch, no compiler, non-root user"
+docker run --rm --network none --entrypoint python "$CPU_IMAGE" -c '
+import importlib.util, os, shutil, sys
+if importlib.util.find_spec("torch") is not None: sys.exit("torch is installed")
+cc = [c for c in ("cc", "gcc", "g++", "c++", "clang", "nvcc", "cmake", "make") if shutil.which(c)]
+if cc: sys.exit(f"compilers/build tools in the runtime image: {cc}")
+if os.getuid() == 0: sys.exit("runs as root")
+import ops, onnxruntime
+print(f"  uid {os.getuid()}, onnxruntime {onnxruntime.__version__}, op library {ops.library_path()}")
+' || die "runtime image content"
+
+# Expect a non-zero exit within a minute, and one line naming $2 (no traceback).
+expect_clear_failure() {
+  local what=$1 needle=$2 rc out
+  shift 2
+  set +e
+  out=$(timeout 120 docker run --rm --network none "$@" "$CPU_IMAGE" 2>&1)
+  rc=$?
+  set -e
+  [ "$rc" -ne 0 ] || die "$what: the container exited 0"
+  [ "$rc" -ne 124 ] || die "$what: the container was still running after 120 s"
+  grep -q "Traceback" <<< "$out" && { echo "$out" >&2; die "$what: a traceback instead of one line"; }
+  grep -q -- "$needle" <<< "$out" || { echo "$out" >&2; die "$what: no line naming $needle"; }
+  say "$what -> exit $rc: $(grep -m 1 -- "$needle" <<< "$out" | cut -c1-200)"
+}
+mkdir -p "$WORK/empty-models"
+expect_clear_failure "empty models volume" SERESNET_MODEL_DIR -v "$WORK/empty-models:/models:ro"
+expect_clear_failure "bad SERESNET_MAX_BATCH_SIZE" SERESNET_MAX_BATCH_SIZE -e SERESNET_MAX_BATCH_SIZE=lots
+expect_clear_failure "SERESNET_PROVIDER=cuda without a GPU" SERESNET_PROVIDER -e SERESNET_PROVIDER=cuda
+
+say "docker compose down"
+T_DOWN=$(now)
+docker compose "${COMPOSE_E2E[@]}" down --timeout 45 > "$WORK/down.log" 2>&1 \
+  || { cat "$WORK/down.log" >&2; die "docker compose down"; }
+STACK_UP=
+DOWN_S=$(since "$T_DOWN")
+[ -z "$(docker ps -aq)" ] || die "containers left after down"
+
+# A broken setting under compose: the container stops after its 3 restarts, no endless loop.
+say "compose with a bad setting: exits and is restarted at most 3 times"
+STACK_UP=1
+SERESNET_MAX_BATCH_SIZE=0 docker compose "${COMPOSE_E2E[@]}" up -d --no-build > /dev/null 2>&1 || true
+CID=$(docker compose "${COMPOSE_E2E[@]}" ps -aq "$SERVICE")
+STATE=
+for _ in $(seq 1 120); do
+  STATE=$(docker inspect -f '{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}}' "$CID")
+  case "$STATE" in exited*) break ;; esac
+  sleep 1
+done
+case "$STATE" in "exited 3 "[1-9]*) ;; *) die "bad setting under compose: state '$STATE'" ;; esac
+say "  state: $STATE (status, restarts, exit code); last log line:" \
+    "$(docker logs "$CID" 2>&1 | tail -n 1 | cut -c1-200)"
+docker compose "${COMPOSE_E2E[@]}" down --timeout 10 > /dev/null 2>&1
+STACK_UP=
+
+# --- optional: the GPU image, without a GPU ------------------------------------------------------
+GPU_BYTES=0
+GPU_BUILD_S=0
+if [ "${SERESNET_E2E_GPU_IMAGE:-0}" = 1 ]; then
+  say "building the GPU image (VARIANT=gpu: CUDA kernel, CUDA/cuDNN wheels)"
+  T_GPU=$(now)
+  docker compose -f docker-compose.yml -f scripts/container/compose.e2e.yml \
+    -f "$WORK/compose.host.yml" build --progress plain > "$WORK/build-gpu.log" 2>&1 \
+    || { tail -n 60 "$WORK/build-gpu.log" >&2; die "GPU image build"; }
+  GPU_BUILD_S=$(since "$T_GPU")
+  GPU_BYTES=$(docker image inspect -f '{{.Size}}' "$GPU_IMAGE")
+  say "built $GPU_IMAGE in $GPU_BUILD_S s: $((GPU_BYTES / 1000000)) MB"
+  # SERESNET_PROVIDER=auto on a machine without a GPU: the CPU provider, as documented.
+  docker run -d --name seresnet-e2e-gpu --network host -e SERESNET_HOST=127.0.0.1 \
+    -e SERESNET_PORT="$SERESNET_E2E_PORT" "$GPU_IMAGE" > /dev/null
+  for _ in $(seq 1 180); do
+    [ "$(docker inspect -f '{{.State.Health.Status}}' seresnet-e2e-gpu)" = healthy ] && break
+    [ "$(docker inspect -f '{{.State.Running}}' seresnet-e2e-gpu)" = true ] \
+      || { docker logs seresnet-e2e-gpu >&2; die "GPU image exited without a GPU"; }
+    sleep 1
+  done
+  python3 "$HERE/classify_check.py" --url "http://127.0.0.1:$SERESNET_E2E_PORT" \
+    --card "models/$MODEL_NAME/model.json" --expect-provider cpu || die "GPU image on the CPU"
+  docker rm -f seresnet-e2e-gpu > /dev/null
+fi
+
+TOTAL_S=$(since "$T_START")
+cat <<EOF
+container-e2e: summary
+  CPU image ($CPU_IMAGE)          $((IMAGE_BYTES / 1000000)) MB
+  build time (compose build)      $BUILD_S s
+  time to healthy (start->ready)  $HEALTHY_S s   (docker compose up --wait: $UP_S s)
+  compose down                    $DOWN_S s
+  base image(s) (debootstrap)     $BASE_S s
+EOF
+if [ "$GPU_BYTES" != 0 ]; then
+  echo "  GPU image ($GPU_IMAGE)          $((GPU_BYTES / 1000000)) MB, built in $GPU_BUILD_S s"
+fi
+echo "  total                           $TOTAL_S s"
+if [ -n "${SERESNET_E2E_SUMMARY:-}" ]; then
+  python3 -c 'import json, sys; k = sys.argv[2::2]; v = [float(x) for x in sys.argv[3::2]]; json.dump(dict(zip(k, v)), open(sys.argv[1], "w"), indent=2)' \
+    "$SERESNET_E2E_SUMMARY" cpu_image_mb "$((IMAGE_BYTES / 1000000))" build_s "$BUILD_S" \
+    healthy_s "$HEALTHY_S" up_wait_s "$UP_S" down_s "$DOWN_S" base_images_s "$BASE_S" \
+    gpu_image_mb "$((GPU_BYTES / 1000000))" gpu_build_s "$GPU_BUILD_S" total_s "$TOTAL_S"
+fi
+say "passed"
