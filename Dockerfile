@@ -35,8 +35,10 @@ ARG VARIANT=gpu
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_TRUSTED_HOST
-# nvcc from NVIDIA's PyPI wheels; 13.0 matches the CUDA build of onnxruntime-gpu 1.31.
-ARG CUDA_WHEELS="nvidia-cuda-nvcc==13.0.* nvidia-cuda-cccl==13.0.* nvidia-cuda-culibos==13.0.*"
+# nvcc from NVIDIA's PyPI wheels; 13.0 matches the CUDA build of onnxruntime-gpu 1.31. Every
+# piece pinned: nvcc's own dependencies are unpinned, and a newer crt/nvvm breaks nvcc 13.0.
+ARG CUDA_VERSION=13.0
+ARG CUDA_WHEELS="nvidia-cuda-nvcc nvidia-cuda-crt nvidia-nvvm nvidia-cuda-runtime nvidia-cuda-cccl nvidia-cuda-culibos"
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # libonnxruntime-dev: ORT 1.21 headers (API 21), old enough for every runtime we support.
 RUN apt-get update \
@@ -47,7 +49,7 @@ RUN python3 -m venv /opt/build \
     && /opt/build/bin/pip install "scikit-build-core>=0.10"
 # The wheels unpack to site-packages/nvidia/cu13: give it the layout of a CUDA toolkit.
 RUN if [ "$VARIANT" = gpu ]; then \
-      /opt/build/bin/pip install $CUDA_WHEELS \
+      /opt/build/bin/pip install $(for w in $CUDA_WHEELS; do echo "$w==$CUDA_VERSION.*"; done) \
       && cu="$(echo /opt/build/lib/python3*/site-packages/nvidia/cu13)" \
       && test -x "$cu/bin/nvcc" \
       && mkdir -p "$cu/targets/x86_64-linux" \
