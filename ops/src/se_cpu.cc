@@ -39,8 +39,6 @@ namespace {
 // Work per parallel task, in floats touched: large enough to amortise scheduling, small
 // enough to spread a single image over the pool.
 constexpr int64_t kGrainFloats = 16384;
-// Input bytes per group of images run through all passes together (fits a server's L3).
-constexpr int64_t kGroupBytes = int64_t{4} << 20;
 // Independent partial sums: enough vector registers in flight to hide the add latency.
 constexpr int kLanes = 64;
 // Register block of the fully connected layers: images x outputs (16 AVX-512 registers).
@@ -265,15 +263,6 @@ void RunParallel(const Ort::KernelContext& ctx, CpuCall& call, int64_t items, in
   ctx.ParallelFor(&RangeTask<Range>, static_cast<size_t>(tasks), 0, &call);
 }
 
-// The four passes for the images of call.t (pooled, hidden and gates sized for them).
-void RunGroup(const Ort::KernelContext& ctx, CpuCall& call) {
-  const SeDims& d = call.t->dims;
-  RunParallel<PoolTask>(ctx, call, d.n * d.c, d.hw);
-  RunParallel<Fc1Task>(ctx, call, d.cr, d.n * d.c, /*align=*/kBlock);
-  RunParallel<GateTask>(ctx, call, d.c, d.n * d.cr, /*align=*/kBlock);
-  RunParallel<ScaleTask>(ctx, call, d.n * d.c, d.hw * (call.t->residual ? 3 : 2));
-}
-
 // A [rows, cols] row-major matrix as [cols, rows].
 void Transpose(const float* w, int64_t rows, int64_t cols, float* wt) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -333,6 +322,7 @@ class CpuKernel : public SeKernelBase<CpuKernel> {
                              (w2t_.Packed(d.c, d.cr) ? 0 : weights);
     const std::unique_ptr<float[]> scratch(new float[d.n * (2 * d.c + d.cr) + unpacked]);
     CpuCall call;
+    call.t = &t;
     call.relu = relu_;
     call.pooled = scratch.get();
     call.gates = call.pooled + d.n * d.c;
@@ -341,21 +331,10 @@ class CpuKernel : public SeKernelBase<CpuKernel> {
     call.w1t = w1t_.Get(t.w1, d.cr, d.c, spare);
     if (!w1t_.Packed(d.cr, d.c)) spare += weights;
     call.w2t = w2t_.Get(t.w2, d.c, d.cr, spare);
-    // Images in groups whose x stays cached between the pool and the scale pass, which both
-    // read it; the dense layers still serve a whole group per read of their weights.
-    const int64_t image_bytes = d.c * d.hw * static_cast<int64_t>(sizeof(float));
-    const int64_t group = std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(image_bytes, 1), 1,
-                                              d.n);
-    for (int64_t first = 0; first < d.n; first += group) {
-      SeTensors part = t;
-      part.dims.n = std::min(group, d.n - first);
-      const int64_t offset = first * d.c * d.hw;
-      part.x += offset;
-      part.y += offset;
-      if (part.residual != nullptr) part.residual += offset;
-      call.t = &part;
-      RunGroup(ctx, call);
-    }
+    RunParallel<PoolTask>(ctx, call, d.n * d.c, d.hw);
+    RunParallel<Fc1Task>(ctx, call, d.cr, d.n * d.c, /*align=*/kBlock);
+    RunParallel<GateTask>(ctx, call, d.c, d.n * d.cr, /*align=*/kBlock);
+    RunParallel<ScaleTask>(ctx, call, d.n * d.c, d.hw * (t.residual ? 3 : 2));
   }
 
  private:
