@@ -279,6 +279,25 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
                 m.running_var.copy_(torch.empty(c).uniform_(0.5, 1.5, generator=generator))
 
 
+def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
+    """Set every BN's running statistics to those of ``images`` (data-dependent init).
+
+    A deep net with random weights maps every input to nearly the same logits; with
+    statistics measured on real images its activations stay normalised, so its outputs tell
+    images apart — what tests and benchmarks of a random-weight net need.
+    """
+    saved = {m: m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    for m in saved:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over this one pass
+    model.train()
+    with torch.no_grad():
+        model(images)
+    for m, momentum in saved.items():
+        m.momentum = momentum
+    model.eval()
+
+
 def create_model(
     name: str,
     num_classes: int | None = None,

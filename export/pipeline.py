@@ -16,7 +16,7 @@ import onnxruntime as ort
 from torch import nn
 
 from export import fashion_mnist
-from export.architectures import count_parameters, create_model
+from export.architectures import calibrate_batchnorm, count_parameters, create_model
 from export.checkpoint import load_into, read_state_dict, sha256_of
 from export.errors import ExportError
 from export.fusion import fuse_file
@@ -36,6 +36,7 @@ from export.onnx_export import (
     check_parity,
     compare,
     export_onnx,
+    normalize,
     parity_images,
     run_onnx,
     session,
@@ -72,11 +73,17 @@ class ExportOptions:
 
 def load_model(arch: str, checkpoint: Path | None, num_classes: int | None = None,
                in_chans: int | None = None, seed: int = 0) -> nn.Module:
-    """``arch`` with the checkpoint's weights, or random weights (seeded) without one."""
+    """``arch`` with the checkpoint's weights, or random weights (seeded) without one; the
+    random net's BN statistics come from real images so its outputs depend on its input."""
     model = create_model(arch, num_classes=num_classes, in_chans=in_chans, seed=seed,
                          init="train" if checkpoint else "random")
     if checkpoint is not None:
         load_into(model, read_state_dict(checkpoint), arch, str(checkpoint))
+    else:  # statistics of real photos-to-be and of noise, the inputs tests and benches use
+        spec = input_spec_for(arch, model.conv1.in_channels)
+        real = parity_images(spec, 16)
+        noise = np.random.default_rng(seed).integers(0, 256, real.shape, dtype=np.uint8)
+        calibrate_batchnorm(model, normalize(np.concatenate([real, noise]), spec))
     return model.eval()
 
 

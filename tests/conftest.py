@@ -19,16 +19,16 @@ def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _random_onnx(cache: Path, arch: str, fuse: bool = False) -> Path:
     """model.onnx of ``arch`` with random weights (seed 0), exported once per session."""
-    from export.architectures import create_model
     from export.fusion import fuse_file
     from export.model_card import input_spec_for
     from export.onnx_export import export_onnx
+    from export.pipeline import load_model
 
     folder = cache / arch
     path = folder / "model.onnx"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        export_onnx(create_model(arch, seed=0, init="random"), input_spec_for(arch), path)
+        export_onnx(load_model(arch, None, seed=0), input_spec_for(arch), path)
     if fuse:
         fused = folder / "model.se.onnx"
         if not fused.exists():
