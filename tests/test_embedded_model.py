@@ -1,0 +1,75 @@
+"""The committed embedded model, models/fashion-seresnet/: a complete card, and files that
+reproduce what the card claims on the whole Fashion-MNIST test set."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import EMBEDDED_MODEL
+
+import ops
+from export import fashion_mnist
+from export.onnx_export import accuracy, compare
+from modelcard import read_card
+
+
+@pytest.fixture(scope="module")
+def test_set() -> tuple[np.ndarray, np.ndarray]:
+    images, labels = fashion_mnist.load("test")
+    return images[:, None], labels  # uint8 [N, 1, 28, 28], as the graph takes them
+
+
+def _logits(filename: str, pixels: np.ndarray, fused: bool) -> np.ndarray:
+    so = ort.SessionOptions()
+    if fused:
+        ops.register(so)
+    sess = ort.InferenceSession(str(EMBEDDED_MODEL / filename), so,
+                                providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(None, {"image": pixels[i : i + 1000]})[0]
+                           for i in range(0, len(pixels), 1000)])
+
+
+def test_card_is_complete() -> None:
+    card = read_card(EMBEDDED_MODEL)
+    assert card.architecture == "seresnet14_cifar" and card.num_classes == 10
+    assert card.labels == fashion_mnist.LABELS
+    assert card.input.color == "L" and (card.input.height, card.input.width) == (28, 28)
+    assert card.input.dtype == "uint8" and card.input.normalization == "in-graph"
+    assert card.metrics.test_top1 >= 0.935 and card.metrics.test_images == 10_000
+    base = card.metrics.baseline_without_se
+    assert base["architecture"] == "resnet14_cifar" and 0 < base["test_top1"] < 1
+    recipe = card.provenance.training["recipe"]
+    assert recipe["seed"] == 0 and recipe["epochs"] > 0 and card.provenance.training["seconds"]
+    checkpoint = EMBEDDED_MODEL / card.provenance.checkpoint
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == card.provenance.checkpoint_sha256
+    assert card.parity.max_abs_logit_diff_torch_vs_onnx <= 1e-4
+    assert card.parity.top5_agreement_torch_vs_onnx == 1.0
+    assert card.parity.max_abs_logit_diff_onnx_vs_fused <= 1e-5
+    assert card.fusion.fused == 6
+    assert {"torch", "onnx", "onnxruntime-gpu"} <= set(card.tool_versions)
+
+
+def test_onnx_reproduces_the_card_accuracy(test_set: tuple[np.ndarray, np.ndarray]) -> None:
+    pixels, labels = test_set
+    top1, top5 = accuracy(_logits("model.onnx", pixels, fused=False), labels)
+    card = read_card(EMBEDDED_MODEL)
+    assert abs(top1 - card.metrics.test_top1) <= 0.001
+    assert abs(top5 - card.metrics.test_top5) <= 0.001
+
+
+def test_fused_equals_unfused_on_the_whole_test_set(test_set: tuple[np.ndarray, np.ndarray]
+                                                    ) -> None:
+    pixels, _ = test_set
+    result = compare(_logits("model.onnx", pixels, fused=False),
+                     _logits("model.se.onnx", pixels, fused=True))
+    assert result.images == 10_000
+    assert result.max_abs_diff <= 1e-5
+    assert result.top5_agreement == 1.0
+
+
+def test_folder_stays_small() -> None:
+    size = sum(p.stat().st_size for p in EMBEDDED_MODEL.iterdir() if p.is_file())
+    assert size < 5_000_000
