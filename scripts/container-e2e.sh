@@ -14,14 +14,18 @@
 #  5. checks the image (no torch, no compiler) and the bad-input behaviour (empty models
 #     volume, bad SERESNET_* values, no GPU) and that compose does not restart a broken
 #     configuration forever; then `docker compose down`;
-#  6. prints image size, build time, time to healthy and total time, and on any exit, failure
+#  6. builds the GPU image's build stage and checks that its op library has the CUDA kernel
+#     (nvcc from NVIDIA's PyPI wheels; the GPU runtime's multi-GB CUDA/cuDNN wheels only when
+#     SERESNET_E2E_GPU_IMAGE=1);
+#  7. prints image size, build time, time to healthy and total time, and on any exit, failure
 #     included, stops what it started (by pid) and undoes what the engine changed.
 #
 # Environment: SERESNET_CACHE_DIR (cache root, default ~/.cache/seresnet-serve: .debs, base
 # image tarballs), SERESNET_DEBIAN_MIRROR (Debian archive URI, default: from apt's sources),
 # FASHION_MNIST_DIR (test images; default: Debian's dataset-fashion-mnist, fetched if absent),
 # SERESNET_E2E_GPU_IMAGE=1 (also build the GPU image — multi-GB downloads — and check that it
-# falls back to the CPU without a GPU), SERESNET_E2E_SUMMARY=FILE (write the numbers as JSON).
+# falls back to the CPU without a GPU), SERESNET_E2E_GPU_STAGE=0 (skip step 6),
+# SERESNET_E2E_SUMMARY=FILE (write the numbers as JSON).
 set -euo pipefail
 
 if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
@@ -146,6 +150,11 @@ with open(sys.argv[1], "w") as f:
 print("container-e2e: build args from this machine's configuration: "
       + (", ".join(sorted(args)) or "none needed"))
 EOF
+mapfile -t HOST_BUILD_ARGS < <(python3 -c '
+import json, sys
+spec = json.load(open(sys.argv[1]))["services"]["seresnet"]
+for k, v in spec.get("build", {}).get("args", {}).items():
+    print("--build-arg"); print(f"{k}={v}")' "$WORK/compose.host.yml")
 COMPOSE_GPU=(-f docker-compose.yml)
 COMPOSE_CPU=(-f docker-compose.yml -f docker-compose.cpu.yml)
 COMPOSE_E2E=("${COMPOSE_CPU[@]}" -f scripts/container/compose.e2e.yml -f "$WORK/compose.host.yml")
@@ -190,9 +199,9 @@ def t(s):  # RFC 3339 with nanoseconds -> seconds
     return datetime.fromisoformat(base).timestamp() + float("0." + (frac or "0")[:9].split("+")[0])
 st = json.load(sys.stdin)[0]["State"]
 ok = [e for e in st["Health"]["Log"] if e["ExitCode"] == 0]
-print(f"{t(ok[0][\"End\"]) - t(st[\"StartedAt\"]):.1f}")')
+print("%.1f" % (t(ok[0]["End"]) - t(st["StartedAt"])))')
 say "healthy ${HEALTHY_S} s after the container started (up --wait took $UP_S s)"
-docker compose "${COMPOSE_E2E[@]}" logs --no-log-prefix "$SERVICE" 2>&1 | tail -n 5 | sed 's/^/  log: /'
+docker logs "$CID" 2>&1 | tail -n 3 | cut -c1-200 | sed 's/^/  log: /'
 
 say "POST /classify with real images from the host"
 python3 "$HERE/classify_check.py" --url "http://127.0.0.1:$SERESNET_E2E_PORT" \
@@ -255,6 +264,25 @@ say "  state: $STATE (status, restarts, exit code); last log line:" \
 docker compose "${COMPOSE_E2E[@]}" down --timeout 10 > /dev/null 2>&1
 STACK_UP=
 
+# --- the GPU image's build stage: the CUDA kernel, compiled by nvcc from NVIDIA's PyPI wheels ------
+GPU_STAGE_S=0
+if [ "${SERESNET_E2E_GPU_STAGE:-1}" = 1 ]; then
+  say "building the GPU image's build stage (VARIANT=gpu: op library with the CUDA kernel)"
+  T_STAGE=$(now)
+  DOCKER_BUILDKIT=0 docker build --network host --target build --build-arg VARIANT=gpu \
+    "${HOST_BUILD_ARGS[@]}" -t seresnet-serve:gpu-build . > "$WORK/build-gpu-stage.log" 2>&1 \
+    || { tail -n 60 "$WORK/build-gpu-stage.log" >&2; die "GPU build stage"; }
+  GPU_STAGE_S=$(since "$T_STAGE")
+  # The build-info string compiled into the library (ops/CMakeLists.txt: SERESNET_BUILD_INFO).
+  INFO=$(docker run --rm --network none --entrypoint python3 seresnet-serve:gpu-build -c '
+import glob, re, zipfile
+lib = zipfile.ZipFile(glob.glob("/dist/*.whl")[0]).read("ops/libseresnet_ops.so")
+print(re.search(rb"ort_api=[^\x00]*", lib).group().decode())')
+  case "$INFO" in *"cuda=13."*) ;; *) die "GPU build stage: op library has no CUDA kernel ($INFO)" ;; esac
+  say "  op library: $INFO ($GPU_STAGE_S s)"
+  docker image rm seresnet-serve:gpu-build > /dev/null
+fi
+
 # --- optional: the GPU image, without a GPU ------------------------------------------------------
 GPU_BYTES=0
 GPU_BUILD_S=0
@@ -284,20 +312,21 @@ fi
 TOTAL_S=$(since "$T_START")
 cat <<EOF
 container-e2e: summary
-  CPU image ($CPU_IMAGE)          $((IMAGE_BYTES / 1000000)) MB
-  build time (compose build)      $BUILD_S s
-  time to healthy (start->ready)  $HEALTHY_S s   (docker compose up --wait: $UP_S s)
-  compose down                    $DOWN_S s
-  base image(s) (debootstrap)     $BASE_S s
+  CPU image size ($CPU_IMAGE)     $((IMAGE_BYTES / 1000000)) MB
+  build time (compose build)         $BUILD_S s
+  time to healthy (start -> ready)   $HEALTHY_S s   (docker compose up --wait: $UP_S s)
+  compose down                       $DOWN_S s
+  base image(s) (debootstrap)        $BASE_S s
+  GPU build stage (CUDA kernel)      $GPU_STAGE_S s
 EOF
 if [ "$GPU_BYTES" != 0 ]; then
-  echo "  GPU image ($GPU_IMAGE)          $((GPU_BYTES / 1000000)) MB, built in $GPU_BUILD_S s"
+  echo "  GPU image size ($GPU_IMAGE)     $((GPU_BYTES / 1000000)) MB, built in $GPU_BUILD_S s"
 fi
-echo "  total                           $TOTAL_S s"
+echo "  total                              $TOTAL_S s"
 if [ -n "${SERESNET_E2E_SUMMARY:-}" ]; then
   python3 -c 'import json, sys; k = sys.argv[2::2]; v = [float(x) for x in sys.argv[3::2]]; json.dump(dict(zip(k, v)), open(sys.argv[1], "w"), indent=2)' \
     "$SERESNET_E2E_SUMMARY" cpu_image_mb "$((IMAGE_BYTES / 1000000))" build_s "$BUILD_S" \
     healthy_s "$HEALTHY_S" up_wait_s "$UP_S" down_s "$DOWN_S" base_images_s "$BASE_S" \
-    gpu_image_mb "$((GPU_BYTES / 1000000))" gpu_build_s "$GPU_BUILD_S" total_s "$TOTAL_S"
+    gpu_stage_s "$GPU_STAGE_S" gpu_image_mb "$((GPU_BYTES / 1000000))" gpu_build_s "$GPU_BUILD_S" total_s "$TOTAL_S"
 fi
 say "passed"
