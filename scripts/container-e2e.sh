@@ -14,17 +14,16 @@
 #  5. checks the image (no torch, no compiler) and the bad-input behaviour (empty models
 #     volume, bad SERESNET_* values, no GPU) and that compose does not restart a broken
 #     configuration forever; then `docker compose down`;
-#  6. builds the GPU image's build stage and checks that its op library has the CUDA kernel
-#     (nvcc from NVIDIA's PyPI wheels; the GPU runtime's multi-GB CUDA/cuDNN wheels only when
-#     SERESNET_E2E_GPU_IMAGE=1);
+#  6. builds the GPU image too (CUDA kernel by nvcc from NVIDIA's PyPI wheels, CUDA/cuDNN
+#     wheels), checks its content and that without a GPU it serves on the CPU, as documented;
 #  7. prints image size, build time, time to healthy and total time, and on any exit, failure
 #     included, stops what it started (by pid) and undoes what the engine changed.
 #
 # Environment: SERESNET_CACHE_DIR (cache root, default ~/.cache/seresnet-serve: .debs, base
 # image tarballs), SERESNET_DEBIAN_MIRROR (Debian archive URI, default: from apt's sources),
 # FASHION_MNIST_DIR (test images; default: Debian's dataset-fashion-mnist, fetched if absent),
-# SERESNET_E2E_GPU_IMAGE=1 (also build the GPU image — multi-GB downloads — and check that it
-# falls back to the CPU without a GPU), SERESNET_E2E_GPU_STAGE=0 (skip step 6),
+# SERESNET_E2E_GPU=image|stage|off (step 6: the whole GPU image, the default; only its build
+# stage, which skips ~2 GB of CUDA/cuDNN wheels; or neither),
 # SERESNET_E2E_SUMMARY=FILE (write the numbers as JSON).
 set -euo pipefail
 
@@ -209,16 +208,24 @@ python3 "$HERE/classify_check.py" --url "http://127.0.0.1:$SERESNET_E2E_PORT" \
   || die "classify check"
 
 # --- 5. image content, bad input ---------------------------------------------------------------
-say "image content: no torch, no compiler, non-root user"
-docker run --rm --network none --entrypoint python "$CPU_IMAGE" -c '
+# No torch, no compiler, not root; $2 = the execution providers the op library must cover.
+check_image_content() {
+  local image=$1 providers=$2
+  say "image content of $image: no torch, no compiler, non-root user"
+  docker run --rm --network none --entrypoint python "$image" -c '
 import importlib.util, os, shutil, sys
 if importlib.util.find_spec("torch") is not None: sys.exit("torch is installed")
 cc = [c for c in ("cc", "gcc", "g++", "c++", "clang", "nvcc", "cmake", "make") if shutil.which(c)]
 if cc: sys.exit(f"compilers/build tools in the runtime image: {cc}")
 if os.getuid() == 0: sys.exit("runs as root")
 import ops, onnxruntime
-print(f"  uid {os.getuid()}, onnxruntime {onnxruntime.__version__}, op library {ops.library_path()}")
-' || die "runtime image content"
+have = sorted(ops.providers())
+print(f"  uid {os.getuid()}, onnxruntime {onnxruntime.__version__}, op library kernels {have}")
+missing = set(sys.argv[1].split(",")) - set(have)
+if missing: sys.exit(f"op library lacks kernels for {sorted(missing)}")
+' "$providers" || die "runtime image content ($image)"
+}
+check_image_content "$CPU_IMAGE" CPUExecutionProvider
 
 # Expect a non-zero exit within a minute, and one line naming $2 (no traceback).
 expect_clear_failure() {
@@ -264,69 +271,82 @@ say "  state: $STATE (status, restarts, exit code); last log line:" \
 docker compose "${COMPOSE_E2E[@]}" down --timeout 10 > /dev/null 2>&1
 STACK_UP=
 
-# --- the GPU image's build stage: the CUDA kernel, compiled by nvcc from NVIDIA's PyPI wheels ------
-GPU_STAGE_S=0
-if [ "${SERESNET_E2E_GPU_STAGE:-1}" = 1 ]; then
-  say "building the GPU image's build stage (VARIANT=gpu: op library with the CUDA kernel)"
-  T_STAGE=$(now)
-  DOCKER_BUILDKIT=0 docker build --network host --target build --build-arg VARIANT=gpu \
-    "${HOST_BUILD_ARGS[@]}" -t seresnet-serve:gpu-build . > "$WORK/build-gpu-stage.log" 2>&1 \
-    || { tail -n 60 "$WORK/build-gpu-stage.log" >&2; die "GPU build stage"; }
-  GPU_STAGE_S=$(since "$T_STAGE")
-  # The build-info string compiled into the library (ops/CMakeLists.txt: SERESNET_BUILD_INFO).
-  INFO=$(docker run --rm --network none --entrypoint python3 seresnet-serve:gpu-build -c '
+# --- 6. the GPU image, on this machine without a GPU -------------------------------------------
+# image: the whole GPU image (CUDA/cuDNN wheels: ~2 GB more to download), then served on the
+# CPU as documented; stage: only its build stage, i.e. the CUDA kernel compiles; off: neither.
+GPU_MODE=${SERESNET_E2E_GPU:-image}
+GPU_BYTES=0
+GPU_BUILD_S=0
+GPU_HEALTHY_S=0
+case "$GPU_MODE" in
+  image)
+    say "building the GPU image (docker compose build of the GPU stack; log: build-gpu.log)"
+    T_GPU=$(now)
+    docker compose -f docker-compose.yml -f scripts/container/compose.e2e.yml \
+      -f "$WORK/compose.host.yml" build --progress plain > "$WORK/build-gpu.log" 2>&1 \
+      || { tail -n 60 "$WORK/build-gpu.log" >&2; die "GPU image build"; }
+    GPU_BUILD_S=$(since "$T_GPU")
+    GPU_BYTES=$(docker image inspect -f '{{.Size}}' "$GPU_IMAGE")
+    say "built $GPU_IMAGE in $GPU_BUILD_S s: $((GPU_BYTES / 1000000)) MB"
+    check_image_content "$GPU_IMAGE" CPUExecutionProvider,CUDAExecutionProvider
+    # SERESNET_PROVIDER=auto without a GPU: the CPU provider, as documented.
+    say "GPU image without a GPU: serves on the CPU"
+    T_GPU=$(now)
+    docker run -d --name seresnet-e2e-gpu --network host -e SERESNET_HOST=127.0.0.1 \
+      -e SERESNET_PORT="$SERESNET_E2E_PORT" "$GPU_IMAGE" > /dev/null
+    HEALTH=
+    for _ in $(seq 1 300); do
+      HEALTH=$(docker inspect -f '{{.State.Health.Status}}' seresnet-e2e-gpu)
+      [ "$HEALTH" = healthy ] && break
+      [ "$(docker inspect -f '{{.State.Running}}' seresnet-e2e-gpu)" = true ] \
+        || { docker logs seresnet-e2e-gpu >&2; die "the GPU image exited without a GPU"; }
+      sleep 1
+    done
+    [ "$HEALTH" = healthy ] || { docker logs seresnet-e2e-gpu >&2; die "GPU image: $HEALTH"; }
+    GPU_HEALTHY_S=$(since "$T_GPU")
+    python3 "$HERE/classify_check.py" --url "http://127.0.0.1:$SERESNET_E2E_PORT" \
+      --card "models/$MODEL_NAME/model.json" --expect-provider cpu || die "GPU image on the CPU"
+    docker rm -f seresnet-e2e-gpu > /dev/null
+    ;;
+  stage)
+    say "building the GPU image's build stage (VARIANT=gpu: op library with the CUDA kernel)"
+    T_GPU=$(now)
+    DOCKER_BUILDKIT=0 docker build --network host --target build --build-arg VARIANT=gpu \
+      "${HOST_BUILD_ARGS[@]}" -t seresnet-serve:gpu-build . > "$WORK/build-gpu.log" 2>&1 \
+      || { tail -n 60 "$WORK/build-gpu.log" >&2; die "GPU build stage"; }
+    GPU_BUILD_S=$(since "$T_GPU")
+    # The build-info string compiled into the library (ops/CMakeLists.txt: SERESNET_BUILD_INFO).
+    INFO=$(docker run --rm --network none --entrypoint python3 seresnet-serve:gpu-build -c '
 import glob, re, zipfile
 lib = zipfile.ZipFile(glob.glob("/dist/*.whl")[0]).read("ops/libseresnet_ops.so")
 print(re.search(rb"ort_api=[^\x00]*", lib).group().decode())')
-  case "$INFO" in *"cuda=13."*) ;; *) die "GPU build stage: op library has no CUDA kernel ($INFO)" ;; esac
-  say "  op library: $INFO ($GPU_STAGE_S s)"
-  docker image rm seresnet-serve:gpu-build > /dev/null
-fi
-
-# --- optional: the GPU image, without a GPU ------------------------------------------------------
-GPU_BYTES=0
-GPU_BUILD_S=0
-if [ "${SERESNET_E2E_GPU_IMAGE:-0}" = 1 ]; then
-  say "building the GPU image (VARIANT=gpu: CUDA kernel, CUDA/cuDNN wheels)"
-  T_GPU=$(now)
-  docker compose -f docker-compose.yml -f scripts/container/compose.e2e.yml \
-    -f "$WORK/compose.host.yml" build --progress plain > "$WORK/build-gpu.log" 2>&1 \
-    || { tail -n 60 "$WORK/build-gpu.log" >&2; die "GPU image build"; }
-  GPU_BUILD_S=$(since "$T_GPU")
-  GPU_BYTES=$(docker image inspect -f '{{.Size}}' "$GPU_IMAGE")
-  say "built $GPU_IMAGE in $GPU_BUILD_S s: $((GPU_BYTES / 1000000)) MB"
-  # SERESNET_PROVIDER=auto on a machine without a GPU: the CPU provider, as documented.
-  docker run -d --name seresnet-e2e-gpu --network host -e SERESNET_HOST=127.0.0.1 \
-    -e SERESNET_PORT="$SERESNET_E2E_PORT" "$GPU_IMAGE" > /dev/null
-  for _ in $(seq 1 180); do
-    [ "$(docker inspect -f '{{.State.Health.Status}}' seresnet-e2e-gpu)" = healthy ] && break
-    [ "$(docker inspect -f '{{.State.Running}}' seresnet-e2e-gpu)" = true ] \
-      || { docker logs seresnet-e2e-gpu >&2; die "GPU image exited without a GPU"; }
-    sleep 1
-  done
-  python3 "$HERE/classify_check.py" --url "http://127.0.0.1:$SERESNET_E2E_PORT" \
-    --card "models/$MODEL_NAME/model.json" --expect-provider cpu || die "GPU image on the CPU"
-  docker rm -f seresnet-e2e-gpu > /dev/null
-fi
+    case "$INFO" in *"cuda=13."*) ;; *) die "GPU build stage: no CUDA kernel ($INFO)" ;; esac
+    say "  op library: $INFO ($GPU_BUILD_S s)"
+    ;;
+  off) ;;
+  *) die "SERESNET_E2E_GPU must be image, stage or off (got '$GPU_MODE')" ;;
+esac
 
 TOTAL_S=$(since "$T_START")
 cat <<EOF
 container-e2e: summary
-  CPU image size ($CPU_IMAGE)     $((IMAGE_BYTES / 1000000)) MB
-  build time (compose build)         $BUILD_S s
-  time to healthy (start -> ready)   $HEALTHY_S s   (docker compose up --wait: $UP_S s)
-  compose down                       $DOWN_S s
-  base image(s) (debootstrap)        $BASE_S s
-  GPU build stage (CUDA kernel)      $GPU_STAGE_S s
+  CPU image size ($CPU_IMAGE)           $((IMAGE_BYTES / 1000000)) MB
+  CPU image build (compose build)          $BUILD_S s
+  time to healthy (start -> ready)         $HEALTHY_S s   (docker compose up --wait: $UP_S s)
+  compose down                             $DOWN_S s
+  base image(s) (debootstrap/import)       $BASE_S s
 EOF
-if [ "$GPU_BYTES" != 0 ]; then
-  echo "  GPU image size ($GPU_IMAGE)     $((GPU_BYTES / 1000000)) MB, built in $GPU_BUILD_S s"
-fi
-echo "  total                              $TOTAL_S s"
+case "$GPU_MODE" in
+  image) echo "  GPU image size ($GPU_IMAGE)           $((GPU_BYTES / 1000000)) MB, built in" \
+              "$GPU_BUILD_S s, healthy on the CPU in $GPU_HEALTHY_S s" ;;
+  stage) echo "  GPU build stage (CUDA kernel)            $GPU_BUILD_S s" ;;
+esac
+echo "  total                                    $TOTAL_S s"
 if [ -n "${SERESNET_E2E_SUMMARY:-}" ]; then
   python3 -c 'import json, sys; k = sys.argv[2::2]; v = [float(x) for x in sys.argv[3::2]]; json.dump(dict(zip(k, v)), open(sys.argv[1], "w"), indent=2)' \
     "$SERESNET_E2E_SUMMARY" cpu_image_mb "$((IMAGE_BYTES / 1000000))" build_s "$BUILD_S" \
     healthy_s "$HEALTHY_S" up_wait_s "$UP_S" down_s "$DOWN_S" base_images_s "$BASE_S" \
-    gpu_stage_s "$GPU_STAGE_S" gpu_image_mb "$((GPU_BYTES / 1000000))" gpu_build_s "$GPU_BUILD_S" total_s "$TOTAL_S"
+    gpu_image_mb "$((GPU_BYTES / 1000000))" gpu_build_s "$GPU_BUILD_S" \
+    gpu_healthy_s "$GPU_HEALTHY_S" total_s "$TOTAL_S"
 fi
 say "passed"
