@@ -34,6 +34,7 @@ fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE="$REPO/scripts/container"
+HOME=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 CACHE="${SERESNET_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/seresnet-serve}/container"
 MODEL_NAME=fashion-seresnet
 SERVICE=seresnet
