@@ -4,7 +4,7 @@
 # NVIDIA Container Toolkit supplies the driver).
 #
 #   docker compose up -d                                          # GPU, see docker-compose.yml
-#   docker build -t seresnet-serve:cpu --build-arg VARIANT=cpu .  # CPU only, ~1/5 of the size
+#   docker build -t seresnet-serve:cpu --build-arg VARIANT=cpu .  # CPU only, ~1/4 of the size
 #
 # VARIANT=gpu (default) adds onnxruntime-gpu[cuda,cudnn] and compiles the CUDA kernel;
 # VARIANT=cpu skips both (onnxruntime-gpu alone runs the CPU provider). Base images are
