@@ -86,7 +86,8 @@ def test_auto_picks_what_this_machine_really_has() -> None:
 @pytest.mark.parametrize(
     ("provider", "lib", "fused_file", "graph", "level", "want", "want_level", "why"),
     [
-        ("cpu", {CPU_EP}, True, "auto", "auto", "fused", "extended", "has a CPUExecution"),
+        ("cpu", {CPU_EP}, True, "auto", "auto", "fused", "all", "has a CPUExecution"),
+        ("cpu", {CPU_EP}, True, "auto", "extended", "fused", "extended", "OPT_LEVEL=extended"),
         ("cpu", {CPU_EP, CUDA_EP}, True, "unfused", "auto", "unfused", "all", "GRAPH=unfused"),
         ("cpu", set(), True, "auto", "auto", "unfused", "all", "has no CPUExecution"),
         ("cpu", {CPU_EP}, False, "auto", "auto", "unfused", "all", "no model.se.onnx"),
