@@ -73,3 +73,31 @@ def test_fused_equals_unfused_on_the_whole_test_set(test_set: tuple[np.ndarray, 
 def test_folder_stays_small() -> None:
     size = sum(p.stat().st_size for p in EMBEDDED_MODEL.iterdir() if p.is_file())
     assert size < 5_000_000
+
+
+def test_build_reproduces_the_folder_from_its_checkpoint(tmp_path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "fashion-seresnet"
+    folder.mkdir()
+    for name in ("checkpoint.pt", "checkpoint.train.json", "baseline.train.json"):
+        shutil.copy(EMBEDDED_MODEL / name, folder / name)
+    proc = subprocess.run([sys.executable, "-m", "export", "build", str(folder)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rebuilt, committed = read_card(folder), read_card(EMBEDDED_MODEL)
+    assert rebuilt.metrics == committed.metrics
+    assert rebuilt.input == committed.input and rebuilt.labels == committed.labels
+    assert rebuilt.provenance == committed.provenance
+    images, _ = fashion_mnist.load("test")
+    pixels = images[:500, None]
+    for filename, fused in (("model.onnx", False), ("model.se.onnx", True)):
+        so = ort.SessionOptions()
+        if fused:
+            ops.register(so)
+        want = _logits(filename, pixels, fused)
+        sess = ort.InferenceSession(str(folder / filename), so,
+                                    providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(sess.run(None, {"image": pixels})[0], want)
