@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from bench.machine import cpu_name, gpu_name
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 CACHE = REPO / "build" / "bench-models"
@@ -121,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {
         "benchmark": "fusion",
         "provider": provider,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
                     "python": platform.python_version(), "onnxruntime": ort.__version__,
-                    "gpu": _gpu_name() if args.provider == "cuda" else None},
+                    "gpu": gpu_name() if args.provider == "cuda" else None},
         "repeats": args.repeats,
         "batches": {},
     }
@@ -179,27 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpu_name() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=False, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import ops  # noqa: E402  (the repository's ops package, found from any working directory)
+from bench.machine import cpu_name  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "se_kernel_cpu.json"
 # (channels, height, width) of SE-ResNet-50's first and last stage; reduction 16.
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": ort.__version__,
         "library": ops.build_info(),
         "machine": {
-            "processor": _cpu_model(),
+            "processor": cpu_name(),
             "cpus": os.cpu_count(),
             "load_average_1m_at_start": round(load_at_start, 2),
             "python": platform.python_version(),
@@ -237,16 +238,6 @@ def _line(row: dict) -> str:
         f"{row['optimization']:8}  fused {row['fused']['median_ms']:8.3f} ms  "
         f"unfused {row['unfused']['median_ms']:8.3f} ms  x{row['unfused_over_fused']:.2f}"
     )
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
