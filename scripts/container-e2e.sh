@@ -68,6 +68,9 @@ T_START=$(now)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/seresnet-e2e.XXXXXX")
 STACK_UP=
 COMPOSE_E2E=()
+# Checks passed so far, for the closing "N passed, N failed" line.
+PASSED=0
+passed() { PASSED=$((PASSED + 1)); }
 
 cleanup() {
   local rc=$?
@@ -80,8 +83,10 @@ cleanup() {
   rm -rf --one-file-system "$WORK"
   if [ "$rc" -eq 0 ]; then
     say "cleaned up (engine stopped, temporary folder removed)"
+    echo "container-check: $PASSED passed, 0 failed"
   else
     echo "container-e2e: FAILED (exit $rc) after $(since "$T_START") s; cleaned up" >&2
+    echo "container-check: $PASSED passed, 1 failed"
   fi
   exit "$rc"
 }
@@ -168,6 +173,7 @@ grep -q 'driver: nvidia' <(docker compose "${COMPOSE_GPU[@]}" config) \
 if docker compose "${COMPOSE_CPU[@]}" config | grep -q 'driver: nvidia'; then
   die "the CPU stack still reserves a GPU"
 fi
+passed
 
 say "building the CPU image (docker compose build; log: build.log)"
 T_BUILD=$(now)
@@ -178,6 +184,7 @@ fi
 BUILD_S=$(since "$T_BUILD")
 IMAGE_BYTES=$(docker image inspect -f '{{.Size}}' "$CPU_IMAGE")
 say "built $CPU_IMAGE in $BUILD_S s: $((IMAGE_BYTES / 1000000)) MB"
+passed
 
 say "docker compose up -d --build --wait (CPU stack on 127.0.0.1:$SERESNET_E2E_PORT)"
 T_UP=$(now)
@@ -201,12 +208,14 @@ st = json.load(sys.stdin)[0]["State"]
 ok = [e for e in st["Health"]["Log"] if e["ExitCode"] == 0]
 print("%.1f" % (t(ok[0]["End"]) - t(st["StartedAt"])))')
 say "healthy ${HEALTHY_S} s after the container started (up --wait took $UP_S s)"
+passed
 docker logs "$CID" 2>&1 | tail -n 3 | cut -c1-200 | sed 's/^/  log: /'
 
 say "POST /classify with real images from the host"
 python3 "$HERE/classify_check.py" --url "http://127.0.0.1:$SERESNET_E2E_PORT" \
   --card "models/$MODEL_NAME/model.json" --expect-provider cpu \
   || die "classify check"
+passed
 
 # --- 5. image content, bad input ---------------------------------------------------------------
 # No torch, no compiler, not root; $2 = the execution providers the op library must cover.
@@ -225,6 +234,7 @@ print(f"  uid {os.getuid()}, onnxruntime {onnxruntime.__version__}, op library k
 missing = set(sys.argv[1].split(",")) - set(have)
 if missing: sys.exit(f"op library lacks kernels for {sorted(missing)}")
 ' "$providers" || die "runtime image content ($image)"
+  passed
 }
 check_image_content "$CPU_IMAGE" CPUExecutionProvider
 
@@ -241,6 +251,7 @@ expect_clear_failure() {
   grep -q "Traceback" <<< "$out" && { echo "$out" >&2; die "$what: a traceback instead of one line"; }
   grep -q -- "$needle" <<< "$out" || { echo "$out" >&2; die "$what: no line naming $needle"; }
   say "$what -> exit $rc: $(grep -m 1 -- "$needle" <<< "$out" | cut -c1-200)"
+  passed
 }
 mkdir -p "$WORK/empty-models"
 expect_clear_failure "empty models volume" SERESNET_MODEL_DIR -v "$WORK/empty-models:/models:ro"
@@ -254,6 +265,7 @@ docker compose "${COMPOSE_E2E[@]}" down --timeout 45 > "$WORK/down.log" 2>&1 \
 STACK_UP=
 DOWN_S=$(since "$T_DOWN")
 [ -z "$(docker ps -aq)" ] || die "containers left after down"
+passed
 
 # A broken setting under compose: the container stops after its 3 restarts, no endless loop.
 say "compose with a bad setting: exits and is restarted at most 3 times"
@@ -269,6 +281,7 @@ done
 case "$STATE" in "exited 3 "[1-9]*) ;; *) die "bad setting under compose: state '$STATE'" ;; esac
 say "  state: $STATE (status, restarts, exit code); last log line:" \
     "$(docker logs "$CID" 2>&1 | tail -n 1 | cut -c1-200)"
+passed
 docker compose "${COMPOSE_E2E[@]}" down --timeout 10 > /dev/null 2>&1
 STACK_UP=
 
@@ -289,6 +302,7 @@ case "$GPU_MODE" in
     GPU_BUILD_S=$(since "$T_GPU")
     GPU_BYTES=$(docker image inspect -f '{{.Size}}' "$GPU_IMAGE")
     say "built $GPU_IMAGE in $GPU_BUILD_S s: $((GPU_BYTES / 1000000)) MB"
+    passed
     check_image_content "$GPU_IMAGE" CPUExecutionProvider,CUDAExecutionProvider
     # SERESNET_PROVIDER=auto without a GPU: the CPU provider, as documented.
     say "GPU image without a GPU: serves on the CPU"
@@ -307,6 +321,7 @@ case "$GPU_MODE" in
     GPU_HEALTHY_S=$(since "$T_GPU")
     python3 "$HERE/classify_check.py" --url "http://127.0.0.1:$SERESNET_E2E_PORT" \
       --card "models/$MODEL_NAME/model.json" --expect-provider cpu || die "GPU image on the CPU"
+    passed
     docker rm -f seresnet-e2e-gpu > /dev/null
     ;;
   stage)
@@ -323,6 +338,7 @@ lib = zipfile.ZipFile(glob.glob("/dist/*.whl")[0]).read("ops/libseresnet_ops.so"
 print(re.search(rb"ort_api=[^\x00]*", lib).group().decode())')
     case "$INFO" in *"cuda=13."*) ;; *) die "GPU build stage: no CUDA kernel ($INFO)" ;; esac
     say "  op library: $INFO ($GPU_BUILD_S s)"
+    passed
     ;;
   off) ;;
   *) die "SERESNET_E2E_GPU must be image, stage or off (got '$GPU_MODE')" ;;
