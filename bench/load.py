@@ -138,20 +138,21 @@ def multipart_bodies(files: Sequence[Upload], per_request: int,
 async def _closed_loop(url: str, files: Sequence[Upload], concurrency: int, warmup: float,
                        duration: float, per_request: int) -> tuple[list[float], int, int, float]:
     """(latencies of requests finished in the window, images ok, errors, window seconds)."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
     images_ok = 0
     errors = 0
     start = time.perf_counter()
     record_from = start + warmup
     stop_at = record_from + duration
-
     bodies = multipart_bodies(files, per_request)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=300) as client:
+    # One client (one keep-alive connection) per simulated user: a single shared httpx pool
+    # serialises on its own bookkeeping at high concurrency and would measure itself.
+    one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
 
-        async def worker(k: int) -> None:
-            nonlocal images_ok, errors
-            j = k
+    async def worker(k: int) -> None:
+        nonlocal images_ok, errors
+        j = k
+        async with httpx.AsyncClient(base_url=url, limits=one, timeout=300) as client:
             while time.perf_counter() < stop_at:
                 body, headers = bodies[j % len(bodies)]
                 j += concurrency
@@ -169,7 +170,7 @@ async def _closed_loop(url: str, files: Sequence[Upload], concurrency: int, warm
                     else:
                         errors += 1
 
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return latencies, images_ok, errors, duration
 
 
@@ -180,6 +181,9 @@ def _histogram(text: str) -> dict[str, float]:
         if line.startswith("seresnet_batch_size_bucket{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out[f"le_{le}"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("seresnet_request_duration_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[f"req_{le}"] = float(line.rsplit(" ", 1)[1])
         elif line.startswith(("seresnet_inference_count_total{",
                               "seresnet_inference_exec_count_total{")):
             out[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
@@ -205,7 +209,24 @@ def batching_delta(before: dict[str, float], after: dict[str, float]) -> dict:
         prev_edge, prev_count = edge, count
     return {"model_runs": int(runs), "images_run": int(images),
             "mean_batch_size": round(images / runs, 2) if runs else None,
-            "runs_by_batch_size": dist}
+            "runs_by_batch_size": dist,
+            "server_request_ms_at_most": _server_quantiles(before, after)}
+
+
+def _server_quantiles(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """p50/p99 of the service's own request duration (handler start to response), as the
+    upper edge of the histogram bucket they fall in: what the server adds, without the
+    client's and the connection's share."""
+    edges = sorted((k for k in after if k.startswith("req_") and k != "req_+Inf"),
+                   key=lambda k: float(k[4:]))
+    total = after.get("req_+Inf", 0.0) - before.get("req_+Inf", 0.0)
+    out: dict[str, float] = {}
+    for q in (0.5, 0.99):
+        for k in edges:
+            if total and after[k] - before.get(k, 0.0) >= q * total:
+                out[f"p{round(q * 100)}"] = float(k[4:]) * 1000
+                break
+    return out
 
 
 def run_level(server: str, url: str, workload: str, files: Sequence[Upload], concurrency: int,
