@@ -298,7 +298,8 @@ def part_embedded(cfg: Config, work: Path, skip_naive: bool) -> dict:
 
 
 def _median_level(levels: list[Level]) -> Level:
-    """The round with the median images/s (so its latencies belong to the same run)."""
+    """The round with the median images/s, the lower middle one for an even count (so its
+    latencies belong to the same run)."""
     ranked = sorted(levels, key=lambda lv: lv.images_per_s)
     return ranked[(len(ranked) - 1) // 2]
 
