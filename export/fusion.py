@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ class Excitation:
     b2: np.ndarray  # [C]
 
 
-class _SqueezeExcitationFusion(Fusion):
+class _SqueezeExcitationFusion(Fusion, ABC):
     """Shared tail of both excitation forms: find the gate at a ``Mul``, then absorb the
     residual ``Add`` and the block's final ``Relu`` where the graph allows it.
 
@@ -61,10 +62,10 @@ class _SqueezeExcitationFusion(Fusion):
         self.graph_outputs = {o.name for o in model.model.graph.output}
         self.shapes = shapes
 
-    # Subclasses match ``gate`` (the Mul's other input) back to ``x``.
+    @abstractmethod
     def match_excitation(self, x: str, gate: str, output_name_to_node: dict[str, NodeProto]
                          ) -> Excitation | None:
-        raise NotImplementedError
+        """Match ``gate`` (the Mul's other input) back through the excitation to its pool."""
 
     def fuse(self, node: NodeProto, input_name_to_nodes: dict[str, list[NodeProto]],
              output_name_to_node: dict[str, NodeProto]) -> None:
