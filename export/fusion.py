@@ -312,8 +312,7 @@ class FusionSqueezeExcitationLinear(_SqueezeExcitationFusion):
         target = self.constant(node.input[1]) if len(node.input) > 1 else None
         if target is not None:
             t = target.reshape(-1).tolist()
-            return (len(t) == 4 and t[1] == channels and t[2:] == [1, 1] and t[0] in (-1, 0)) or (
-                len(t) == 4 and t[1:] == [channels, 1, 1])
+            return len(t) == 4 and t[1:] == [channels, 1, 1]  # any batch entry: -1, 0 or N
         shape = self.shapes.get(node.output[0])
         return shape is not None and len(shape) == 4 and shape[1:] == [channels, 1, 1]
 
