@@ -46,6 +46,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the launcher the end-to-end tests use
 
 from serverutil import EMBEDDED_MODEL, running_service  # noqa: E402
 
+from bench.machine import cpu_name  # noqa: E402
+
 Upload = tuple[str, bytes, str]  # filename, bytes, content type
 
 
@@ -282,6 +284,8 @@ def part_embedded(cfg: Config, work: Path, skip_naive: bool) -> dict:
         naive = None if skip_naive else stack.enter_context(
             running_service(None, command=naive_cmd, log_dir=work))
         engine = httpx.get(f"{svc.url}/v2/models/{_model_name(cfg.model_dir)}").json()["engine"]
+        if engine.get("ops", {}).get("path"):  # where it was installed says nothing of the run
+            engine["ops"]["path"] = Path(engine["ops"]["path"]).name
         plan = [("fashion", mixed, c) for c in cfg.concurrency] + \
             [("photos", photos, c) for c in cfg.photo_concurrency]
         for r in range(cfg.rounds):
@@ -327,6 +331,14 @@ def _side_by_side(levels: list[Level]) -> list[dict]:
             "service_batching": svc.batching,
         })
     return rows
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it (results travel)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def _model_name(model_dir: Path) -> str:
@@ -394,7 +406,7 @@ def machine() -> dict:
     import onnxruntime
 
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": cpu_name(), "cores": os.cpu_count(),
             "onnxruntime": onnxruntime.__version__,
             "load": [round(x, 2) for x in os.getloadavg()]}
 
@@ -434,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.resnet50_duration = 5.0
     result: dict = {"benchmark": "service_load", "created": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "config": {
-        **asdict(cfg), "model_dir": str(cfg.model_dir)}}
+        **asdict(cfg), "model_dir": _relative(cfg.model_dir)}}
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         work = Path(tmp)
         result["embedded"] = part_embedded(cfg, work, args.skip_naive)
