@@ -16,12 +16,6 @@ if TYPE_CHECKING:
 DESCRIPTION = """\
 Turn a trained SE-ResNet into a model folder the service can load.
 
-  train   train the embedded default on Fashion-MNIST (CPU, reproducible)
-  onnx    checkpoint -> model.onnx + model.json, with a parity check against PyTorch
-  fuse    rewrite every SE block of an ONNX model into one SqueezeExcitation node
-  verify  compare a folder's model.onnx / model.se.onnx against PyTorch and each other
-  build   the whole chain for one model folder (onnx, fuse, verify)
-
 Run 'python -m export COMMAND --help' for each command's options and an example.
 """
 
@@ -41,7 +35,8 @@ def _options(args: argparse.Namespace, out: Path) -> ExportOptions:
     from export.pipeline import ExportOptions
 
     return ExportOptions(
-        arch=args.arch, out=out, checkpoint=args.checkpoint, seed=args.seed, name=args.name,
+        arch=args.arch, out=out, checkpoint=args.checkpoint, seed=getattr(args, "seed", 0),
+        name=args.name,
         version=args.version, num_classes=args.num_classes, in_chans=args.in_chans,
         labels=args.labels, mean=args.mean, std=args.std, opset=args.opset,
         parity_images=args.parity_images,
@@ -97,7 +92,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_args(p: argparse.ArgumentParser, arch_default: str | None) -> None:
+def _add_model_args(p: argparse.ArgumentParser, arch_default: str | None,
+                    random_init: bool) -> None:
     from export.architectures import ARCHITECTURES
 
     g = p.add_argument_group("model")
@@ -114,7 +110,9 @@ def _add_model_args(p: argparse.ArgumentParser, arch_default: str | None) -> Non
                    "(default: class_<i>)")
     g.add_argument("--mean", type=float, nargs="+", help="per-channel mean of x/255")
     g.add_argument("--std", type=float, nargs="+", help="per-channel std of x/255")
-    g.add_argument("--seed", type=int, default=0, help="seed for --random-init (default: 0)")
+    if random_init:  # only 'onnx' can start from random weights; a seed means nothing elsewhere
+        g.add_argument("--random-init", action="store_true", help="random weights, no checkpoint")
+        g.add_argument("--seed", type=int, default=0, help="seed for --random-init (default: 0)")
     o = p.add_argument_group("output")
     o.add_argument("--name", help="model name in the card (default: the folder's name)")
     o.add_argument("--version", default="1", help="model version (default: %(default)s)")
@@ -167,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels imagenet.txt --out models/seresnet50\n"
         "  python -m export onnx --arch seresnet50 --random-init --out build/seresnet50-random",
     )
-    _add_model_args(p, None)
-    p.add_argument("--random-init", action="store_true", help="random weights, no checkpoint")
+    _add_model_args(p, None, random_init=True)
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="skip model.se.onnx")
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.set_defaults(func=_cmd_onnx)
@@ -208,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m export build models/fashion-seresnet",
     )
     p.add_argument("folder", type=Path)
-    _add_model_args(p, "seresnet14_cifar")
+    _add_model_args(p, "seresnet14_cifar", random_init=False)
     p.add_argument("--baseline-record", type=Path,
                    help="training record of the no-SE twin (default: FOLDER/baseline.train.json)")
     p.set_defaults(func=_cmd_build)

@@ -134,3 +134,21 @@ def test_failed_parity_keeps_the_old_folder(tmp_path: Path, monkeypatch: pytest.
         pipeline.export_folder(pipeline.ExportOptions(arch="seresnet14_cifar", out=out))
     assert json.loads((out / "model.json").read_text()) == {"keep": True}
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_top_level_help_lists_each_command_once() -> None:
+    proc = _cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "onnx", "fuse", "verify", "build"):
+        listed = [line for line in proc.stdout.splitlines() if line.split()[:1] == [command]]
+        assert len(listed) == 1, f"{command!r} listed {len(listed)} times:\n{proc.stdout}"
+
+
+def test_build_offers_no_random_init_options() -> None:
+    """build always starts from FOLDER/checkpoint.pt: no --seed, no --random-init."""
+    build = _cli("build", "--help")
+    assert build.returncode == 0, build.stderr
+    assert "--seed" not in build.stdout and "--random-init" not in build.stdout
+    assert _cli("build", "nowhere", "--seed", "3").returncode == 2  # argparse: unknown option
+    onnx_help = _cli("onnx", "--help").stdout
+    assert "--seed" in onnx_help and "--random-init" in onnx_help
