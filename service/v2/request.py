@@ -1,0 +1,343 @@
+"""``POST /v2/models/{name}[/versions/{v}]/infer`` bodies -> :class:`InferRequest`.
+
+A body is JSON, or with the binary tensor data extension a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw data of every input that
+declares ``parameters.binary_data_size``, in input order. The model has one input, which
+takes either its own tensor (``[N, C, H, W]`` of the card's dtype, preprocessed by the
+client) or BYTES ``[N]`` / ``[N, 1]`` of encoded image files; and one output, the logits,
+optionally turned into Triton's classification strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
+
+from service.v2.errors import (
+    BatchTooLarge,
+    BinaryDataError,
+    DatatypeMismatch,
+    InvalidRequest,
+    SchemaError,
+    ShapeMismatch,
+    UnknownTensor,
+    Unsupported,
+)
+from service.v2.signature import Signature
+from service.v2.tensors import BYTES, KNOWN_DATATYPES, deserialize_bytes, element_count
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# bool before int: JSON true must stay a bool, not become 1.
+Parameter = StrictBool | StrictInt | StrictFloat | StrictStr
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _InputTensor(_Schema):
+    name: StrictStr
+    shape: list[StrictInt]
+    datatype: StrictStr
+    parameters: dict[str, Parameter] = {}
+    data: Any = None
+
+
+class _OutputTensor(_Schema):
+    name: StrictStr
+    parameters: dict[str, Parameter] = {}
+
+
+class _RequestBody(_Schema):
+    id: StrictStr | None = None
+    parameters: dict[str, Parameter] = {}
+    inputs: list[_InputTensor] = Field(min_length=1)
+    outputs: list[_OutputTensor] | None = None
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output to return: raw logits, or with ``classification`` > 0 the top
+    ``classification`` classes as BYTES ``"score:index:label"``; ``binary`` puts its data
+    after the JSON header instead of in it."""
+
+    name: str
+    binary: bool
+    classification: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class InferRequest:
+    """A validated request: exactly one of ``pixels`` (the model's own tensor, read-only
+    when it came as binary data) and ``files`` (encoded images, one per batch element)."""
+
+    id: str | None
+    pixels: np.ndarray | None
+    files: tuple[bytes, ...] | None
+    outputs: tuple[RequestedOutput, ...]
+    timeout_us: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.pixels is None) == (self.files is None):
+            raise ValueError("an InferRequest carries pixels or files, not both or neither")
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.files) if self.files is not None else int(self.pixels.shape[0])
+
+
+def parse_header_length(value: str | None) -> int | None:
+    """The ``Inference-Header-Content-Length`` header as a number (None when absent)."""
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        raise BinaryDataError(f"{HEADER_LENGTH} {value!r} is not a number") from None
+    if length < 0:
+        raise BinaryDataError(f"{HEADER_LENGTH} {length} is negative")
+    return length
+
+
+def decode_infer_request(body: bytes, header_length: int | None, signature: Signature,
+                         max_batch_size: int) -> InferRequest:
+    """Validate ``body`` against the model; every way it can be wrong raises an
+    :class:`~service.v2.errors.InvalidRequest` subclass that says what to fix."""
+    if header_length is None:
+        header, binary = body, b""
+    elif header_length > len(body):
+        raise BinaryDataError(
+            f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes")
+    else:
+        header, binary = body[:header_length], body[header_length:]
+    parsed = _parse(header)
+    timeout_us = _request_parameters(parsed.parameters)
+    blobs = _split_binary(parsed.inputs, binary, header_length is not None)
+    tensor, blob = _the_input(parsed.inputs, blobs, signature)
+
+    if tensor.datatype == BYTES:
+        files = _files(tensor, blob, max_batch_size)
+        pixels = None
+    elif tensor.datatype == signature.input_datatype:
+        pixels = _pixels(tensor, blob, signature, max_batch_size)
+        files = None
+    else:
+        raise DatatypeMismatch(
+            f"input {tensor.name!r} has datatype {tensor.datatype}; the model takes "
+            f"{signature.input_datatype} [N, {', '.join(map(str, signature.image_shape))}] "
+            f"or BYTES [N] of encoded image files")
+    outputs = _outputs(parsed.outputs, parsed.parameters.get("binary_data_output", False),
+                       signature)
+    return InferRequest(id=parsed.id, pixels=pixels, files=files, outputs=outputs,
+                        timeout_us=timeout_us)
+
+
+def _parse(header: bytes) -> _RequestBody:
+    try:
+        return _RequestBody.model_validate_json(header)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(body)"
+        if first["type"] == "json_invalid":
+            raise SchemaError(f"the request header is not valid JSON: {first['msg']}") from None
+        raise SchemaError(f"request does not follow the inference request schema: "
+                          f"{where}: {first['msg']}") from None
+
+
+def _request_parameters(params: dict[str, Any]) -> int | None:
+    """Check the parameters this server acts on; the rest (custom ones, priority) pass."""
+    if params.get("sequence_id") not in (None, 0, ""):
+        raise Unsupported("sequence_id: the model is stateless and has no sequence batcher")
+    flag = params.get("binary_data_output", False)
+    if not isinstance(flag, bool):
+        raise SchemaError(f"parameters.binary_data_output must be a boolean, not {flag!r}")
+    timeout = params.get("timeout")
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+        raise SchemaError(f"parameters.timeout must be a non-negative integer number of "
+                          f"microseconds, not {timeout!r}")
+    return timeout
+
+
+def _split_binary(inputs: list[_InputTensor], binary: bytes,
+                  has_header_length: bool) -> list[memoryview | None]:
+    """Each input's slice of the binary part (None for inputs carried in the JSON)."""
+    view = memoryview(binary)
+    blobs: list[memoryview | None] = []
+    offset = 0
+    for tensor in inputs:
+        shared = [key for key in _SHARED_MEMORY if key in tensor.parameters]
+        if shared:
+            raise Unsupported(f"input {tensor.name!r}: the shared-memory extension is not "
+                              f"supported ({shared[0]}); send the data in the request")
+        size = tensor.parameters.get("binary_data_size")
+        if size is None:
+            if tensor.data is None:
+                raise SchemaError(f"input {tensor.name!r} has neither data nor "
+                                  f"parameters.binary_data_size")
+            blobs.append(None)
+            continue
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise SchemaError(f"input {tensor.name!r}: parameters.binary_data_size must be a "
+                              f"non-negative integer, not {size!r}")
+        if tensor.data is not None:
+            raise SchemaError(f"input {tensor.name!r} has both data and binary_data_size")
+        if not has_header_length:
+            raise BinaryDataError(f"input {tensor.name!r} declares binary_data_size but the "
+                                  f"request has no {HEADER_LENGTH} header")
+        if offset + size > len(view):
+            raise BinaryDataError(
+                f"input {tensor.name!r} declares {size} bytes of binary data but only "
+                f"{len(view) - offset} bytes follow the JSON header there")
+        blobs.append(view[offset:offset + size])
+        offset += size
+    if offset != len(view):
+        raise BinaryDataError(
+            f"{len(view) - offset} bytes after the JSON header are not claimed by any input's "
+            f"binary_data_size (the inputs declare {offset} of {len(view)})")
+    return blobs
+
+
+def _the_input(inputs: list[_InputTensor], blobs: list[memoryview | None],
+               signature: Signature) -> tuple[_InputTensor, memoryview | None]:
+    for tensor in inputs:
+        if tensor.name != signature.input_name:
+            raise UnknownTensor(f"unknown input {tensor.name!r}: the model's only input is "
+                                f"{signature.input_name!r}")
+    if len(inputs) > 1:
+        raise InvalidRequest(f"input {signature.input_name!r} is given {len(inputs)} times")
+    tensor = inputs[0]
+    if tensor.datatype not in KNOWN_DATATYPES:
+        raise DatatypeMismatch(f"input {tensor.name!r}: {tensor.datatype!r} is not a datatype "
+                               f"of the protocol")
+    if any(dim < 0 for dim in tensor.shape):
+        raise ShapeMismatch(f"input {tensor.name!r}: shape {tensor.shape} has a negative "
+                            f"dimension")
+    return tensor, blobs[0]
+
+
+def _check_batch(tensor: _InputTensor, batch: int, max_batch_size: int) -> None:
+    if batch == 0:
+        raise ShapeMismatch(f"input {tensor.name!r}: shape {tensor.shape} holds no image")
+    if batch > max_batch_size:
+        raise BatchTooLarge(f"input {tensor.name!r}: batch size {batch} is more than the "
+                            f"server's maximum of {max_batch_size}")
+
+
+def _pixels(tensor: _InputTensor, blob: memoryview | None, signature: Signature,
+            max_batch_size: int) -> np.ndarray:
+    shape = tuple(tensor.shape)
+    if len(shape) != 4 or shape[1:] != signature.image_shape:
+        raise ShapeMismatch(
+            f"input {tensor.name!r} has shape {list(shape)}; the model takes "
+            f"[N, {', '.join(map(str, signature.image_shape))}] (N images, "
+            f"{signature.channels} channel(s), {signature.height}x{signature.width})")
+    _check_batch(tensor, shape[0], max_batch_size)
+    dtype = signature.input_dtype
+    count = element_count(shape)
+    if blob is not None:
+        if len(blob) != count * dtype.itemsize:
+            raise BinaryDataError(
+                f"input {tensor.name!r}: shape {list(shape)} of {tensor.datatype} needs "
+                f"{count * dtype.itemsize} bytes, binary_data_size gives {len(blob)}")
+        return np.frombuffer(blob, dtype=dtype).reshape(shape)
+    return _from_json(tensor, shape, count, dtype)
+
+
+def _from_json(tensor: _InputTensor, shape: tuple[int, ...], count: int,
+               dtype: np.dtype) -> np.ndarray:
+    # The protocol allows the data flat or nested to the tensor's shape; both are row-major.
+    try:
+        values = np.asarray(tensor.data)
+    except ValueError:
+        raise ShapeMismatch(f"input {tensor.name!r}: data is a ragged nested list") from None
+    if values.size != count:
+        raise ShapeMismatch(f"input {tensor.name!r}: shape {list(shape)} needs {count} "
+                            f"values, data has {values.size}")
+    allowed = "iu" if dtype.kind == "u" else "iuf"
+    if values.dtype.kind not in allowed:
+        raise DatatypeMismatch(f"input {tensor.name!r}: data must be "
+                               f"{'integers' if dtype.kind == 'u' else 'numbers'} for "
+                               f"{tensor.datatype}")
+    if dtype.kind == "u":
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise DatatypeMismatch(f"input {tensor.name!r}: {tensor.datatype} values must lie "
+                                   f"in [{info.min}, {info.max}]")
+    return values.astype(dtype).reshape(shape)
+
+
+def _files(tensor: _InputTensor, blob: memoryview | None, max_batch_size: int) -> tuple[
+        bytes, ...]:
+    shape = tensor.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise ShapeMismatch(f"input {tensor.name!r}: BYTES of encoded images has shape [N] "
+                            f"or [N, 1], not {shape}")
+    _check_batch(tensor, shape[0], max_batch_size)
+    items = deserialize_bytes(blob, tensor.name) if blob is not None \
+        else _strings_from_json(tensor)
+    if len(items) != shape[0]:
+        raise ShapeMismatch(f"input {tensor.name!r}: shape {shape} needs {shape[0]} "
+                            f"element(s), the data has {len(items)}")
+    return tuple(items)
+
+
+def _strings_from_json(tensor: _InputTensor) -> list[bytes]:
+    # JSON can carry BYTES only as UTF-8 strings, which real image files never are; they come
+    # through here (and fail to decode as images) only from clients that forgot binary data.
+    data = tensor.data
+    if not isinstance(data, list):
+        raise SchemaError(f"input {tensor.name!r}: data must be a list")
+    nested = [isinstance(v, list) for v in data]
+    if any(nested) and not all(nested):
+        raise ShapeMismatch(f"input {tensor.name!r}: data mixes lists and strings")
+    flat = [v for row in data for v in row] if any(nested) else data
+    if not all(isinstance(v, str) for v in flat):
+        raise DatatypeMismatch(f"input {tensor.name!r}: BYTES data in JSON must be strings; "
+                               f"send image files as binary data")
+    return [v.encode() for v in flat]
+
+
+def _outputs(requested: list[_OutputTensor] | None, binary_default: bool,
+             signature: Signature) -> tuple[RequestedOutput, ...]:
+    if not requested:  # none named: every output, as the protocol says
+        return (RequestedOutput(signature.output_name, binary=binary_default),)
+    seen: set[str] = set()
+    outputs = []
+    for out in requested:
+        if out.name != signature.output_name:
+            raise UnknownTensor(f"unknown output {out.name!r}: the model's only output is "
+                                f"{signature.output_name!r}")
+        if out.name in seen:
+            raise InvalidRequest(f"output {out.name!r} is requested more than once")
+        seen.add(out.name)
+        params = out.parameters
+        shared = [key for key in _SHARED_MEMORY if key in params]
+        if shared:
+            raise Unsupported(f"output {out.name!r}: the shared-memory extension is not "
+                              f"supported ({shared[0]})")
+        binary = params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise SchemaError(f"output {out.name!r}: parameters.binary_data must be a "
+                              f"boolean, not {binary!r}")
+        k = params.get("classification", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise SchemaError(f"output {out.name!r}: parameters.classification must be a "
+                              f"non-negative integer, not {k!r}")
+        outputs.append(RequestedOutput(out.name, binary=binary, classification=k))
+    return tuple(outputs)
