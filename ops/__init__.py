@@ -12,7 +12,9 @@ library, says which execution providers it has kernels for, and registers it wit
     if "CUDAExecutionProvider" in ops.providers(): ...
 
 The op: ``y = x * sigmoid(w2 · relu(w1 · mean_hw(x) + b1) + b2)`` per (n, c), then
-``+ residual`` (optional 6th input) and ``max(y, 0)`` when attribute ``relu`` is 1.
+``+ residual`` (optional 6th input) and ``max(y, 0)`` when attribute ``relu`` is 1. x, residual
+and y are [N,C,H,W], or [N,H,W,C] when attribute ``channels_last`` is 1. All tensors are float,
+or all float16 (:func:`kernels` says which provider has which; float16 arithmetic is in float).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ __all__ = [
     "OP_VERSION",
     "OpsLibraryError",
     "build_info",
+    "has_fp16_kernel",
+    "kernels",
     "library_path",
     "make_node",
     "numpy_reference",
@@ -121,6 +125,30 @@ def providers() -> frozenset[str]:
     """
     raw: bytes = _load(library_path()).SeresnetOpsProviders()
     return frozenset(name for name in raw.decode().split(",") if name)
+
+
+def kernels() -> frozenset[tuple[str, str]]:
+    """(execution provider, element type) pairs the built library has kernels for, element type
+    ``"float32"`` or ``"float16"``; every one of them takes the ``channels_last`` attribute.
+
+    A library built before the float16 kernels (no ``SeresnetOpsKernels()``) has float32
+    channels-first kernels only: it answers ``(provider, "float32")`` for each of its providers.
+    """
+    library = _load(library_path())
+    query = getattr(library, "SeresnetOpsKernels", None)
+    if query is None:
+        return frozenset((provider, "float32") for provider in providers())
+    query.restype = ctypes.c_char_p
+    raw: bytes = query()
+    pairs = (item.partition("/") for item in raw.decode().split(",") if item)
+    return frozenset((provider, dtype) for provider, _, dtype in pairs)
+
+
+def has_fp16_kernel(provider: str = "CUDAExecutionProvider") -> bool:
+    """Whether the library can run a float16 graph's SqueezeExcitation nodes (including the
+    ``channels_last`` form) on ``provider``: what the service asks before it chooses the float16
+    model (``model.fp16.se.onnx``)."""
+    return (provider, "float16") in kernels()
 
 
 def build_info() -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The SqueezeExcitation kernels in real ONNX Runtime sessions against the NumPy reference.
 
 Every test runs on each execution provider that both the built library and this machine can
-run: always the CPU provider; the CUDA provider too where a GPU is usable.
+run: always the CPU provider; the CUDA provider too where a GPU is usable. The reference
+tests cover both element types (float32, float16) and both layouts (channels first and last).
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ from onnx import TensorProto, helper, numpy_helper
 import ops
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+# float16 kernels compute in float and round once at the end: the reference (exact arithmetic on
+# the same float16 inputs, rounded once) may differ by that rounding, 2**-11 relative, and by
+# one float16 step more where float arithmetic lands on the other side of a rounding boundary.
+FP16_TOLERANCE = {"rtol": 1e-3, "atol": 1e-3}
+NP_TYPES = {"float32": np.float32, "float16": np.float16}
+ONNX_TYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+# (element type, layout) of every reference test
+VARIANTS = [
+    pytest.param("float32", False, id="fp32-nchw"),
+    pytest.param("float32", True, id="fp32-nhwc"),
+    pytest.param("float16", False, id="fp16-nchw"),
+    pytest.param("float16", True, id="fp16-nhwc"),
+]
 # onnx may write a newer IR version than the installed runtime reads.
 IR_VERSION = 10
 
@@ -69,22 +83,40 @@ def se_model(
     residual: str | None = None,
     relu: bool = False,
     batch: int | str = "batch",
+    dtype: str = "float32",
+    channels_last: bool = False,
 ) -> onnx.ModelProto:
     """One SqueezeExcitation node; weights are initializers, x (and residual) graph inputs.
 
     ``residual``: None (5 inputs), "" (6th input given as the empty name) or "residual".
+    ``dtype``: every tensor's element type; ``channels_last``: x is [N,H,W,C].
     """
-    shape = [batch, channels, height, width]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)]
+    shape = [batch, height, width, channels] if channels_last else [batch, channels, height, width]
+    elem = ONNX_TYPES[dtype]
+    inputs = [helper.make_tensor_value_info("x", elem, shape)]
     if residual:
-        inputs.append(helper.make_tensor_value_info(residual, TensorProto.FLOAT, shape))
-    node = ops.make_node("x", "w1", "b1", "w2", "b2", "y", residual=residual, relu=relu, name="se")
+        inputs.append(helper.make_tensor_value_info(residual, elem, shape))
+    node = ops.make_node(
+        "x",
+        "w1",
+        "b1",
+        "w2",
+        "b2",
+        "y",
+        residual=residual,
+        relu=relu,
+        name="se",
+        channels_last=channels_last,
+    )
     graph = helper.make_graph(
         [node],
         "se_block",
         inputs,
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(weights[name], name) for name in ("w1", "b1", "w2", "b2")],
+        [helper.make_tensor_value_info("y", elem, None)],
+        [
+            numpy_helper.from_array(weights[name].astype(NP_TYPES[dtype]), name)
+            for name in ("w1", "b1", "w2", "b2")
+        ],
     )
     return helper.make_model(
         graph,
@@ -141,11 +173,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("provider", usable_providers())
+@pytest.mark.parametrize(("dtype", "channels_last"), VARIANTS)
 @pytest.mark.parametrize(
     ("batch", "channels", "reduced", "height", "width", "residual", "relu"), CASES
 )
 def test_matches_numpy_reference(
     provider: str,
+    dtype: str,
+    channels_last: bool,
     batch: int,
     channels: int,
     reduced: int,
@@ -155,43 +190,86 @@ def test_matches_numpy_reference(
     relu: bool,
 ) -> None:
     rng = np.random.default_rng(batch * 1000 + channels)
-    weights = random_weights(rng, channels, reduced)
-    x = rng.standard_normal((batch, channels, height, width)).astype(np.float32)
+    weights = {
+        k: v.astype(NP_TYPES[dtype]) for k, v in random_weights(rng, channels, reduced).items()
+    }
+    shape = (batch, height, width, channels) if channels_last else (batch, channels, height, width)
+    x = rng.standard_normal(shape).astype(NP_TYPES[dtype])
     feeds = {"x": x}
     r = None
     if residual:
-        r = rng.standard_normal(x.shape).astype(np.float32)
+        r = rng.standard_normal(x.shape).astype(NP_TYPES[dtype])
         feeds[residual] = r
-    model = se_model(channels, reduced, height, width, weights, residual, relu)
+    model = se_model(
+        channels,
+        reduced,
+        height,
+        width,
+        weights,
+        residual,
+        relu,
+        dtype=dtype,
+        channels_last=channels_last,
+    )
 
     (y,) = session(model, provider).run(None, feeds)
 
-    expected = ops.numpy_reference(x, **weights, residual=r, relu=relu)
+    expected = ops.numpy_reference(x, **weights, residual=r, relu=relu, channels_last=channels_last)
     assert y.shape == x.shape
-    assert y.dtype == np.float32
-    np.testing.assert_allclose(y, expected, **TOLERANCE)
+    assert y.dtype == NP_TYPES[dtype]
+    tolerance = FP16_TOLERANCE if dtype == "float16" else TOLERANCE
+    np.testing.assert_allclose(y.astype(np.float32), expected.astype(np.float32), **tolerance)
     if relu:
         assert (y >= 0).all()
 
 
+def test_channels_last_is_the_transposed_op() -> None:
+    """The two layouts are one op: the NHWC output is the NCHW output transposed (up to the
+    order of the pooling sums, which differs between the layouts)."""
+    rng = np.random.default_rng(41)
+    weights = random_weights(rng, 48, 12)
+    x = rng.standard_normal((3, 48, 7, 5)).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    first = session(se_model(48, 12, 7, 5, weights, "residual", relu=True), "CPUExecutionProvider")
+    last = session(
+        se_model(48, 12, 7, 5, weights, "residual", relu=True, channels_last=True),
+        "CPUExecutionProvider",
+    )
+    (a,) = first.run(None, {"x": x, "residual": r})
+    (b,) = last.run(
+        None, {"x": x.transpose(0, 2, 3, 1).copy(), "residual": r.transpose(0, 2, 3, 1).copy()}
+    )
+    np.testing.assert_allclose(b.transpose(0, 3, 1, 2), a, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("provider", usable_providers())
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize(("batch", "channels", "reduced"), [(1, 40, 8), (5, 200, 72)])
-def test_weights_as_graph_inputs(provider: str, batch: int, channels: int, reduced: int) -> None:
+def test_weights_as_graph_inputs(
+    provider: str, dtype: str, batch: int, channels: int, reduced: int
+) -> None:
     """Weights fed at run time (not initializers) take the path without pre-packing."""
     rng = np.random.default_rng(31)
-    weights = random_weights(rng, channels, reduced)
-    model = se_model(channels, reduced, 4, 4, weights, relu=True)
+    weights = {
+        k: v.astype(NP_TYPES[dtype]) for k, v in random_weights(rng, channels, reduced).items()
+    }
+    model = se_model(channels, reduced, 4, 4, weights, relu=True, dtype=dtype)
     graph = model.graph
     for init in graph.initializer:
         graph.input.append(
-            helper.make_tensor_value_info(init.name, TensorProto.FLOAT, list(init.dims))
+            helper.make_tensor_value_info(init.name, ONNX_TYPES[dtype], list(init.dims))
         )
     del graph.initializer[:]
-    x = rng.standard_normal((batch, channels, 4, 4)).astype(np.float32)
+    x = rng.standard_normal((batch, channels, 4, 4)).astype(NP_TYPES[dtype])
 
     (y,) = session(model, provider).run(None, {"x": x, **weights})
 
-    np.testing.assert_allclose(y, ops.numpy_reference(x, **weights, relu=True), **TOLERANCE)
+    tolerance = FP16_TOLERANCE if dtype == "float16" else TOLERANCE
+    np.testing.assert_allclose(
+        y.astype(np.float32),
+        ops.numpy_reference(x, **weights, relu=True).astype(np.float32),
+        **tolerance,
+    )
 
 
 @pytest.mark.parametrize("provider", usable_providers())
@@ -303,11 +381,27 @@ def test_residual_shape_mismatch_is_rejected() -> None:
         sess.run(None, feeds)
 
 
-def test_relu_attribute_must_be_0_or_1() -> None:
+@pytest.mark.parametrize("attribute", ["relu", "channels_last"])
+def test_flag_attributes_must_be_0_or_1(attribute: str) -> None:
     rng = np.random.default_rng(23)
     model = se_model(6, 2, 4, 4, random_weights(rng, 6, 2))
-    model.graph.node[0].attribute[0].i = 2
-    with pytest.raises(Exception, match="attribute relu must be 0 or 1, got 2"):
+    model.graph.node[0].attribute.append(helper.make_attribute(attribute, 2))
+    if attribute == "relu":
+        del model.graph.node[0].attribute[0]
+    with pytest.raises(Exception, match=f"attribute {attribute} must be 0 or 1, got 2"):
+        session(model, "CPUExecutionProvider")
+
+
+def test_mixed_element_types_are_rejected() -> None:
+    """float16 x with float32 weights matches neither kernel: ONNX Runtime refuses the model
+    instead of reading float32 weights as halves."""
+    rng = np.random.default_rng(37)
+    model = se_model(8, 2, 4, 4, random_weights(rng, 8, 2), dtype="float16")
+    for init in model.graph.initializer:
+        init.CopyFrom(
+            numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
+        )
+    with pytest.raises(Exception, match=r"(?i)type"):
         session(model, "CPUExecutionProvider")
 
 

@@ -89,6 +89,17 @@ def test_providers_include_cpu() -> None:
     assert ops.providers() <= {"CPUExecutionProvider", CUDA}
 
 
+def test_kernels_cover_both_element_types_on_each_provider() -> None:
+    """Every provider the library claims has a float32 and a float16 kernel; has_fp16_kernel
+    (what the service asks before choosing model.fp16.se.onnx) agrees."""
+    kernels = ops.kernels()
+    assert {provider for provider, _ in kernels} == ops.providers()
+    for provider in ops.providers():
+        assert {(provider, "float32"), (provider, "float16")} <= kernels
+        assert ops.has_fp16_kernel(provider)
+    assert ops.has_fp16_kernel(CUDA) == (CUDA in ops.providers())
+
+
 def test_cuda_claim_matches_embedded_device_code() -> None:
     """providers() says CUDA exactly when the binary carries CUDA kernels for sm_80/86/89/90
     and compute_90 PTX; the build info agrees."""

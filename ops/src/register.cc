@@ -23,8 +23,10 @@ Ort::CustomOpDomain& Domain() {
   static Ort::CustomOpDomain* domain = [] {
     auto* created = new Ort::CustomOpDomain(seresnet::kDomain);
     created->Add(seresnet::CpuSqueezeExcitationOp());
+    created->Add(seresnet::CpuSqueezeExcitationFloat16Op());
 #if SERESNET_WITH_CUDA
     created->Add(seresnet::CudaSqueezeExcitationOp());
+    created->Add(seresnet::CudaSqueezeExcitationFloat16Op());
 #endif
     return created;
   }();
@@ -57,6 +59,17 @@ SE_EXPORT const char* SeresnetOpsProviders() {
   return "CPUExecutionProvider,CUDAExecutionProvider";
 #else
   return "CPUExecutionProvider";
+#endif
+}
+
+// Comma-separated `provider/element type` pairs this build has kernels for. Every kernel takes
+// the channels_last attribute; a library without this function has float NCHW kernels only.
+SE_EXPORT const char* SeresnetOpsKernels() {
+#if SERESNET_WITH_CUDA
+  return "CPUExecutionProvider/float32,CPUExecutionProvider/float16,"
+         "CUDAExecutionProvider/float32,CUDAExecutionProvider/float16";
+#else
+  return "CPUExecutionProvider/float32,CPUExecutionProvider/float16";
 #endif
 }
 

@@ -32,18 +32,21 @@ void Expect(const std::string& node_name, const char* input, const std::vector<i
 
 }  // namespace
 
-SeDims ValidateInputs(const Ort::KernelContext& ctx, const std::string& node_name) {
+SeDims ValidateInputs(const Ort::KernelContext& ctx, const std::string& node_name,
+                      bool channels_last) {
   SeDims dims;
+  dims.channels_last = channels_last;
   dims.x_shape = ShapeOf(ctx.GetInput(kX));
   const auto& x = dims.x_shape;
   if (x.size() != 4) {
-    Fail(node_name, "input x must be 4-D [N,C,H,W], got " + ShapeText(x));
+    Fail(node_name, std::string("input x must be 4-D ") +
+                        (channels_last ? "[N,H,W,C]" : "[N,C,H,W]") + ", got " + ShapeText(x));
   }
   const std::vector<int64_t> w1 = ShapeOf(ctx.GetInput(kW1));
   if (w1.size() != 2) Fail(node_name, "input w1 must be 2-D [Cr,C], got " + ShapeText(w1));
   dims.n = x[0];
-  dims.c = x[1];
-  dims.hw = x[2] * x[3];
+  dims.c = channels_last ? x[3] : x[1];
+  dims.hw = channels_last ? x[1] * x[2] : x[2] * x[3];
   dims.cr = w1[0];
   Expect(node_name, "w1", w1, {dims.cr, dims.c}, "([Cr,C], C from x)");
   Expect(node_name, "b1", ShapeOf(ctx.GetInput(kB1)), {dims.cr}, "([Cr])");
@@ -60,19 +63,6 @@ SeDims ValidateInputs(const Ort::KernelContext& ctx, const std::string& node_nam
   return dims;
 }
 
-SeTensors BindTensors(const Ort::KernelContext& ctx, const std::string& node_name) {
-  SeTensors t;
-  t.dims = ValidateInputs(ctx, node_name);
-  t.y = ctx.GetOutput(0, t.dims.x_shape).GetTensorMutableData<float>();
-  t.x = ctx.GetInput(kX).GetTensorData<float>();
-  t.w1 = ctx.GetInput(kW1).GetTensorData<float>();
-  t.b1 = ctx.GetInput(kB1).GetTensorData<float>();
-  t.w2 = ctx.GetInput(kW2).GetTensorData<float>();
-  t.b2 = ctx.GetInput(kB2).GetTensorData<float>();
-  if (t.dims.has_residual) t.residual = ctx.GetInput(kResidual).GetTensorData<float>();
-  return t;
-}
-
 std::string NodeName(const OrtKernelInfo* info) {
   try {
     return Ort::ConstKernelInfo(info).GetNodeName();
@@ -81,17 +71,19 @@ std::string NodeName(const OrtKernelInfo* info) {
   }
 }
 
-bool ReadReluAttribute(const OrtKernelInfo* info, const std::string& node_name) {
-  int64_t relu = 0;
+bool ReadFlagAttribute(const OrtKernelInfo* info, const char* name,
+                       const std::string& node_name) {
+  int64_t value = 0;
   // A missing attribute means the default (0); the C API reports it as an error status.
-  if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, "relu", &relu)) {
+  if (OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value)) {
     Ort::GetApi().ReleaseStatus(status);
-    relu = 0;
+    value = 0;
   }
-  if (relu != 0 && relu != 1) {
-    Fail(node_name, "attribute relu must be 0 or 1, got " + std::to_string(relu));
+  if (value != 0 && value != 1) {
+    Fail(node_name, std::string("attribute ") + name + " must be 0 or 1, got " +
+                        std::to_string(value));
   }
-  return relu == 1;
+  return value == 1;
 }
 
 OrtStatusPtr ORT_API_CALL CopyInputTypeAndShape(const OrtCustomOp*,

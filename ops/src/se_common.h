@@ -4,6 +4,9 @@
 //   y = x * sigmoid(w2 · relu(w1 · mean_hw(x) + b1) + b2)   per (n, c)
 //   y += residual        when the optional 6th input is present
 //   y = max(y, 0)        when attribute relu == 1
+// x, residual and y are [N,C,H,W], or [N,H,W,C] when attribute channels_last == 1 (so that the op
+// can sit inside a channels-last graph without layout transposes around it). Every input and the
+// output share one element type: float, or float16 (a second registration of the same op).
 #pragma once
 
 #define ORT_API_MANUAL_INIT
@@ -13,6 +16,7 @@
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace seresnet {
@@ -31,30 +35,48 @@ struct SeDims {
   int64_t hw = 0;  // spatial size H * W
   std::vector<int64_t> x_shape;
   bool has_residual = false;
+  bool channels_last = false;  // x is [N,H,W,C]
 
   int64_t elements() const { return n * c * hw; }
 };
 
 // Reads the inputs' shapes and throws Ort::Exception (ORT_INVALID_ARGUMENT) naming the node and
 // the offending input when they do not fit together.
-SeDims ValidateInputs(const Ort::KernelContext& ctx, const std::string& node_name);
+SeDims ValidateInputs(const Ort::KernelContext& ctx, const std::string& node_name,
+                      bool channels_last);
 
-// One call's validated sizes, its input data and its (allocated) output.
-struct SeTensors {
+// One call's validated sizes, its input data and its (allocated) output; T is float or
+// Ort::Float16_t.
+template <typename T>
+struct SeTensorsOf {
   SeDims dims;
-  const float* x = nullptr;
-  const float* w1 = nullptr;
-  const float* b1 = nullptr;
-  const float* w2 = nullptr;
-  const float* b2 = nullptr;
-  const float* residual = nullptr;  // null when the optional input is absent
-  float* y = nullptr;
+  const T* x = nullptr;
+  const T* w1 = nullptr;
+  const T* b1 = nullptr;
+  const T* w2 = nullptr;
+  const T* b2 = nullptr;
+  const T* residual = nullptr;  // null when the optional input is absent
+  T* y = nullptr;
 };
+using SeTensors = SeTensorsOf<float>;
 
-SeTensors BindTensors(const Ort::KernelContext& ctx, const std::string& node_name);
+template <typename T>
+SeTensorsOf<T> BindTensors(const Ort::KernelContext& ctx, const std::string& node_name,
+                           bool channels_last) {
+  SeTensorsOf<T> t;
+  t.dims = ValidateInputs(ctx, node_name, channels_last);
+  t.y = ctx.GetOutput(0, t.dims.x_shape).template GetTensorMutableData<T>();
+  t.x = ctx.GetInput(kX).template GetTensorData<T>();
+  t.w1 = ctx.GetInput(kW1).template GetTensorData<T>();
+  t.b1 = ctx.GetInput(kB1).template GetTensorData<T>();
+  t.w2 = ctx.GetInput(kW2).template GetTensorData<T>();
+  t.b2 = ctx.GetInput(kB2).template GetTensorData<T>();
+  if (t.dims.has_residual) t.residual = ctx.GetInput(kResidual).template GetTensorData<T>();
+  return t;
+}
 
-// The `relu` attribute (default 0); throws unless it is 0 or 1.
-bool ReadReluAttribute(const OrtKernelInfo* info, const std::string& node_name);
+// A 0/1 attribute (`relu`, `channels_last`; default 0); throws unless it is 0 or 1.
+bool ReadFlagAttribute(const OrtKernelInfo* info, const char* name, const std::string& node_name);
 
 std::string NodeName(const OrtKernelInfo* info);
 
@@ -79,20 +101,30 @@ OrtStatusPtr StatusFrom(Body&& body) noexcept {
   }
 }
 
-// What every kernel does around its arithmetic: read the attribute once, validate and bind the
+// ONNX element type of the kernels' T.
+template <typename T>
+constexpr ONNXTensorElementDataType ElementType() {
+  return std::is_same_v<T, Ort::Float16_t> ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
+                                           : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+// What every kernel does around its arithmetic: read the attributes once, validate and bind the
 // tensors per call, skip empty outputs, and report failures as an OrtStatus. `Derived` provides
-// `static constexpr const char* kProvider` and `void Run(const Ort::KernelContext&, const
-// SeTensors&)`.
+// `static constexpr const char* kProvider`, `using Element = float or Ort::Float16_t` and
+// `void Run(const Ort::KernelContext&, const SeTensorsOf<Element>&)`.
 template <typename Derived>
 class SeKernelBase {
  public:
   explicit SeKernelBase(const OrtKernelInfo* info)
-      : node_name_(NodeName(info)), relu_(ReadReluAttribute(info, node_name_)) {}
+      : node_name_(NodeName(info)),
+        relu_(ReadFlagAttribute(info, "relu", node_name_)),
+        channels_last_(ReadFlagAttribute(info, "channels_last", node_name_)) {}
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return StatusFrom([&] {
       const Ort::KernelContext ctx(context);
-      const SeTensors tensors = BindTensors(ctx, node_name_);
+      using T = typename Derived::Element;
+      const SeTensorsOf<T> tensors = BindTensors<T>(ctx, node_name_, channels_last_);
       if (tensors.dims.elements() > 0) static_cast<Derived*>(this)->Run(ctx, tensors);
     });
   }
@@ -100,10 +132,13 @@ class SeKernelBase {
  protected:
   std::string node_name_;
   bool relu_;
+  bool channels_last_;
 };
 
-// The op as ONNX Runtime sees it, for the execution provider `TKernel::kProvider`: name,
-// signature (6th input optional), opset range and shape inference.
+// The op as ONNX Runtime sees it, for the execution provider `TKernel::kProvider` and element
+// type `TKernel::Element`: name, signature (6th input optional), opset range and shape
+// inference. Registering the float and the float16 kernel as two ops of the same name and
+// domain gives one op whose type constraint covers both.
 template <typename TKernel>
 struct SeOp : Ort::CustomOpBase<SeOp<TKernel>, TKernel, /*WithStatus=*/true> {
   SeOp() {
@@ -117,7 +152,7 @@ struct SeOp : Ort::CustomOpBase<SeOp<TKernel>, TKernel, /*WithStatus=*/true> {
 
   size_t GetInputTypeCount() const { return kInputCount; }
   ONNXTensorElementDataType GetInputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return ElementType<typename TKernel::Element>();
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index == kResidual ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
@@ -125,7 +160,7 @@ struct SeOp : Ort::CustomOpBase<SeOp<TKernel>, TKernel, /*WithStatus=*/true> {
 
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const {
-    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return ElementType<typename TKernel::Element>();
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {

@@ -7,6 +7,10 @@
 //             contiguous multiply-adds along the channels of w2ᵀ [Cr, C], which is transposed
 //             once when the kernel is created (w2 is an initializer)     -> gates [N, C]
 //   4. scale  y = x * gate (+ residual)(relu) for every plane
+// Channels-last tensors ([N,H,W,C]) take their own pool and scale passes, which run along the
+// contiguous channels of each pixel instead. The float16 kernel widens its inputs to float,
+// runs the same passes and rounds the output once: on the CPU it exists so that float16 graphs
+// run and can be checked here, not for speed.
 // The range functions are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks one.
 // Tasks split the work the same way whatever the pool size, so results do not depend on the
 // number of threads.
@@ -15,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "se_common.h"
@@ -93,6 +98,22 @@ SE_MULTIVERSION void PoolRange(const float* __restrict x, float* __restrict pool
   const float scale = 1.0f / static_cast<float>(hw);
   for (int64_t plane = begin; plane < end; ++plane) {
     pooled[plane] = Sum(x + plane * hw, hw) * scale;
+  }
+}
+
+// Channels last: the sums of image n's pixels, one running sum per channel, along each pixel's
+// contiguous channels (so the inner loop vectorises).
+SE_MULTIVERSION void PoolNhwcRange(const float* __restrict x, float* __restrict pooled,
+                                   int64_t begin, int64_t end, int64_t hw, int64_t c) {
+  const float scale = 1.0f / static_cast<float>(hw);
+  for (int64_t n = begin; n < end; ++n) {
+    float* __restrict acc = pooled + n * c;
+    for (int64_t k = 0; k < c; ++k) acc[k] = 0.0f;
+    for (int64_t p = 0; p < hw; ++p) {
+      const float* __restrict row = x + (n * hw + p) * c;
+      for (int64_t k = 0; k < c; ++k) acc[k] += row[k];
+    }
+    for (int64_t k = 0; k < c; ++k) acc[k] *= scale;
   }
 }
 
@@ -205,6 +226,32 @@ SE_MULTIVERSION void ScaleRange(const float* __restrict x, const float* __restri
   }
 }
 
+// Channels last: rows [begin, end) of the [N*H*W, C] view, each scaled by its image's gates.
+SE_MULTIVERSION void ScaleNhwcRange(const float* __restrict x, const float* __restrict residual,
+                                    float* __restrict y, const float* __restrict gates,
+                                    int64_t begin, int64_t end, int64_t hw, int64_t c,
+                                    bool relu) {
+  for (int64_t row = begin; row < end; ++row) {
+    const float* __restrict g = gates + (row / hw) * c;
+    const int64_t o = row * c;
+    if (residual != nullptr && relu) {
+      for (int64_t k = 0; k < c; ++k) {
+        const float v = x[o + k] * g[k] + residual[o + k];
+        y[o + k] = v > 0.0f ? v : 0.0f;
+      }
+    } else if (residual != nullptr) {
+      for (int64_t k = 0; k < c; ++k) y[o + k] = x[o + k] * g[k] + residual[o + k];
+    } else if (relu) {
+      for (int64_t k = 0; k < c; ++k) {
+        const float v = x[o + k] * g[k];
+        y[o + k] = v > 0.0f ? v : 0.0f;
+      }
+    } else {
+      for (int64_t k = 0; k < c; ++k) y[o + k] = x[o + k] * g[k];
+    }
+  }
+}
+
 // One call's tensors, scratch, and how the pass being run is split.
 struct CpuCall {
   const SeTensors* t = nullptr;
@@ -222,6 +269,10 @@ void PoolTask(const CpuCall& call, int64_t begin, int64_t end) {
   PoolRange(call.t->x, call.pooled, begin, end, call.t->dims.hw);
 }
 
+void PoolNhwcTask(const CpuCall& call, int64_t begin, int64_t end) {
+  PoolNhwcRange(call.t->x, call.pooled, begin, end, call.t->dims.hw, call.t->dims.c);
+}
+
 void Fc1Task(const CpuCall& call, int64_t begin, int64_t end) {
   const SeDims& d = call.t->dims;
   Fc1Range(call.w1t, call.t->b1, call.pooled, call.hidden, begin, end, d.n, d.c, d.cr);
@@ -235,6 +286,11 @@ void GateTask(const CpuCall& call, int64_t begin, int64_t end) {
 void ScaleTask(const CpuCall& call, int64_t begin, int64_t end) {
   const SeTensors& t = *call.t;
   ScaleRange(t.x, t.residual, t.y, call.gates, begin, end, t.dims.hw, call.relu);
+}
+
+void ScaleNhwcTask(const CpuCall& call, int64_t begin, int64_t end) {
+  const SeTensors& t = *call.t;
+  ScaleNhwcRange(t.x, t.residual, t.y, call.gates, begin, end, t.dims.hw, t.dims.c, call.relu);
 }
 
 // A task of the thread pool: items [task * grain, (task + 1) * grain).
@@ -284,10 +340,19 @@ class PackedWeight {
     }
     if (!is_constant || value == nullptr) return;
     const Ort::ConstValue tensor(value);
-    shape_ = tensor.GetTensorTypeAndShapeInfo().GetShape();
+    const auto type_and_shape = tensor.GetTensorTypeAndShapeInfo();
+    shape_ = type_and_shape.GetShape();
     if (shape_.size() != 2) return;  // Run() reports the bad shape
-    transposed_.resize(static_cast<size_t>(shape_[0] * shape_[1]));
-    Transpose(tensor.GetTensorData<float>(), shape_[0], shape_[1], transposed_.data());
+    const auto count = static_cast<size_t>(shape_[0] * shape_[1]);
+    transposed_.resize(count);
+    if (type_and_shape.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+      std::vector<float> wide(count);
+      const auto* half = tensor.GetTensorData<Ort::Float16_t>();
+      for (size_t i = 0; i < count; ++i) wide[i] = half[i].ToFloat();
+      Transpose(wide.data(), shape_[0], shape_[1], transposed_.data());
+    } else {
+      Transpose(tensor.GetTensorData<float>(), shape_[0], shape_[1], transposed_.data());
+    }
   }
 
   bool Packed(int64_t rows, int64_t cols) const {
@@ -307,34 +372,80 @@ class PackedWeight {
   std::vector<float> transposed_;
 };
 
-class CpuKernel : public SeKernelBase<CpuKernel> {
+// The float passes over one call's (float) tensors; the kernels' weights pre-transposed.
+void Compute(const Ort::KernelContext& ctx, const SeTensors& t, const PackedWeight& w1t,
+             const PackedWeight& w2t, bool relu) {
+  const SeDims& d = t.dims;
+  // pooled, gates, hidden, then room to transpose w1 and w2 if they are not initializers.
+  const int64_t weights = d.c * d.cr;
+  const int64_t unpacked = (w1t.Packed(d.cr, d.c) ? 0 : weights) +
+                           (w2t.Packed(d.c, d.cr) ? 0 : weights);
+  const std::unique_ptr<float[]> scratch(new float[d.n * (2 * d.c + d.cr) + unpacked]);
+  CpuCall call;
+  call.t = &t;
+  call.relu = relu;
+  call.pooled = scratch.get();
+  call.gates = call.pooled + d.n * d.c;
+  call.hidden = call.gates + d.n * d.c;
+  float* spare = call.hidden + d.n * d.cr;
+  call.w1t = w1t.Get(t.w1, d.cr, d.c, spare);
+  if (!w1t.Packed(d.cr, d.c)) spare += weights;
+  call.w2t = w2t.Get(t.w2, d.c, d.cr, spare);
+  const int64_t touched = t.residual ? 3 : 2;
+  if (d.channels_last) {
+    RunParallel<PoolNhwcTask>(ctx, call, d.n, d.hw * d.c);
+  } else {
+    RunParallel<PoolTask>(ctx, call, d.n * d.c, d.hw);
+  }
+  RunParallel<Fc1Task>(ctx, call, d.cr, d.n * d.c, /*align=*/kBlock);
+  RunParallel<GateTask>(ctx, call, d.c, d.n * d.cr, /*align=*/kBlock);
+  if (d.channels_last) {
+    RunParallel<ScaleNhwcTask>(ctx, call, d.n * d.hw, d.c * touched);
+  } else {
+    RunParallel<ScaleTask>(ctx, call, d.n * d.c, d.hw * touched);
+  }
+}
+
+std::vector<float> Widen(const Ort::Float16_t* half, int64_t count) {
+  std::vector<float> wide(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) wide[i] = half[i].ToFloat();
+  return wide;
+}
+
+template <typename T>
+class CpuKernel : public SeKernelBase<CpuKernel<T>> {
  public:
   static constexpr const char* kProvider = "CPUExecutionProvider";
+  using Element = T;
 
   explicit CpuKernel(const OrtKernelInfo* info)
-      : SeKernelBase(info), w1t_(info, kW1), w2t_(info, kW2) {}
+      : SeKernelBase<CpuKernel<T>>(info), w1t_(info, kW1), w2t_(info, kW2) {}
 
-  void Run(const Ort::KernelContext& ctx, const SeTensors& t) const {
-    const SeDims& d = t.dims;
-    // pooled, gates, hidden, then room to transpose w1 and w2 if they are not initializers.
-    const int64_t weights = d.c * d.cr;
-    const int64_t unpacked = (w1t_.Packed(d.cr, d.c) ? 0 : weights) +
-                             (w2t_.Packed(d.c, d.cr) ? 0 : weights);
-    const std::unique_ptr<float[]> scratch(new float[d.n * (2 * d.c + d.cr) + unpacked]);
-    CpuCall call;
-    call.t = &t;
-    call.relu = relu_;
-    call.pooled = scratch.get();
-    call.gates = call.pooled + d.n * d.c;
-    call.hidden = call.gates + d.n * d.c;
-    float* spare = call.hidden + d.n * d.cr;
-    call.w1t = w1t_.Get(t.w1, d.cr, d.c, spare);
-    if (!w1t_.Packed(d.cr, d.c)) spare += weights;
-    call.w2t = w2t_.Get(t.w2, d.c, d.cr, spare);
-    RunParallel<PoolTask>(ctx, call, d.n * d.c, d.hw);
-    RunParallel<Fc1Task>(ctx, call, d.cr, d.n * d.c, /*align=*/kBlock);
-    RunParallel<GateTask>(ctx, call, d.c, d.n * d.cr, /*align=*/kBlock);
-    RunParallel<ScaleTask>(ctx, call, d.n * d.c, d.hw * (t.residual ? 3 : 2));
+  void Run(const Ort::KernelContext& ctx, const SeTensorsOf<T>& t) const {
+    if constexpr (std::is_same_v<T, float>) {
+      Compute(ctx, t, w1t_, w2t_, this->relu_);
+    } else {
+      const SeDims& d = t.dims;
+      const std::vector<float> x = Widen(t.x, d.elements());
+      const std::vector<float> residual =
+          t.residual ? Widen(t.residual, d.elements()) : std::vector<float>();
+      const std::vector<float> w1 = Widen(t.w1, d.cr * d.c);
+      const std::vector<float> b1 = Widen(t.b1, d.cr);
+      const std::vector<float> w2 = Widen(t.w2, d.c * d.cr);
+      const std::vector<float> b2 = Widen(t.b2, d.c);
+      std::vector<float> y(static_cast<size_t>(d.elements()));
+      SeTensors wide;
+      wide.dims = d;
+      wide.x = x.data();
+      wide.residual = t.residual ? residual.data() : nullptr;
+      wide.w1 = w1.data();
+      wide.b1 = b1.data();
+      wide.w2 = w2.data();
+      wide.b2 = b2.data();
+      wide.y = y.data();
+      Compute(ctx, wide, w1t_, w2t_, this->relu_);
+      for (int64_t i = 0; i < d.elements(); ++i) t.y[i] = Ort::Float16_t(y[i]);
+    }
   }
 
  private:
@@ -345,7 +456,12 @@ class CpuKernel : public SeKernelBase<CpuKernel> {
 }  // namespace
 
 const OrtCustomOp* CpuSqueezeExcitationOp() {
-  static const SeOp<CpuKernel> op;
+  static const SeOp<CpuKernel<float>> op;
+  return &op;
+}
+
+const OrtCustomOp* CpuSqueezeExcitationFloat16Op() {
+  static const SeOp<CpuKernel<Ort::Float16_t>> op;
   return &op;
 }
 

@@ -1,16 +1,32 @@
-// CUDA kernels of SqueezeExcitation, three launches on ORT's compute stream:
-//   pool        one block per (n, c) plane for large planes, one warp per plane for small ones;
-//               float4 loads when aligned                                   -> pooled [N, C]
+// CUDA kernels of SqueezeExcitation for float and half tensors, enqueued on ORT's compute stream
+// only. Arithmetic is in float throughout (pool sums, both dense layers, the gate and the scale);
+// half is only the storage of x, the weights, residual and y, read and written 16 bytes at a
+// time (8 halves as four half2, or 4 floats) where sizes and alignment allow.
+//
+// Channels first, [N, C, HW] (three launches):
+//   pool        one block per (n, c) plane for large planes, one warp per plane for small ones
+//                                                                           -> pooled [N, C]
 //   fc1         one warp per hidden unit r, each warp serving up to 8 images so a row of w1 is
 //               read once per 8 images; coalesced along C                   -> hidden [N, Cr]
 //   gate_scale  one block per (n, tile of channels): the block's warps compute the tile's
 //               gates (w2 rows · hidden[n], coalesced along Cr) into shared memory, then the
-//               block scales the tile's contiguous planes (float4 when aligned), adding the
-//               residual and applying ReLU as compiled in.
+//               block scales the tile's contiguous planes, adding the residual and applying
+//               ReLU as compiled in.
+// Channels last, [N, HW, C] (four launches): a pixel's channels are contiguous, so
+//   pool        one block per (n, tile of 32 vectors of channels, split of the pixels): each
+//               warp reads whole pixel rows, coalesced; the splits' partial means go to scratch
+//               and fc1 adds them (fixed order: results do not depend on timing) -> [S, N, C]
+//   fc1         as above, summing the S partial means                       -> hidden [N, Cr]
+//   gates       one warp per (n, c)                                         -> gates [N, C]
+//   scale       elementwise over [N*HW, C], the gate indexed by (n, c)
+// Scratch comes from the caller (ORT's allocator); nothing here allocates, synchronises or
+// copies to the host, so the launches can be captured into a CUDA graph.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "se_cuda_kernels.h"
 
@@ -24,8 +40,69 @@ constexpr int kFc1Images = 8;             // images per fc1 block
 constexpr int kMaxTileChannels = 64;      // channels per gate_scale block
 constexpr int64_t kTileElements = 2048;   // target elements per gate_scale block
 constexpr int64_t kBlockPoolMinHw = 1024; // planes at least this large get a whole block
+// Channels-last pool: enough blocks to fill an H100/H200 (132 SMs) at batch 1, but few splits,
+// since fc1 reads every split's partial means once per hidden unit.
+constexpr int64_t kNhwcTargetBlocks = 264;
+constexpr int64_t kNhwcMaxSplits = 16;
+constexpr int64_t kNhwcMinRowsPerSplit = 32;
+constexpr int64_t kMaxGrid = 0x7fffffff;
+
+// Elements of T in 16 bytes.
+template <typename T>
+constexpr int kPack = static_cast<int>(16 / sizeof(T));
 
 __host__ __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    return __float2half_rn(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 Load16(const T* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// 16 bytes of T as floats, and back (half: four half2 conversions).
+template <typename T>
+__device__ __forceinline__ void Unpack(const uint4& raw, float (&f)[kPack<T>]) {
+  if constexpr (std::is_same_v<T, float>) {
+    f[0] = __uint_as_float(raw.x);
+    f[1] = __uint_as_float(raw.y);
+    f[2] = __uint_as_float(raw.z);
+    f[3] = __uint_as_float(raw.w);
+  } else {
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 v = __half22float2(h[i]);
+      f[2 * i] = v.x;
+      f[2 * i + 1] = v.y;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 Pack(const float (&f)[kPack<T>]) {
+  uint4 raw;
+  if constexpr (std::is_same_v<T, float>) {
+    raw = make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
+                     __float_as_uint(f[3]));
+  } else {
+    __half2* h = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+  }
+  return raw;
+}
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
@@ -33,28 +110,32 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-template <bool kVec4>
-__device__ __forceinline__ float PartialSum(const float* __restrict__ plane, int64_t hw,
+template <typename T, bool kVec>
+__device__ __forceinline__ float PartialSum(const T* __restrict__ plane, int64_t hw,
                                             int64_t start, int64_t stride) {
   float acc = 0.0f;
-  if (kVec4) {
-    const float4* p4 = reinterpret_cast<const float4*>(plane);
-    for (int64_t i = start; i < hw / 4; i += stride) {
-      const float4 v = __ldg(p4 + i);
-      acc += (v.x + v.y) + (v.z + v.w);
+  if constexpr (kVec) {
+    constexpr int P = kPack<T>;
+    for (int64_t i = start; i < hw / P; i += stride) {
+      float f[P];
+      Unpack<T>(Load16(plane + i * P), f);
+      float s = 0.0f;
+#pragma unroll
+      for (int j = 0; j < P; ++j) s += f[j];
+      acc += s;
     }
   } else {
-    for (int64_t i = start; i < hw; i += stride) acc += __ldg(plane + i);
+    for (int64_t i = start; i < hw; i += stride) acc += ToFloat(plane[i]);
   }
   return acc;
 }
 
-template <bool kVec4>
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
-PoolBlockKernel(const float* __restrict__ x, float* __restrict__ pooled, int64_t hw) {
+PoolBlockKernel(const T* __restrict__ x, float* __restrict__ pooled, int64_t hw) {
   __shared__ float partial[kWarpsPerBlock];
   const int64_t plane = blockIdx.x;
-  float acc = PartialSum<kVec4>(x + plane * hw, hw, threadIdx.x, blockDim.x);
+  float acc = PartialSum<T, kVec>(x + plane * hw, hw, threadIdx.x, blockDim.x);
   acc = WarpSum(acc);
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -67,36 +148,84 @@ PoolBlockKernel(const float* __restrict__ x, float* __restrict__ pooled, int64_t
   }
 }
 
-template <bool kVec4>
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
-PoolWarpKernel(const float* __restrict__ x, float* __restrict__ pooled, int64_t planes,
-               int64_t hw) {
+PoolWarpKernel(const T* __restrict__ x, float* __restrict__ pooled, int64_t planes, int64_t hw) {
   const int64_t plane = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   if (plane >= planes) return;  // whole warps leave together
   const int lane = threadIdx.x % kWarp;
-  const float acc = WarpSum(PartialSum<kVec4>(x + plane * hw, hw, lane, kWarp));
+  const float acc = WarpSum(PartialSum<T, kVec>(x + plane * hw, hw, lane, kWarp));
   if (lane == 0) pooled[plane] = acc / static_cast<float>(hw);
 }
 
+// Channels last: lane l of every warp owns channels [(tile*32 + l) * P, +P); the block's 8
+// warps take every 8th pixel of the split; shared memory adds the warps' sums.
+template <typename T, int P>
 __global__ void __launch_bounds__(kThreads)
-Fc1Kernel(const float* __restrict__ pooled, const float* __restrict__ w1,
-          const float* __restrict__ b1, float* __restrict__ hidden, int64_t n, int64_t c,
+PoolNhwcKernel(const T* __restrict__ x, float* __restrict__ partial, int64_t n, int64_t c,
+               int64_t hw, int64_t tiles, int64_t rows_per_split) {
+  __shared__ float sums[kWarpsPerBlock][kWarp][P];
+  const int64_t image = blockIdx.x / tiles;
+  const int64_t tile = blockIdx.x % tiles;
+  const int lane = threadIdx.x % kWarp;
+  const int row = threadIdx.x / kWarp;
+  const int64_t c0 = (tile * kWarp + lane) * P;
+  const int64_t p_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t p_end = Min64(hw, p_begin + rows_per_split);
+  float acc[P] = {};
+  if (c0 < c) {
+    const T* base = x + image * hw * c + c0;
+    for (int64_t p = p_begin + row; p < p_end; p += kWarpsPerBlock) {
+      if constexpr (P > 1) {
+        float f[P];
+        Unpack<T>(Load16(base + p * c), f);
+#pragma unroll
+        for (int j = 0; j < P; ++j) acc[j] += f[j];
+      } else {
+        acc[0] += ToFloat(base[p * c]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < P; ++j) sums[row][lane][j] = acc[j];
+  __syncthreads();
+  if (row == 0 && c0 < c) {
+    for (int r = 1; r < kWarpsPerBlock; ++r) {
+#pragma unroll
+      for (int j = 0; j < P; ++j) acc[j] += sums[r][lane][j];
+    }
+    const float scale = 1.0f / static_cast<float>(hw);
+    float* out = partial + (static_cast<int64_t>(blockIdx.y) * n + image) * c + c0;
+#pragma unroll
+    for (int j = 0; j < P; ++j) out[j] = acc[j] * scale;
+  }
+}
+
+// pooled holds `splits` [N, C] slices of partial means (1 for channels first).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+Fc1Kernel(const float* __restrict__ pooled, int64_t splits, const T* __restrict__ w1,
+          const T* __restrict__ b1, float* __restrict__ hidden, int64_t n, int64_t c,
           int64_t cr) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (r >= cr) return;
   const int lane = threadIdx.x % kWarp;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kFc1Images;
   const int images = static_cast<int>(Min64(kFc1Images, n - n0));
-  const float* row = w1 + r * c;
+  const T* row = w1 + r * c;
   float acc[kFc1Images] = {};
   for (int64_t k = lane; k < c; k += kWarp) {
-    const float w = __ldg(row + k);
+    const float w = ToFloat(row[k]);
 #pragma unroll
     for (int i = 0; i < kFc1Images; ++i) {
-      if (i < images) acc[i] += w * pooled[(n0 + i) * c + k];
+      if (i < images) {
+        float mean = pooled[(n0 + i) * c + k];
+        for (int64_t s = 1; s < splits; ++s) mean += pooled[(s * n + n0 + i) * c + k];
+        acc[i] += w * mean;
+      }
     }
   }
-  const float bias = __ldg(b1 + r);
+  const float bias = ToFloat(b1[r]);
 #pragma unroll
   for (int i = 0; i < kFc1Images; ++i) {
     const float v = WarpSum(acc[i]);
@@ -112,130 +241,260 @@ __device__ __forceinline__ float Finish(float x, float gate, float residual) {
   return v;
 }
 
-template <bool kResidual, bool kRelu, bool kVec4>
+// gate = sigmoid(w2[ch] · hidden[image] + b2[ch]) by one warp, returned to lane 0.
+template <typename T>
+__device__ __forceinline__ float WarpGate(const T* __restrict__ w2, const T* __restrict__ b2,
+                                          const float* __restrict__ h, int64_t ch, int64_t cr,
+                                          int lane) {
+  const T* row = w2 + ch * cr;
+  float acc = 0.0f;
+  for (int64_t k = lane; k < cr; k += kWarp) acc += ToFloat(row[k]) * h[k];
+  acc = WarpSum(acc);
+  return 1.0f / (1.0f + expf(-(acc + ToFloat(b2[ch]))));
+}
+
+template <typename T, bool kResidual, bool kRelu, bool kVec>
 __global__ void __launch_bounds__(kThreads)
-GateScaleKernel(const float* __restrict__ x, const float* __restrict__ residual,
-                float* __restrict__ y, const float* __restrict__ hidden,
-                const float* __restrict__ w2, const float* __restrict__ b2, int64_t c,
-                int64_t cr, int64_t hw, int tile_channels, int64_t tiles_per_image) {
+GateScaleKernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ y,
+                const float* __restrict__ hidden, const T* __restrict__ w2,
+                const T* __restrict__ b2, int64_t c, int64_t cr, int64_t hw, int tile_channels,
+                int64_t tiles_per_image) {
   __shared__ float gates[kMaxTileChannels];
   const int64_t n = blockIdx.x / tiles_per_image;
   const int64_t c0 = (blockIdx.x % tiles_per_image) * tile_channels;
   const int channels = static_cast<int>(Min64(tile_channels, c - c0));
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
-  const float* h = hidden + n * cr;
   for (int j = warp; j < channels; j += kWarpsPerBlock) {
-    const float* row = w2 + (c0 + j) * cr;
-    float acc = 0.0f;
-    for (int64_t k = lane; k < cr; k += kWarp) acc += __ldg(row + k) * h[k];
-    acc = WarpSum(acc);
-    if (lane == 0) gates[j] = 1.0f / (1.0f + expf(-(acc + __ldg(b2 + c0 + j))));
+    const float g = WarpGate(w2, b2, hidden + n * cr, c0 + j, cr, lane);
+    if (lane == 0) gates[j] = g;
   }
   __syncthreads();
 
   const int64_t base = (n * c + c0) * hw;  // the tile's planes are contiguous
   const int64_t count = channels * hw;
-  if (kVec4) {
-    const float4* x4 = reinterpret_cast<const float4*>(x + base);
-    const float4* r4 = reinterpret_cast<const float4*>(kResidual ? residual + base : nullptr);
-    float4* y4 = reinterpret_cast<float4*>(y + base);
-    for (int64_t i = threadIdx.x; i < count / 4; i += blockDim.x) {
-      const float g = gates[(i * 4) / hw];  // hw % 4 == 0: one channel per float4
-      const float4 v = __ldg(x4 + i);
-      float4 r = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (kResidual) r = __ldg(r4 + i);
-      y4[i] = make_float4(Finish<kResidual, kRelu>(v.x, g, r.x), Finish<kResidual, kRelu>(v.y, g, r.y),
-                          Finish<kResidual, kRelu>(v.z, g, r.z), Finish<kResidual, kRelu>(v.w, g, r.w));
+  if constexpr (kVec) {
+    constexpr int P = kPack<T>;
+    for (int64_t i = threadIdx.x; i < count / P; i += blockDim.x) {
+      const float g = gates[(i * P) / hw];  // hw % P == 0: one channel per vector
+      float v[P], r[P] = {};
+      Unpack<T>(Load16(x + base + i * P), v);
+      if (kResidual) Unpack<T>(Load16(residual + base + i * P), r);
+#pragma unroll
+      for (int j = 0; j < P; ++j) v[j] = Finish<kResidual, kRelu>(v[j], g, r[j]);
+      *reinterpret_cast<uint4*>(y + base + i * P) = Pack<T>(v);
     }
   } else {
     for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-      const float r = kResidual ? __ldg(residual + base + i) : 0.0f;
-      y[base + i] = Finish<kResidual, kRelu>(__ldg(x + base + i), gates[i / hw], r);
+      const float r = kResidual ? ToFloat(residual[base + i]) : 0.0f;
+      y[base + i] = FromFloat<T>(Finish<kResidual, kRelu>(ToFloat(x[base + i]), gates[i / hw], r));
+    }
+  }
+}
+
+// Channels last: gates [N, C], one warp per (n, c).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+GateKernel(const float* __restrict__ hidden, const T* __restrict__ w2, const T* __restrict__ b2,
+           float* __restrict__ gates, int64_t n, int64_t c, int64_t cr) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (index >= n * c) return;  // whole warps leave together
+  const int64_t image = index / c;
+  const float g = WarpGate(w2, b2, hidden + image * cr, index % c, cr, threadIdx.x % kWarp);
+  if (threadIdx.x % kWarp == 0) gates[index] = g;
+}
+
+// Channels last: y = x * gates[n, c] (+ residual)(relu) over [N*HW, C], P elements per thread
+// step (c % P == 0, so a vector never straddles two pixels).
+template <typename T, bool kResidual, bool kRelu, int P>
+__global__ void __launch_bounds__(kThreads)
+ScaleNhwcKernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ y,
+                const float* __restrict__ gates, int64_t vectors, int64_t c, int64_t hwc) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors;
+       i += stride) {
+    const int64_t e = i * P;
+    const float* g = gates + (e / hwc) * c + e % c;
+    if constexpr (P > 1) {
+      float v[P], r[P] = {};
+      Unpack<T>(Load16(x + e), v);
+      if (kResidual) Unpack<T>(Load16(residual + e), r);
+#pragma unroll
+      for (int j = 0; j < P; ++j) v[j] = Finish<kResidual, kRelu>(v[j], g[j], r[j]);
+      *reinterpret_cast<uint4*>(y + e) = Pack<T>(v);
+    } else {
+      const float r = kResidual ? ToFloat(residual[e]) : 0.0f;
+      y[e] = FromFloat<T>(Finish<kResidual, kRelu>(ToFloat(x[e]), g[0], r));
     }
   }
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <bool kResidual, bool kRelu>
-void LaunchGateScale(const SeLaunch& a, const float* hidden, bool vec4, dim3 grid,
-                     int tile_channels, int64_t tiles, cudaStream_t stream) {
-  if (vec4) {
-    GateScaleKernel<kResidual, kRelu, true><<<grid, kThreads, 0, stream>>>(
-        a.x, a.residual, a.y, hidden, a.w2, a.b2, a.c, a.cr, a.hw, tile_channels, tiles);
+size_t Floats256(int64_t floats) {  // bytes, rounded up to a 256-byte boundary
+  return (static_cast<size_t>(floats) * sizeof(float) + 255) / 256 * 256;
+}
+
+// Everything about a launch that follows from its sizes, pointers and type alone, shared by
+// ScratchBytes and the launch so that both agree.
+struct Plan {
+  int pack = 1;           // elements per 16-byte vector of T
+  bool x_vec = false;     // x can be read in 16-byte vectors
+  bool all_vec = false;   // x, residual and y can all be accessed in 16-byte vectors
+  int64_t tiles = 1;      // channels-last pool: tiles of 32 vectors of channels
+  int64_t splits = 1;     // channels-last pool: pixel splits (partial means in scratch)
+  int64_t rows_per_split = 0;
+  size_t pooled_bytes = 0, hidden_bytes = 0, gates_bytes = 0;
+};
+
+Plan MakePlan(const SeLaunch& a) {
+  Plan p;
+  p.pack = a.dtype == DType::kFloat16 ? kPack<__half> : kPack<float>;
+  const int64_t along = a.channels_last ? a.c : a.hw;  // the contiguous extent
+  p.x_vec = along % p.pack == 0 && Aligned16(a.x);
+  p.all_vec = p.x_vec && Aligned16(a.y) && (a.residual == nullptr || Aligned16(a.residual));
+  if (a.channels_last) {
+    const int64_t width = p.x_vec ? p.pack : 1;
+    p.tiles = std::max<int64_t>(CeilDiv(a.c, kWarp * width), 1);
+    const int64_t wanted = CeilDiv(kNhwcTargetBlocks, std::max<int64_t>(a.n * p.tiles, 1));
+    const int64_t most = std::max<int64_t>(
+        1, std::min<int64_t>(kNhwcMaxSplits, a.hw / kNhwcMinRowsPerSplit));
+    p.splits = std::clamp<int64_t>(wanted, 1, most);
+    p.rows_per_split = std::max<int64_t>(CeilDiv(a.hw, p.splits), 1);
+    p.splits = std::max<int64_t>(CeilDiv(a.hw, p.rows_per_split), 1);
+    p.gates_bytes = Floats256(a.n * a.c);
+  }
+  p.pooled_bytes = Floats256(p.splits * a.n * a.c);
+  p.hidden_bytes = Floats256(a.n * a.cr);
+  return p;
+}
+
+template <typename T, bool kResidual, bool kRelu>
+void LaunchScale(const SeLaunch& a, const Plan& p, const float* hidden, const float* gates,
+                 cudaStream_t stream) {
+  const T* x = static_cast<const T*>(a.x);
+  const T* residual = static_cast<const T*>(a.residual);
+  T* y = static_cast<T*>(a.y);
+  const T* w2 = static_cast<const T*>(a.w2);
+  const T* b2 = static_cast<const T*>(a.b2);
+  if (a.channels_last) {
+    const int width = p.all_vec ? kPack<T> : 1;
+    const int64_t vectors = a.n * a.hw * a.c / width;
+    const auto blocks = static_cast<unsigned>(std::clamp<int64_t>(CeilDiv(vectors, kThreads), 1, 1 << 20));
+    if (p.all_vec) {
+      ScaleNhwcKernel<T, kResidual, kRelu, kPack<T>><<<blocks, kThreads, 0, stream>>>(
+          x, residual, y, gates, vectors, a.c, a.hw * a.c);
+    } else {
+      ScaleNhwcKernel<T, kResidual, kRelu, 1><<<blocks, kThreads, 0, stream>>>(
+          x, residual, y, gates, vectors, a.c, a.hw * a.c);
+    }
+    return;
+  }
+  const int tile_channels = static_cast<int>(
+      std::clamp<int64_t>(kTileElements / a.hw, 1, std::min<int64_t>(kMaxTileChannels, a.c)));
+  const int64_t tiles = CeilDiv(a.c, tile_channels);
+  const dim3 grid(static_cast<unsigned>(a.n * tiles));
+  if (p.all_vec) {
+    GateScaleKernel<T, kResidual, kRelu, true><<<grid, kThreads, 0, stream>>>(
+        x, residual, y, hidden, w2, b2, a.c, a.cr, a.hw, tile_channels, tiles);
   } else {
-    GateScaleKernel<kResidual, kRelu, false><<<grid, kThreads, 0, stream>>>(
-        a.x, a.residual, a.y, hidden, a.w2, a.b2, a.c, a.cr, a.hw, tile_channels, tiles);
+    GateScaleKernel<T, kResidual, kRelu, false><<<grid, kThreads, 0, stream>>>(
+        x, residual, y, hidden, w2, b2, a.c, a.cr, a.hw, tile_channels, tiles);
   }
 }
 
-}  // namespace
-
-size_t ScratchBytes(int64_t n, int64_t c, int64_t cr) {
-  // hidden starts on a 256-byte boundary after pooled.
-  const size_t pooled = (static_cast<size_t>(n * c) * sizeof(float) + 255) / 256 * 256;
-  return pooled + static_cast<size_t>(n * cr) * sizeof(float);
-}
-
-const char* LaunchSqueezeExcitation(const SeLaunch& a, void* stream_handle) {
-  const auto stream = static_cast<cudaStream_t>(stream_handle);
+template <typename T>
+const char* LaunchTyped(const SeLaunch& a, cudaStream_t stream) {
+  const Plan p = MakePlan(a);
+  const T* x = static_cast<const T*>(a.x);
+  char* scratch = reinterpret_cast<char*>(a.scratch);
+  float* pooled = reinterpret_cast<float*>(scratch);
+  float* hidden = reinterpret_cast<float*>(scratch + p.pooled_bytes);
+  float* gates = reinterpret_cast<float*>(scratch + p.pooled_bytes + p.hidden_bytes);
   const int64_t planes = a.n * a.c;
-  if (planes == 0 || a.hw == 0) return nullptr;
-  constexpr int64_t kMaxGrid = 0x7fffffff;
-  float* pooled = a.scratch;
-  float* hidden = reinterpret_cast<float*>(reinterpret_cast<char*>(a.scratch) +
-                                           (ScratchBytes(a.n, a.c, 0)));
 
-  const bool x_vec4 = a.hw % 4 == 0 && Aligned16(a.x);
-  if (a.hw >= kBlockPoolMinHw) {
+  if (a.channels_last) {
+    if (a.n * p.tiles > kMaxGrid || p.splits > 65535) {
+      return "SqueezeExcitation (CUDA): batch too large for one launch";
+    }
+    const dim3 grid(static_cast<unsigned>(a.n * p.tiles), static_cast<unsigned>(p.splits));
+    if (p.x_vec) {
+      PoolNhwcKernel<T, kPack<T>><<<grid, kThreads, 0, stream>>>(x, pooled, a.n, a.c, a.hw,
+                                                                  p.tiles, p.rows_per_split);
+    } else {
+      PoolNhwcKernel<T, 1><<<grid, kThreads, 0, stream>>>(x, pooled, a.n, a.c, a.hw, p.tiles,
+                                                           p.rows_per_split);
+    }
+  } else if (a.hw >= kBlockPoolMinHw) {
     if (planes > kMaxGrid) return "SqueezeExcitation (CUDA): too many planes for one launch";
     const dim3 grid(static_cast<unsigned>(planes));
-    if (x_vec4) {
-      PoolBlockKernel<true><<<grid, kThreads, 0, stream>>>(a.x, pooled, a.hw);
+    if (p.x_vec) {
+      PoolBlockKernel<T, true><<<grid, kThreads, 0, stream>>>(x, pooled, a.hw);
     } else {
-      PoolBlockKernel<false><<<grid, kThreads, 0, stream>>>(a.x, pooled, a.hw);
+      PoolBlockKernel<T, false><<<grid, kThreads, 0, stream>>>(x, pooled, a.hw);
     }
   } else {
-    const int64_t blocks = (planes + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    const int64_t blocks = CeilDiv(planes, kWarpsPerBlock);
     if (blocks > kMaxGrid) return "SqueezeExcitation (CUDA): too many planes for one launch";
     const dim3 grid(static_cast<unsigned>(blocks));
-    if (x_vec4) {
-      PoolWarpKernel<true><<<grid, kThreads, 0, stream>>>(a.x, pooled, planes, a.hw);
+    if (p.x_vec) {
+      PoolWarpKernel<T, true><<<grid, kThreads, 0, stream>>>(x, pooled, planes, a.hw);
     } else {
-      PoolWarpKernel<false><<<grid, kThreads, 0, stream>>>(a.x, pooled, planes, a.hw);
+      PoolWarpKernel<T, false><<<grid, kThreads, 0, stream>>>(x, pooled, planes, a.hw);
     }
   }
 
   if (a.cr > 0) {
-    const int64_t row_blocks = (a.cr + kWarpsPerBlock - 1) / kWarpsPerBlock;
-    const int64_t image_blocks = (a.n + kFc1Images - 1) / kFc1Images;
+    const int64_t row_blocks = CeilDiv(a.cr, kWarpsPerBlock);
+    const int64_t image_blocks = CeilDiv(a.n, kFc1Images);
     if (row_blocks > kMaxGrid || image_blocks > 65535) {
       return "SqueezeExcitation (CUDA): batch or Cr too large for one launch";
     }
     const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(image_blocks));
-    Fc1Kernel<<<grid, kThreads, 0, stream>>>(pooled, a.w1, a.b1, hidden, a.n, a.c, a.cr);
+    Fc1Kernel<T><<<grid, kThreads, 0, stream>>>(pooled, p.splits, static_cast<const T*>(a.w1),
+                                                static_cast<const T*>(a.b1), hidden, a.n, a.c,
+                                                a.cr);
   }
 
-  const int tile_channels = static_cast<int>(
-      std::clamp<int64_t>(kTileElements / a.hw, 1, std::min<int64_t>(kMaxTileChannels, a.c)));
-  const int64_t tiles = (a.c + tile_channels - 1) / tile_channels;
-  if (a.n * tiles > kMaxGrid) return "SqueezeExcitation (CUDA): batch too large for one launch";
-  const dim3 grid(static_cast<unsigned>(a.n * tiles));
-  const bool vec4 = x_vec4 && Aligned16(a.y) && (a.residual == nullptr || Aligned16(a.residual));
+  if (a.channels_last) {
+    const int64_t blocks = CeilDiv(planes, kWarpsPerBlock);
+    if (blocks > kMaxGrid) return "SqueezeExcitation (CUDA): batch too large for one launch";
+    GateKernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        hidden, static_cast<const T*>(a.w2), static_cast<const T*>(a.b2), gates, a.n, a.c, a.cr);
+  } else {
+    const int64_t tile_channels =
+        std::clamp<int64_t>(kTileElements / a.hw, 1, std::min<int64_t>(kMaxTileChannels, a.c));
+    if (a.n * CeilDiv(a.c, tile_channels) > kMaxGrid) {
+      return "SqueezeExcitation (CUDA): batch too large for one launch";
+    }
+  }
   if (a.residual != nullptr) {
     if (a.relu) {
-      LaunchGateScale<true, true>(a, hidden, vec4, grid, tile_channels, tiles, stream);
+      LaunchScale<T, true, true>(a, p, hidden, gates, stream);
     } else {
-      LaunchGateScale<true, false>(a, hidden, vec4, grid, tile_channels, tiles, stream);
+      LaunchScale<T, true, false>(a, p, hidden, gates, stream);
     }
   } else if (a.relu) {
-    LaunchGateScale<false, true>(a, hidden, vec4, grid, tile_channels, tiles, stream);
+    LaunchScale<T, false, true>(a, p, hidden, gates, stream);
   } else {
-    LaunchGateScale<false, false>(a, hidden, vec4, grid, tile_channels, tiles, stream);
+    LaunchScale<T, false, false>(a, p, hidden, gates, stream);
   }
   const cudaError_t status = cudaGetLastError();
   return status == cudaSuccess ? nullptr : cudaGetErrorString(status);
+}
+
+}  // namespace
+
+size_t ScratchBytes(const SeLaunch& args) {
+  const Plan p = MakePlan(args);
+  return p.pooled_bytes + p.hidden_bytes + p.gates_bytes;
+}
+
+const char* LaunchSqueezeExcitation(const SeLaunch& a, void* stream_handle) {
+  if (a.n * a.c == 0 || a.hw == 0) return nullptr;
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
+  if (a.dtype == DType::kFloat16) return LaunchTyped<__half>(a, stream);
+  return LaunchTyped<float>(a, stream);
 }
 
 }  // namespace seresnet::cuda

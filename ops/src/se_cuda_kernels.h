@@ -7,15 +7,19 @@
 
 namespace seresnet::cuda {
 
+enum class DType { kFloat32, kFloat16 };  // element type of x, the weights, residual and y
+
 struct SeLaunch {
-  const float* x = nullptr;         // [N, C, HW]
-  const float* w1 = nullptr;        // [Cr, C]
-  const float* b1 = nullptr;        // [Cr]
-  const float* w2 = nullptr;        // [C, Cr]
-  const float* b2 = nullptr;        // [C]
-  const float* residual = nullptr;  // [N, C, HW] or null
-  float* y = nullptr;               // [N, C, HW]
-  float* scratch = nullptr;         // ScratchBytes(n, c, cr) of device memory
+  DType dtype = DType::kFloat32;
+  bool channels_last = false;       // x, residual, y are [N, HW, C] instead of [N, C, HW]
+  const void* x = nullptr;          // [N, C, HW] or [N, HW, C]
+  const void* w1 = nullptr;         // [Cr, C]
+  const void* b1 = nullptr;         // [Cr]
+  const void* w2 = nullptr;         // [C, Cr]
+  const void* b2 = nullptr;         // [C]
+  const void* residual = nullptr;   // like x, or null
+  void* y = nullptr;                // like x
+  float* scratch = nullptr;         // ScratchBytes(*this) of device memory
   int64_t n = 0;
   int64_t c = 0;
   int64_t cr = 0;
@@ -23,11 +27,13 @@ struct SeLaunch {
   bool relu = false;
 };
 
-// Device memory the launch needs for the pooled means and the hidden layer.
-size_t ScratchBytes(int64_t n, int64_t c, int64_t cr);
+// Device memory a launch needs (float partial means, hidden layer, channels-last gates); depends
+// on the sizes, the layout and the element type only.
+size_t ScratchBytes(const SeLaunch& args);
 
-// Enqueues pool -> fc1 -> gate+scale on `stream` (a cudaStream_t). Returns nullptr, or a
-// static message describing why the launch failed.
+// Enqueues the kernels on `stream` (a cudaStream_t) and nothing else: no allocation, no
+// synchronisation, no host copy, so the launch can be captured into a CUDA graph. Returns
+// nullptr, or a static message describing why the launch failed.
 const char* LaunchSqueezeExcitation(const SeLaunch& args, void* stream);
 
 }  // namespace seresnet::cuda

@@ -1,8 +1,13 @@
-// CUDAExecutionProvider kernel of SqueezeExcitation: validates, takes scratch memory from ORT's
-// allocator on the kernel's compute stream, and enqueues the kernels on that stream.
+// CUDAExecutionProvider kernels of SqueezeExcitation (float and float16): validate, take scratch
+// memory from ORT's allocator on the kernel's compute stream, and enqueue the kernels on that
+// stream. Nothing here synchronises, copies to the host or allocates outside ORT, which is what
+// capturing the session into a CUDA graph (enable_cuda_graph) needs: the scratch buffer comes
+// from ORT's arena exactly as ORT's own CUDA kernels take theirs (GetScratchBuffer), so its
+// address is as stable across replays as every other intermediate of the captured run.
 #include "se_cuda_op.h"
 
 #include <string>
+#include <type_traits>
 
 #include "se_common.h"
 #include "se_cuda_kernels.h"
@@ -10,14 +15,18 @@
 namespace seresnet {
 namespace {
 
-class CudaKernel : public SeKernelBase<CudaKernel> {
+template <typename T>
+class CudaKernel : public SeKernelBase<CudaKernel<T>> {
  public:
   static constexpr const char* kProvider = "CUDAExecutionProvider";
-  using SeKernelBase::SeKernelBase;
+  using Element = T;
+  using SeKernelBase<CudaKernel<T>>::SeKernelBase;
 
-  void Run(const Ort::KernelContext& ctx, const SeTensors& t) const {
+  void Run(const Ort::KernelContext& ctx, const SeTensorsOf<T>& t) const {
     const SeDims& d = t.dims;
     cuda::SeLaunch launch;
+    launch.dtype = std::is_same_v<T, float> ? cuda::DType::kFloat32 : cuda::DType::kFloat16;
+    launch.channels_last = d.channels_last;
     launch.x = t.x;
     launch.w1 = t.w1;
     launch.b1 = t.b1;
@@ -29,7 +38,7 @@ class CudaKernel : public SeKernelBase<CudaKernel> {
     launch.c = d.c;
     launch.cr = d.cr;
     launch.hw = d.hw;
-    launch.relu = relu_;
+    launch.relu = this->relu_;
 
     // Scratch from the EP's arena, tied to this kernel's stream, so it is reused only after
     // the work queued here.
@@ -38,7 +47,7 @@ class CudaKernel : public SeKernelBase<CudaKernel> {
     OrtAllocator* allocator = ctx.GetAllocator(*memory);
     void* scratch = nullptr;
     if (OrtStatus* status = api.KernelContext_GetScratchBuffer(
-            ctx.GetOrtKernelContext(), memory, cuda::ScratchBytes(d.n, d.c, d.cr), &scratch)) {
+            ctx.GetOrtKernelContext(), memory, cuda::ScratchBytes(launch), &scratch)) {
       api.ReleaseAllocator(allocator);
       Ort::ThrowOnError(status);
     }
@@ -47,7 +56,7 @@ class CudaKernel : public SeKernelBase<CudaKernel> {
     allocator->Free(allocator, scratch);
     api.ReleaseAllocator(allocator);
     if (error != nullptr) {
-      throw Ort::Exception(std::string(kOpType) + " node '" + node_name_ +
+      throw Ort::Exception(std::string(kOpType) + " node '" + this->node_name_ +
                                "': CUDA launch failed: " + error,
                            ORT_EP_FAIL);
     }
@@ -57,7 +66,12 @@ class CudaKernel : public SeKernelBase<CudaKernel> {
 }  // namespace
 
 const OrtCustomOp* CudaSqueezeExcitationOp() {
-  static const SeOp<CudaKernel> op;
+  static const SeOp<CudaKernel<float>> op;
+  return &op;
+}
+
+const OrtCustomOp* CudaSqueezeExcitationFloat16Op() {
+  static const SeOp<CudaKernel<Ort::Float16_t>> op;
   return &op;
 }
 
