@@ -94,6 +94,7 @@ class Round:
     p50_ms: float | None
     p90_ms: float | None
     p99_ms: float | None
+    first_error: str | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -108,6 +109,7 @@ async def closed_loop(path: str, senders: Sequence[Send], warmup_s: float,
     measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
     latencies: list[float] = []
     counts = {"requests": 0, "images": 0, "errors": 0}
+    first_error: list[str] = []
 
     async def user(send: Send) -> None:
         n = 0
@@ -115,8 +117,10 @@ async def closed_loop(path: str, senders: Sequence[Send], warmup_s: float,
             try:
                 images = await send(n)
                 ok = True
-            except Exception:  # a failed request is counted, never fatal to the benchmark
+            except Exception as e:  # a failed request is counted, never fatal to the benchmark
                 images, ok = 0, False
+                if not first_error:
+                    first_error.append(f"{type(e).__name__}: {e}"[:300])
             t1 = time.perf_counter()
             n += 1
             if t0 >= measure_from and t1 <= stop_at:
@@ -131,7 +135,7 @@ async def closed_loop(path: str, senders: Sequence[Send], warmup_s: float,
     ms = [v * 1000 for v in latencies]
     return Round(path, len(senders), duration_s, counts["requests"], counts["images"],
                  counts["errors"], counts["images"] / duration_s, percentile(ms, 50),
-                 percentile(ms, 90), percentile(ms, 99))
+                 percentile(ms, 90), percentile(ms, 99), first_error[0] if first_error else None)
 
 
 class Paths:
@@ -257,7 +261,9 @@ async def run(args: argparse.Namespace) -> dict:
                 rounds[name].append(result)
                 print(f"c={concurrency:<4} {name:<9} repeat {repeat + 1}/{args.repeats}: "
                       f"{result.images_per_s:9.1f} img/s  p50 {result.p50_ms or 0:8.1f} ms  "
-                      f"p99 {result.p99_ms or 0:8.1f} ms  errors {result.errors}", flush=True)
+                      f"p99 {result.p99_ms or 0:8.1f} ms  errors {result.errors}"
+                      + (f" (first: {result.first_error})" if result.first_error else ""),
+                      flush=True)
         medians = {name: median_of(rs) for name, rs in rounds.items()}
         base = medians.get("classify", {}).get("images_per_s")
         ratios = {name: m["images_per_s"] / base for name, m in medians.items()
