@@ -44,6 +44,7 @@ if str(REPO) not in sys.path:  # run as a script, not with -m
 
 import tritonclient.http.aio as triton_aio  # noqa: E402
 from tritonclient.http import InferInput, InferRequestedOutput  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from bench.machine import cpu_name, gpu_name  # noqa: E402
 from modelcard.preprocessing import load_array  # noqa: E402
@@ -215,11 +216,14 @@ class Paths:
 
 async def check_server(paths: Paths) -> dict:
     """Fail early, with the reason, when the server cannot run the benchmark."""
-    async with triton_aio.InferenceServerClient(paths.host, ssl=paths.ssl) as client:
-        if not await client.is_server_ready(headers=paths.headers):
-            raise SystemExit(f"{paths.url} is not ready")
-        metadata = await client.get_model_metadata(paths.model, headers=paths.headers)
-        server = await client.get_server_metadata(headers=paths.headers)
+    try:
+        async with triton_aio.InferenceServerClient(paths.host, ssl=paths.ssl) as client:
+            if not await client.is_server_ready(headers=paths.headers):
+                raise SystemExit(f"{paths.url} is not ready")
+            metadata = await client.get_model_metadata(paths.model, headers=paths.headers)
+            server = await client.get_server_metadata(headers=paths.headers)
+    except (OSError, InferenceServerException) as e:
+        raise SystemExit(f"cannot benchmark {paths.url}: {e}") from None
     spec = paths.card.input
     expected = [-1, spec.channels, spec.height, spec.width]
     (inp,) = [i for i in metadata["inputs"] if i["name"] == spec.tensor] or [None]
