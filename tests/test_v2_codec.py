@@ -118,6 +118,14 @@ def test_nested_json_data_is_accepted_like_flat(sig: Signature) -> None:
     np.testing.assert_array_equal(decode(sig, body, None).pixels, x)
 
 
+def test_null_parameters_read_as_none(sig: Signature) -> None:
+    body = json.dumps({"id": None, "parameters": None, "outputs": None,
+                       "inputs": [{"name": sig.input_name, "shape": [1], "datatype": "BYTES",
+                                   "parameters": None, "data": ["x"]}]}).encode()
+    request = decode(sig, body, None)
+    assert request.files == (b"x",) and request.id is None
+
+
 def test_without_outputs_every_output_follows_binary_data_output(sig: Signature) -> None:
     x = pixels(1, sig)
     # tritonclient asks for binary outputs (request-level binary_data_output) when none named

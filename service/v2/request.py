@@ -23,6 +23,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
 )
 
 from service.v2.errors import (
@@ -47,6 +48,12 @@ _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_mem
 
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("parameters", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_empty(cls, value: object) -> object:
+        # Some clients (KServe's among them) write "parameters": null for none.
+        return {} if value is None else value
 
 
 class _InputTensor(_Schema):
