@@ -1,12 +1,15 @@
 """V2 metadata, Triton model configuration, statistics and repository index bodies.
 
-The model configuration is parsed with Triton's own ``ModelConfig`` protobuf schema (shipped
-inside tritonclient), strictly: an unknown field, a wrong type or a bad enum name fails.
+Every body is parsed with Triton's own protobuf schema (``model_config.proto`` and
+``grpc_service.proto``, shipped inside tritonclient), strictly: an unknown field, a wrong type
+or a bad enum name fails.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -32,25 +35,60 @@ from service.v2.stats import BatchDurations, Duration, ModelCounters, model_stat
 SIG = Signature.from_card(read_card(EMBEDDED_MODEL))
 
 
-@pytest.fixture(scope="module")
-def model_config_pb2() -> ModuleType:
-    # tritonclient.grpc's package needs grpcio, but this generated module only protobuf.
-    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
-    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def test_server_metadata_lists_the_given_extensions() -> None:
+@pytest.fixture(scope="module")
+def triton_protos() -> Iterator[tuple[ModuleType, ModuleType]]:
+    """(model_config_pb2, service_pb2). Importing tritonclient.grpc needs grpcio, which the
+    http extra lacks, but its generated modules need only protobuf: load them by path under
+    a stand-in package, and take the stand-in away afterwards."""
+    folder = Path(tritonclient.__file__).parent / "grpc"
+    names = ("tritonclient.grpc", "tritonclient.grpc.model_config_pb2",
+             "tritonclient.grpc.service_pb2")
+    saved = {name: sys.modules.get(name) for name in names}
+    package = ModuleType("tritonclient.grpc")
+    package.__path__ = []
+    sys.modules["tritonclient.grpc"] = package
+    try:
+        config_pb2 = _load(names[1], folder / "model_config_pb2.py")
+        package.model_config_pb2 = config_pb2  # service_pb2 imports it from the package
+        yield config_pb2, _load(names[2], folder / "service_pb2.py")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+@pytest.fixture(scope="module")
+def model_config_pb2(triton_protos: tuple[ModuleType, ModuleType]) -> ModuleType:
+    return triton_protos[0]
+
+
+@pytest.fixture(scope="module")
+def service_pb2(triton_protos: tuple[ModuleType, ModuleType]) -> ModuleType:
+    return triton_protos[1]
+
+
+def test_server_metadata_lists_the_given_extensions(service_pb2: ModuleType) -> None:
     body = server_metadata("seresnet-serve", "0.1.0", ["binary_tensor_data", "classification"])
     assert body == {"name": "seresnet-serve", "version": "0.1.0",
                     "extensions": ["binary_tensor_data", "classification"]}
+    json_format.ParseDict(body, service_pb2.ServerMetadataResponse())
 
 
-def test_model_metadata() -> None:
+def test_model_metadata(service_pb2: ModuleType) -> None:
     body = model_metadata(SIG)
+    parsed = json_format.ParseDict(body, service_pb2.ModelMetadataResponse())
+    assert list(parsed.inputs[0].shape) == [-1, 1, 28, 28]
     assert body["name"] == "fashion-seresnet" and body["versions"] == ["1"]
     assert body["platform"] == "onnxruntime_onnx"
     assert body["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
@@ -103,7 +141,7 @@ def test_model_config_for_a_cpu_model_with_a_named_version(model_config_pb2: Mod
     assert parsed.version_policy.latest.num_versions == 1
 
 
-def test_statistics() -> None:
+def test_statistics(service_pb2: ModuleType) -> None:
     counters = ModelCounters(inference_count=12, execution_count=5, last_inference_ms=1700,
                              success=Duration(4, 9_000), fail=Duration(1, 300),
                              queue=Duration(4, 1_000), compute_infer=Duration(4, 6_000))
@@ -126,8 +164,12 @@ def test_statistics() -> None:
     assert inference["compute_output"] == {"count": 0, "ns": 0}
     assert [b["batch_size"] for b in stat["batch_stats"]] == [1, 4]
     assert stat["batch_stats"][1]["compute_infer"] == {"count": 2, "ns": 4_000}
+    parsed = json_format.ParseDict(body, service_pb2.ModelStatisticsResponse())
+    assert parsed.model_stats[0].inference_stats.success.ns == 9_000
+    assert parsed.model_stats[0].batch_stats[1].batch_size == 4
 
 
-def test_repository_index() -> None:
-    assert repository_index([RepositoryEntry("fashion-seresnet", "1", "READY")]) == [
-        {"name": "fashion-seresnet", "version": "1", "state": "READY", "reason": ""}]
+def test_repository_index(service_pb2: ModuleType) -> None:
+    body = repository_index([RepositoryEntry("fashion-seresnet", "1", "READY")])
+    assert body == [{"name": "fashion-seresnet", "version": "1", "state": "READY", "reason": ""}]
+    json_format.ParseDict({"models": body}, service_pb2.RepositoryIndexResponse())
