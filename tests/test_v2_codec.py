@@ -3,7 +3,10 @@ classes are decoded by service.v2, and what service.v2 encodes is parsed by trit
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from service.v2.errors import (
     DatatypeMismatch,
     ImageRejected,
     InvalidRequest,
+    PayloadTooLarge,
     SchemaError,
     ShapeMismatch,
     UnknownTensor,
@@ -26,7 +30,12 @@ from service.v2.errors import (
     V2Error,
     error_body,
 )
-from service.v2.request import InferRequest, decode_infer_request, parse_header_length
+from service.v2.request import (
+    InferRequest,
+    decode_infer_request,
+    decompress,
+    parse_header_length,
+)
 from service.v2.response import IMAGE_ERRORS_OUTPUT, encode_infer_response
 from service.v2.signature import Signature
 
@@ -462,6 +471,23 @@ def test_a_three_channel_card(card: ModelCard) -> None:
     np.testing.assert_array_equal(decode(rgb, *build([uint8_input(rgb, x, True)])).pixels, x)
     with pytest.raises(ShapeMismatch, match=r"\[N, 3, 8, 6\]"):
         decode(rgb, *build([uint8_input(rgb, x.transpose(0, 2, 3, 1).copy(), True)]))
+
+
+@pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress),
+                                                ("deflate", zlib.compress)])
+def test_compressed_bodies(sig: Signature, encoding: str,
+                           compress: Callable[[bytes], bytes]) -> None:
+    x = pixels(2, sig)
+    body, hl = build([uint8_input(sig, x, True)])
+    plain = decompress(compress(body), encoding, limit=len(body))
+    np.testing.assert_array_equal(decode(sig, plain, hl).pixels, x)
+    with pytest.raises(PayloadTooLarge):
+        decompress(compress(body), encoding, limit=len(body) - 1)
+    with pytest.raises(SchemaError, match="ends early"):
+        decompress(compress(body)[:-12], encoding, limit=len(body))
+    assert decompress(body, None, limit=1) is body  # no encoding, nothing to inflate
+    with pytest.raises(Unsupported, match="br"):
+        decompress(body, "br", limit=len(body))
 
 
 # -- errors --------------------------------------------------------------------------------

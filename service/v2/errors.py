@@ -57,6 +57,12 @@ class Unsupported(InvalidRequest):
     """A protocol feature this server does not implement (shared memory, sequences)."""
 
 
+class PayloadTooLarge(V2Error):
+    """The body, once decompressed, is over the server's limit."""
+
+    status = 413
+
+
 class ModelNotFound(V2Error):
     """No such model, or no such version of it."""
 

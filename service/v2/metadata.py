@@ -10,6 +10,13 @@ from typing import Any, Literal
 from service.v2.errors import ModelNotFound
 from service.v2.signature import Signature
 
+# Triton's names of the extensions this package has the bodies for; a server lists in /v2
+# only those its routes really serve.
+BINARY_TENSOR_DATA = "binary_tensor_data"
+CLASSIFICATION = "classification"
+MODEL_CONFIGURATION = "model_configuration"
+STATISTICS = "statistics"
+
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 # Triton's model-configuration names for the protocol's datatypes (BYTES is TYPE_STRING).

@@ -10,6 +10,7 @@ optionally turned into Triton's classification strings.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from service.v2.errors import (
     BinaryDataError,
     DatatypeMismatch,
     InvalidRequest,
+    PayloadTooLarge,
     SchemaError,
     ShapeMismatch,
     UnknownTensor,
@@ -118,6 +120,28 @@ def parse_header_length(value: str | None) -> int | None:
     if length < 0:
         raise BinaryDataError(f"{HEADER_LENGTH} {length} is negative")
     return length
+
+
+def decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The body as sent before tritonclient's ``request_compression_algorithm`` (gzip or
+    deflate) compressed it; never inflates past ``limit`` bytes, so a small compressed body
+    cannot make a huge one."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise Unsupported(f"Content-Encoding {content_encoding!r}: send gzip, deflate or none")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise SchemaError(f"the body is not valid {encoding} data: {e}") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the decompressed body is over {limit} bytes")
+    if not inflater.eof:
+        raise SchemaError(f"the {encoding} data ends early")
+    return data
 
 
 def decode_infer_request(body: bytes, header_length: int | None, signature: Signature,
