@@ -149,12 +149,13 @@ def decode_infer_request(body: bytes, header_length: int | None, signature: Sign
     """Validate ``body`` against the model; every way it can be wrong raises an
     :class:`~service.v2.errors.InvalidRequest` subclass that says what to fix."""
     if header_length is None:
-        header, binary = body, b""
+        header, binary = body, memoryview(b"")
     elif header_length > len(body):
         raise BinaryDataError(
             f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes")
     else:
-        header, binary = body[:header_length], body[header_length:]
+        # A view, not a copy: the tensor data can be megabytes.
+        header, binary = body[:header_length], memoryview(body)[header_length:]
     parsed = _parse(header)
     timeout_us = _request_parameters(parsed.parameters)
     blobs = _split_binary(parsed.inputs, binary, header_length is not None)
@@ -205,10 +206,10 @@ def _request_parameters(params: dict[str, Any]) -> int | None:
     return timeout
 
 
-def _split_binary(inputs: list[_InputTensor], binary: bytes,
+def _split_binary(inputs: list[_InputTensor], binary: memoryview,
                   has_header_length: bool) -> list[memoryview | None]:
     """Each input's slice of the binary part (None for inputs carried in the JSON)."""
-    view = memoryview(binary)
+    view = binary
     blobs: list[memoryview | None] = []
     offset = 0
     for tensor in inputs:
