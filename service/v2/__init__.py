@@ -4,6 +4,7 @@ Nothing here knows how the engine is reached: the routes hand this package reque
 get a typed request back, hand it logits and get response bytes back. It depends on numpy,
 pydantic and the model card only, so it can be tested without a server or ONNX Runtime.
 
+- ``signature``: the model's one input and one output in the protocol's terms, from its card;
 - ``errors``: the typed errors and the protocol's error body ``{"error": "<string>"}``;
 - ``tensors``: datatype names and the BYTES wire format;
 - ``request``: ``/infer`` bodies (JSON and binary) -> :class:`request.InferRequest`;
