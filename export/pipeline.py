@@ -19,6 +19,7 @@ from export import fashion_mnist
 from export.architectures import calibrate_batchnorm, count_parameters, create_model
 from export.checkpoint import load_into, read_state_dict, sha256_of
 from export.errors import ExportError
+from export.float16 import CONVERTER, convert_file
 from export.fusion import fuse_file
 from export.model_card import (
     FASHION_MNIST,
@@ -41,10 +42,14 @@ from export.onnx_export import (
     run_onnx,
     session,
 )
-from modelcard import FUSED_FILE, UNFUSED_FILE, InputSpec, ModelCard, read_card
-from modelcard.schema import Fusion, Metrics, Parity, Provenance
+from modelcard import FP16_FUSED_FILE, FUSED_FILE, UNFUSED_FILE, InputSpec, ModelCard, read_card
+from modelcard.schema import Float16, Fusion, Metrics, Parity, Provenance
 
 MAX_FUSED_DIFF = 1e-5
+# The float16 variant is kept only when it agrees with float32 this well (issue 11): top-5 (in
+# order) on at least 99 % of the images, and test top-1 within 0.1 % where there is a test set.
+MIN_FP16_TOP5_AGREEMENT = 0.99
+MAX_FP16_TOP1_DELTA = 0.001
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAIN_RECORD = "checkpoint.train.json"
 BASELINE_RECORD = "baseline.train.json"
@@ -66,6 +71,7 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     parity_images: int = 256
     fuse: bool = True
+    float16: bool = True  # also write model.fp16.se.onnx (needs fuse)
     evaluate: bool | None = None  # None: when the labels are Fashion-MNIST's
     train_record: Path | None = None
     baseline_record: Path | None = None
@@ -131,6 +137,60 @@ def check_fused(unfused: Path, fused: Path, spec: InputSpec, pixels: np.ndarray)
     return result
 
 
+def fused_logits(path: Path, pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Logits of a fused model (float32 or float16 inside) on the CPU, 1000 images per run."""
+    sess = fused_session(path)
+    return np.concatenate([run_onnx(sess, pixels[i : i + 1000], spec)
+                           for i in range(0, len(pixels), 1000)])
+
+
+def float16_variant(folder: Path, spec: InputSpec, pixels: np.ndarray,
+                    test: tuple[np.ndarray, np.ndarray, float] | None, say=print
+                    ) -> Float16 | None:
+    """Write ``folder/model.fp16.se.onnx`` from ``folder/model.se.onnx`` and measure it against
+    float32 on ``pixels`` (or on the test set ``(pixels, labels, float32 top-1)`` when given).
+    Returns its card entry, or None (and removes the file) when it misses the bars above.
+
+    On the CPU, ONNX Runtime runs float16 convolutions by casting around float kernels (its
+    InsertCastTransformer), so every tensor is still rounded to float16 between nodes: the
+    figures are float16 storage with float arithmetic, as on a GPU's tensor cores; the GPU check
+    (scripts/gpu-check.sh) measures the CUDA provider itself.
+    """
+    fp16_path = folder / FP16_FUSED_FILE
+    convert_file(folder / FUSED_FILE, fp16_path)
+    images = pixels if test is None else test[0]
+    reference = fused_logits(folder / FUSED_FILE, images, spec)
+    fp16_logits = fused_logits(fp16_path, images, spec)
+    result = compare(reference, fp16_logits)
+    entry = Float16(
+        converter=CONVERTER, images=result.images, max_abs_logit_diff_vs_fp32=result.max_abs_diff,
+        top5_agreement_vs_fp32=result.top5_agreement,
+        top1_agreement_vs_fp32=float((fp16_logits.argmax(axis=1) == reference.argmax(axis=1))
+                                     .mean()),
+        evaluated_with="onnxruntime, CPUExecutionProvider (float16 tensors, float arithmetic)",
+    )
+    say(f"float16 variant vs float32 fused on {result.images} real images: max |logit diff| "
+        f"{result.max_abs_diff:.2e}, top-5 agreement {result.top5_agreement:.2%}")
+    problem = None
+    if result.top5_agreement < MIN_FP16_TOP5_AGREEMENT:
+        problem = f"top-5 agreement {result.top5_agreement:.2%} < {MIN_FP16_TOP5_AGREEMENT:.0%}"
+    if test is not None:
+        _, labels, fp32_top1 = test
+        top1, top5 = accuracy(fp16_logits, labels)
+        delta = top1 - fp32_top1
+        entry = entry.model_copy(update={"test_top1": top1, "test_top5": top5,
+                                         "test_top1_delta_vs_fp32": delta})
+        say(f"test accuracy of {FP16_FUSED_FILE}: top-1 {top1:.2%} ({delta:+.2%} vs float32), "
+            f"top-5 {top5:.2%}")
+        if abs(delta) > MAX_FP16_TOP1_DELTA:
+            problem = f"test top-1 {delta:+.2%} vs float32 (limit {MAX_FP16_TOP1_DELTA:.1%})"
+    if problem is not None:
+        fp16_path.unlink()
+        say(f"float16 variant not written: {problem}")
+        return None
+    return entry
+
+
 def export_folder(opts: ExportOptions, say=print) -> ModelCard:
     """Run the chain of ``opts`` and write the model folder ``opts.out`` atomically."""
     model = load_model(opts.arch, opts.checkpoint, opts.num_classes, opts.in_chans, opts.seed)
@@ -173,10 +233,13 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
             fusion = Fusion(se_blocks=report.fused, fused=report.fused, op_domain=ops.OP_DOMAIN)
 
         metrics = Metrics()
+        test: tuple[np.ndarray, np.ndarray, float] | None = None
         if evaluate:
             images, labels_true = fashion_mnist.load("test")
-            pixels = np.stack([img[None] for img in images])
-            top1, top5 = accuracy(run_onnx(session(tmp / UNFUSED_FILE), pixels, spec), labels_true)
+            test_pixels = np.stack([img[None] for img in images])
+            top1, top5 = accuracy(run_onnx(session(tmp / UNFUSED_FILE), test_pixels, spec),
+                                  labels_true)
+            test = (test_pixels, labels_true, top1)
             say(f"test accuracy of model.onnx on {len(images)} Fashion-MNIST test images: "
                 f"top-1 {top1:.2%}, top-5 {top5:.2%}")
             baseline = read_record(opts.baseline_record)
@@ -191,6 +254,11 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
                     "evaluated_with": "PyTorch, after the last epoch, same recipe",
                 },
             )
+
+        float16 = None
+        if opts.fuse and opts.float16:
+            float16 = float16_variant(tmp, spec, parity_images(spec, opts.parity_images), test,
+                                      say)
 
         card = ModelCard(
             name=opts.name or opts.out.name,
@@ -220,6 +288,7 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
                 top5_agreement_onnx_vs_fused=onnx_vs_fused and onnx_vs_fused.top5_agreement,
             ),
             fusion=fusion,
+            float16=float16,
             tool_versions=tool_versions(),
             created=now(),
         )
@@ -253,6 +322,13 @@ def verify_folder(folder: Path, images: int = 1000, say=print) -> bool:
         except ParityError as e:
             say(f"FAIL {e}")
             ok = False
+    if card.float16 is not None and (folder / card.float16.file).is_file():
+        fp16 = compare(fused_logits(folder / FUSED_FILE, pixels, spec),
+                       fused_logits(folder / card.float16.file, pixels, spec))
+        good = fp16.top5_agreement >= MIN_FP16_TOP5_AGREEMENT
+        ok &= good
+        say(f"{'ok' if good else 'FAIL'} model.se.onnx vs {card.float16.file}: max |diff| "
+            f"{fp16.max_abs_diff:.2e}, top-5 {fp16.top5_agreement:.2%} on {fp16.images} images")
     if card.metrics.test_top1 is not None and card.labels == fashion_mnist.LABELS:
         test_x, test_y = fashion_mnist.load("test")
         top1, _ = accuracy(run_onnx(session(folder / UNFUSED_FILE), test_x[:, None], spec), test_y)

@@ -3,6 +3,7 @@
 from modelcard.preprocessing import load_array, to_array
 from modelcard.schema import (
     CARD_FILE,
+    FP16_FUSED_FILE,
     FUSED_FILE,
     UNFUSED_FILE,
     CardError,
@@ -13,6 +14,7 @@ from modelcard.schema import (
 
 __all__ = [
     "CARD_FILE",
+    "FP16_FUSED_FILE",
     "FUSED_FILE",
     "UNFUSED_FILE",
     "CardError",

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CARD_FILE = "model.json"
 UNFUSED_FILE = "model.onnx"
 FUSED_FILE = "model.se.onnx"
+FP16_FUSED_FILE = "model.fp16.se.onnx"
 
 
 class CardError(ValueError):
@@ -98,6 +99,25 @@ class Fusion(_Strict):
     op_domain: str | None = None
 
 
+class Float16(_Strict):
+    """The optional float16 variant of the fused graph (``model.fp16.se.onnx``): same input and
+    output tensors and dtypes as ``model.onnx``, float16 inside. Figures compare it with the
+    float32 fused graph on the same images; ``test_*`` on the card's test set when there is one.
+    """
+
+    file: str = FP16_FUSED_FILE
+    layout: Literal["NCHW"] = "NCHW"
+    converter: str | None = None
+    images: int = 0
+    max_abs_logit_diff_vs_fp32: float | None = None
+    top5_agreement_vs_fp32: float | None = None
+    top1_agreement_vs_fp32: float | None = None
+    test_top1: float | None = None
+    test_top5: float | None = None
+    test_top1_delta_vs_fp32: float | None = None
+    evaluated_with: str | None = None
+
+
 class ModelCard(_Strict):
     name: str
     version: str
@@ -112,6 +132,7 @@ class ModelCard(_Strict):
     metrics: Metrics = Metrics()
     parity: Parity = Parity()
     fusion: Fusion = Fusion()
+    float16: Float16 | None = None
     tool_versions: dict[str, str] = {}
     created: str | None = None
 

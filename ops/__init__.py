@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ops.layout import to_channels_last
 from ops.node import OP_DOMAIN, OP_TYPE, OP_VERSION, make_node, opset_import
 from ops.reference import numpy_reference
 
@@ -46,6 +47,7 @@ __all__ = [
     "opset_import",
     "providers",
     "register",
+    "to_channels_last",
 ]
 
 LIBRARY_NAME = "libseresnet_ops.so"

@@ -50,6 +50,11 @@ def test_card_is_complete() -> None:
     assert card.parity.max_abs_logit_diff_onnx_vs_fused <= 1e-5
     assert card.fusion.fused == 6
     assert {"torch", "onnx", "onnxruntime-gpu"} <= set(card.tool_versions)
+    fp16 = card.float16
+    assert fp16 is not None and (EMBEDDED_MODEL / fp16.file).is_file()
+    assert fp16.images == 10_000 and fp16.top5_agreement_vs_fp32 >= 0.99
+    assert abs(fp16.test_top1_delta_vs_fp32) <= 0.001
+    assert 0 < fp16.max_abs_logit_diff_vs_fp32 < 0.1  # float16 is not float32, but close
 
 
 def test_onnx_reproduces_the_card_accuracy(test_set: tuple[np.ndarray, np.ndarray]) -> None:
@@ -68,6 +73,24 @@ def test_fused_equals_unfused_on_the_whole_test_set(test_set: tuple[np.ndarray, 
     assert result.images == 10_000
     assert result.max_abs_diff <= 1e-5
     assert result.top5_agreement == 1.0
+
+
+def test_float16_variant_reproduces_its_card_figures(
+    test_set: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """model.fp16.se.onnx on the whole test set: the card's accuracy and agreement with the
+    float32 fused graph, and float32 logits at its boundary."""
+    pixels, labels = test_set
+    card = read_card(EMBEDDED_MODEL)
+    fp32 = _logits("model.se.onnx", pixels, fused=True)
+    fp16 = _logits(card.float16.file, pixels, fused=True)
+    assert fp16.dtype == np.float32
+    result = compare(fp32, fp16)
+    assert result.top5_agreement == pytest.approx(card.float16.top5_agreement_vs_fp32)
+    assert result.max_abs_diff == pytest.approx(card.float16.max_abs_logit_diff_vs_fp32)
+    top1, _ = accuracy(fp16, labels)
+    assert top1 == pytest.approx(card.float16.test_top1)
+    assert abs(top1 - card.metrics.test_top1) <= 0.001
 
 
 def test_folder_stays_small() -> None:
@@ -91,9 +114,11 @@ def test_build_reproduces_the_folder_from_its_checkpoint(tmp_path) -> None:
     assert rebuilt.metrics == committed.metrics
     assert rebuilt.input == committed.input and rebuilt.labels == committed.labels
     assert rebuilt.provenance == committed.provenance
+    assert rebuilt.float16 == committed.float16
     images, _ = fashion_mnist.load("test")
     pixels = images[:500, None]
-    for filename, fused in (("model.onnx", False), ("model.se.onnx", True)):
+    for filename, fused in (("model.onnx", False), ("model.se.onnx", True),
+                            ("model.fp16.se.onnx", True)):
         so = ort.SessionOptions()
         if fused:
             ops.register(so)
