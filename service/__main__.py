@@ -1,28 +1,28 @@
-"""``python -m service``: load the model, then serve it with uvicorn (one process; batching
-is in-process). SIGTERM or Ctrl-C drains: in-flight and queued requests are answered first."""
+"""``python -m service``: check the settings, then run the supervisor (:mod:`service.supervisor`):
+one engine process and N ingress workers. SIGTERM or Ctrl-C drains: in-flight and queued
+requests are answered first."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import socket
+import os
 import sys
-from collections.abc import Callable
-from types import FrameType
 
-import uvicorn
-
-from service import logs
-from service.app import create_app
-from service.engine import Engine, EngineError
+from service import logs, supervisor
 from service.settings import Settings, SettingsError, env_name, load_settings
 
 log = logging.getLogger("service")
 
 DESCRIPTION = """\
 Serve an SE-ResNet model folder over HTTP: POST /classify returns the top-k classes of each
-image. ONNX Runtime runs it on CUDA when a GPU is usable, else on the CPU, with the fused SE
-graph when the op library covers the provider; concurrent requests are batched.
+image; a page to try it is at / and the API docs at /docs. ONNX Runtime runs the model on CUDA
+when a GPU is usable, else on the CPU, with the fused SE graph when the op library covers the
+provider.
+
+Processes: N ingress workers (--workers) take HTTP, check limits, decode and preprocess images
+into shared memory; one engine process batches every worker's images and runs the model. A
+worker that dies is replaced; an engine that dies is restarted (503 meanwhile).
 
 Every option can also be set with an environment variable (SERESNET_<OPTION>, listed below);
 a flag overrides its variable. A bad value stops start-up with one line naming it.
@@ -39,7 +39,7 @@ examples:
   curl --data-binary @shoe.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8000/classify
 
 endpoints: POST /classify, GET /v2/health/live, /v2/health/ready, /v2/models/{name},
-/metrics (Prometheus), /docs (OpenAPI).
+/metrics (Prometheus, all processes), / (try it in a browser), /docs (OpenAPI, offline).
 """
 
 # Secrets stay out of argv (visible in ps): only the environment sets them.
@@ -78,33 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ServiceServer(uvicorn.Server):
-    """uvicorn, plus: log the address really bound (``--port 0`` picks a free port), mark the
-    service not ready as soon as a shutdown signal arrives, and flush the batcher when the
-    shutdown starts (uvicorn then waits for in-flight requests, the lifespan drains the rest)."""
-
-    def __init__(self, config: uvicorn.Config, on_exit_signal: Callable[[], None],
-                 on_shutdown: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_exit_signal = on_exit_signal
-        self._on_shutdown = on_shutdown
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        for server in self.servers:
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                shown = f"[{host}]" if ":" in host else host
-                log.info("listening", extra={"url": f"http://{shown}:{port}"})
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # Runs as a signal handler: only set a flag here (no logging, no locks).
-        self._on_exit_signal()
-        super().handle_exit(sig, frame)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self._on_shutdown()
-        await super().shutdown(sockets)
+def export_to_environment(given: dict[str, object]) -> None:
+    """Flags reach the worker and engine processes through the environment they inherit."""
+    for name, value in given.items():
+        text = ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
+        os.environ[env_name(name)] = text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,34 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level, settings.log_format)
-    try:
-        engine = Engine.load(settings)
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    app = create_app(settings, engine=engine)
-    state = app.state.service
-
-    def mark_draining() -> None:
-        state.draining = True
-
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or 1, lifespan="on",
-        server_header=False,
-    )
-    server = ServiceServer(config, mark_draining, state.begin_drain)
-
-    def fatal(message: str) -> None:
-        server.should_exit = True
-
-    state.on_fatal = fatal
-    server.run()
-    if state.fatal:
-        print(f"error: {state.fatal}", file=sys.stderr)
-        return 1
-    return 0
+    export_to_environment(given)
+    logs.configure(settings.log_level, settings.log_format, process="supervisor")
+    return supervisor.serve(settings)
 
 
 if __name__ == "__main__":

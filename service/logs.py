@@ -10,6 +10,8 @@ import sys
 import time
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# Which of the service's processes wrote a line: "supervisor", "engine", "worker".
+_process = {"name": ""}
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is logged.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName",
@@ -29,6 +31,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        if _process["name"]:
+            entry["process"] = _process["name"]
+            entry["pid"] = record.process
         rid = request_id.get()
         if rid is not None:
             entry["request_id"] = rid
@@ -42,7 +47,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         rid = request_id.get()
         fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = (f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: "
+        who = f"{_process['name']}[{record.process}] " if _process["name"] else ""
+        line = (f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {who}{record.name}: "
                 f"{record.getMessage()}" + (f" [{rid}]" if rid else "") + (f" {fields}" if fields
                                                                            else ""))
         if record.exc_info:
@@ -50,9 +56,10 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
+def configure(level: str = "info", fmt: str = "json", process: str = "") -> None:
     """Send the service's and uvicorn's logs to stderr in one format; uvicorn's access log is
     replaced by the service's own (which knows the request id and the image count)."""
+    _process["name"] = process
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

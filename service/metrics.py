@@ -1,19 +1,26 @@
-"""Prometheus metrics with the meaning of Triton's (``nv_inference_*``).
+"""Prometheus metrics with the meaning of Triton's (``nv_inference_*``), aggregated across the
+service's processes with prometheus_client's multiprocess mode.
+
+The supervisor points ``PROMETHEUS_MULTIPROC_DIR`` at its run directory before any worker or
+the engine starts; every process then writes its samples to files there and ``/metrics`` (any
+worker) sums them. The engine process owns the batch metrics, the workers the request metrics:
 
 - request success / failure: one per ``/classify`` request (failure labelled by error code);
 - inference count: images run by the model; execution count: model runs (batches), so
   ``inference_count / exec_count`` is the mean batch size; plus the batch-size histogram;
 - queue duration (per image: enqueued -> its batch starts), compute duration (per batch),
-  request duration (per request, end to end);
-- queue depth (images waiting), dropped images (caller gone, deadline, queue full).
+  request duration (per request, end to end), preprocess duration (per image);
+- queue depth (images waiting), preprocess backlog, dropped images (caller gone, deadline,
+  queue full), clients gone (499).
 
-Every series carries the model, its version, the provider, the graph (fused or unfused) and
-the optimisation level, so dashboards can compare configurations. Each app has its own
-registry, so several apps can live in one process (tests).
+Every series carries the model, its version, the provider, the graph (fused or unfused) and the
+optimisation level, so dashboards can compare configurations.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 
 from prometheus_client import (
@@ -23,14 +30,16 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LABELS = ("model", "version", "provider", "graph", "opt_level")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                     5.0, 10.0, 30.0)
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "EngineMetrics", "IngressMetrics", "exposition"]
 
 
 def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -43,67 +52,68 @@ def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
     return tuple(edges)
 
 
-class Metrics:
-    """The service's metrics; ``labels`` fixes the LABELS values for this app's model."""
+def exposition() -> bytes:
+    """Every process's samples, summed per series (gauges as their mode says)."""
+    registry = CollectorRegistry()
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead process's live gauges (its counters stay: totals must not go backwards)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+class _Labelled:
+    def __init__(self, labels: dict[str, str]) -> None:
+        disable_created_metrics()  # *_created series only add noise to every scrape
+        self._labels = [labels[k] for k in LABELS]
+
+
+class EngineMetrics(_Labelled):
+    """Batches, queue and readiness; written by the engine process."""
 
     def __init__(self, labels: dict[str, str], max_batch_size: int, reason: str) -> None:
-        disable_created_metrics()  # *_created series only add noise to every scrape
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._labels = [labels[k] for k in LABELS]
-        r = self.registry
+        super().__init__(labels)
+        lv = self._labels
         info = Gauge("seresnet_model_info", "The served model and how it is run (value 1)",
-                     [*LABELS, "reason"], registry=r)
-        info.labels(*self._labels, reason).set(1)
+                     [*LABELS, "reason"], registry=None, multiprocess_mode="livemax")
+        info.labels(*lv, reason).set(1)
         self.ready = Gauge("seresnet_ready", "1 once warm-up finished and not draining",
-                           LABELS, registry=r).labels(*self._labels)
-        self.request_success = Counter(
-            "seresnet_inference_request_success", "Requests answered 200 by /classify",
-            LABELS, registry=r).labels(*self._labels)
-        self._request_failure = Counter(
-            "seresnet_inference_request_failure", "Requests to /classify that failed, by code",
-            [*LABELS, "code"], registry=r)
-        self._image_failure = Counter(
-            "seresnet_image_failure", "Images answered with a per-image error, by code",
-            [*LABELS, "code"], registry=r)
+                           LABELS, registry=None, multiprocess_mode="livemax").labels(*lv)
         self.inference_count = Counter(
             "seresnet_inference_count", "Images run by the model (Triton's inference count)",
-            LABELS, registry=r).labels(*self._labels)
+            LABELS, registry=None).labels(*lv)
         self.exec_count = Counter(
             "seresnet_inference_exec_count",
             "Model runs, i.e. batches (Triton's execution count); inference/exec = mean batch",
-            LABELS, registry=r).labels(*self._labels)
+            LABELS, registry=None).labels(*lv)
         self.batch_size = Histogram(
             "seresnet_batch_size", "Images per model run", LABELS,
-            buckets=batch_buckets(max_batch_size), registry=r).labels(*self._labels)
+            buckets=batch_buckets(max_batch_size), registry=None).labels(*lv)
         self.queue_duration = Histogram(
             "seresnet_queue_duration_seconds", "Per image: time from queued to its batch start",
-            LABELS, buckets=_LATENCY_BUCKETS, registry=r).labels(*self._labels)
+            LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
         self.compute_duration = Histogram(
             "seresnet_compute_duration_seconds", "Per model run: time in ONNX Runtime",
-            LABELS, buckets=_LATENCY_BUCKETS, registry=r).labels(*self._labels)
-        self.request_duration = Histogram(
-            "seresnet_request_duration_seconds", "Per /classify request: arrival to response",
-            LABELS, buckets=_LATENCY_BUCKETS, registry=r).labels(*self._labels)
-        self.preprocess_duration = Histogram(
-            "seresnet_preprocess_duration_seconds", "Per image: decode and preprocess",
-            LABELS, buckets=_LATENCY_BUCKETS, registry=r).labels(*self._labels)
+            LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
         self.queue_depth = Gauge("seresnet_queue_depth", "Images waiting for a model run",
-                                 LABELS, registry=r).labels(*self._labels)
-        self.preprocess_backlog = Gauge(
-            "seresnet_preprocess_backlog", "Images admitted and not yet queued (decoding)",
-            LABELS, registry=r).labels(*self._labels)
+                                 LABELS, registry=None,
+                                 multiprocess_mode="livesum").labels(*lv)
+        self.admitted = Gauge(
+            "seresnet_admitted_images",
+            "Images holding a slot: being decoded by a worker, queued or running",
+            LABELS, registry=None, multiprocess_mode="livesum").labels(*lv)
         self._dropped = Counter(
-            "seresnet_dropped_images", "Queued images never run, by reason",
-            [*LABELS, "reason"], registry=r)
+            "seresnet_dropped_images", "Images admitted but never run, by reason",
+            [*LABELS, "reason"], registry=None)
         self._failed_batches = Counter(
             "seresnet_failed_batches", "Model runs that raised", LABELS,
-            registry=r).labels(*self._labels)
-
-    def request_failure(self, code: str) -> None:
-        self._request_failure.labels(*self._labels, code).inc()
-
-    def image_failure(self, code: str) -> None:
-        self._image_failure.labels(*self._labels, code).inc()
+            registry=None).labels(*lv)
+        self.restarts = Counter("seresnet_engine_starts", "Engine processes started",
+                                LABELS, registry=None).labels(*lv)
 
     # BatchObserver ------------------------------------------------------------------
 
@@ -125,5 +135,60 @@ class Metrics:
     def on_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+
+class IngressMetrics(_Labelled):
+    """Requests, per-image errors and preprocessing; written by every ingress worker."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        super().__init__(labels)
+        lv = self._labels
+        self.request_success = Counter(
+            "seresnet_inference_request_success", "Requests answered 200 by /classify",
+            LABELS, registry=None).labels(*lv)
+        self._request_failure = Counter(
+            "seresnet_inference_request_failure", "Requests to /classify that failed, by code",
+            [*LABELS, "code"], registry=None)
+        self._image_failure = Counter(
+            "seresnet_image_failure", "Images answered with a per-image error, by code",
+            [*LABELS, "code"], registry=None)
+        self.request_duration = Histogram(
+            "seresnet_request_duration_seconds", "Per /classify request: arrival to response",
+            LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
+        self.preprocess_duration = Histogram(
+            "seresnet_preprocess_duration_seconds", "Per image: header, decode and preprocess",
+            LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
+        self.preprocess_backlog = Gauge(
+            "seresnet_preprocess_backlog", "Images admitted and being decoded, all workers",
+            LABELS, registry=None, multiprocess_mode="livesum").labels(*lv)
+
+    def request_failure(self, code: str) -> None:
+        self._request_failure.labels(*self._labels, code).inc()
+
+    def image_failure(self, code: str) -> None:
+        self._image_failure.labels(*self._labels, code).inc()
+
+
+class HttpMetrics:
+    """What the HTTP layer refuses before a route runs (any path), by reason. One per process
+    (:func:`http_metrics`): two objects of the same series would overwrite each other's
+    samples in multiprocess mode."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()
+        self._refused = Counter(
+            "seresnet_http_refused", "Connections or requests refused by the HTTP limits",
+            ["reason"], registry=None)
+        self._gone = Counter("seresnet_client_gone",
+                             "Requests whose client disconnected before the answer (499)",
+                             ["path"], registry=None)
+
+    def refused(self, reason: str) -> None:
+        self._refused.labels(reason).inc()
+
+    def client_gone(self, path: str) -> None:
+        self._gone.labels(path).inc()
+
+
+@functools.cache
+def http_metrics() -> HttpMetrics:
+    return HttpMetrics()

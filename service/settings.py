@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from service.engine.config import EngineConfig
 
 ENV_PREFIX = "SERESNET_"
 DEFAULT_MODEL = Path("models") / "fashion-seresnet"
@@ -57,6 +60,10 @@ class Settings(BaseSettings):
     )
 
     host: str = Field("127.0.0.1", description="address to bind")
+    workers: int = Field(
+        0, ge=0, le=256,
+        description="ingress worker processes (HTTP, decode, preprocess); 0 = one per core this "
+        "process may use, less one for the engine (cgroup quota counted), at least 1")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     model_dir: Path = Field(default_factory=default_model_dir, description="model folder")
     provider: Literal["auto", "cuda", "cpu"] = Field(
@@ -83,17 +90,36 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(256, ge=1, description="most images in one request (413)")
     api_key: SecretStr | None = Field(
-        None, description="if set, required as 'Authorization: Bearer KEY' (health stays open)"
+        None, description="if set, required as 'Authorization: Bearer KEY' on every route but "
+        "the health checks and the page's static files"
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT CPU threads; 0 = one per core")
-    preprocess_threads: int = Field(0, ge=0, description="decode/resize threads; 0 = two per core")
+    preprocess_threads: int = Field(
+        0, ge=0, description="decode/resize threads per worker; 0 = two")
+    decode_memory_mb: int = Field(
+        1024, ge=16, description="per worker: memory concurrent decodes may use (estimated from "
+        "each header: pixels, mode conversions, EXIF transposes); an image that cannot fit is 413")
+    max_inflight_body_mb: int = Field(
+        0, ge=0, description="per worker: request body bytes held at once, beyond it 503; "
+        "0 = max(256, 2 x max body)")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, le=2**24, description="request line + headers, beyond it 431")
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="time to send a request's headers, beyond it 408")
+    keepalive_timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="idle keep-alive connections are closed after this")
+    max_connections: int = Field(
+        1000, ge=1, description="per worker: open connections; beyond it idle ones are closed "
+        "first, then new ones refused")
     batch_buckets: Annotated[tuple[int, ...], NoDecode] = Field(
         (), description="CUDA batch shapes, e.g. 1,2,4,8 (empty: powers of two to max batch)"
     )
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
         "EXHAUSTIVE", description="cuDNN algorithm search (paid once per bucket at warm-up)"
     )
-    cuda_tf32: bool = Field(False, description="allow TF32 convolutions on CUDA (faster, inexact)")
+    cuda_tf32: bool = Field(
+        True, description="TF32 convolutions on CUDA (ONNX Runtime's default, ~2x fp32 on "
+        "Ampere/Hopper); 0 keeps exact fp32")
     warmup_rounds: int = Field(2, ge=1, le=100_000, description="warm-up runs per batch shape")
     drain_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
@@ -105,10 +131,24 @@ class Settings(BaseSettings):
     @classmethod
     def _model_dir_exists(cls, value: Path) -> Path:
         if not value.is_dir():
-            raise ValueError(f"{str(value)!r} is not a directory (a model folder, DESIGN.md §3)")
+            raise ValueError(f"{str(value)!r} is not a directory (a model folder, "
+                             "docs/design.md §3)")
         return value
 
-    @field_validator("max_queue_delay_ms", "request_timeout_s", "drain_timeout_s")
+    @field_validator("api_key")
+    @classmethod
+    def _ascii_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # HTTP headers are latin-1 on the wire and clients encode them as ASCII: any other
+        # character could never match (and crashes common clients), so refuse it up front.
+        if value is not None:
+            secret = value.get_secret_value()
+            if not secret.isascii() or not secret.isprintable() or secret != secret.strip():
+                raise ValueError("must be printable ASCII without surrounding spaces (it is "
+                                 "sent in an HTTP header)")
+        return value
+
+    @field_validator("max_queue_delay_ms", "request_timeout_s", "drain_timeout_s",
+                     "header_timeout_s", "keepalive_timeout_s")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -156,9 +196,28 @@ class Settings(BaseSettings):
         return self.intra_op_threads or available_cores()
 
     def preprocess_workers(self) -> int:
-        # Two per core: a decode thread holds the GIL between Pillow's C sections, so one
-        # per core leaves cores idle (photos at c=4: 2 threads ~36 img/s, 4 threads ~51).
-        return self.preprocess_threads or 2 * available_cores()
+        # Each worker process has its own GIL; two threads let one decode while the other
+        # waits for the decode-memory budget or a slow header.
+        return self.preprocess_threads or 2
+
+    def worker_count(self) -> int:
+        """Ingress processes: the configured number, or one per usable core but one (the
+        engine's), at least one."""
+        return self.workers or max(1, available_cores() - 1)
+
+    def inflight_body_bytes(self) -> int:
+        return (self.max_inflight_body_mb * 2**20
+                or max(256 * 2**20, 2 * self.max_body_bytes))
+
+    def engine_config(self) -> EngineConfig:
+        """What the engine process needs of these settings (it never sees the rest)."""
+        from service.engine.config import EngineConfig
+
+        return EngineConfig(
+            model_dir=self.model_dir, provider=self.provider, graph=self.graph,
+            opt_level=self.opt_level, device_id=self.device_id, batch_buckets=self.buckets(),
+            intra_op_threads=self.intra_threads(),
+            cudnn_conv_algo_search=self.cudnn_conv_algo_search, cuda_tf32=self.cuda_tf32)
 
 
 def env_name(field: str) -> str:

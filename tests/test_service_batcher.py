@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from serverutil import EMBEDDED_MODEL
 
-from service.batcher import (
+from service.engine.batcher import (
     Batcher,
     BatcherClosedError,
     BatchFailedError,
@@ -283,10 +283,11 @@ def test_run_batch_must_be_callable_and_submit_validates() -> None:
 
 
 def test_with_the_real_engine_results_equal_direct_runs() -> None:
-    from service.engine import Engine
+    from service.engine.model import Engine
     from service.settings import load_settings
 
-    embedded_engine = Engine.load(load_settings({"model_dir": EMBEDDED_MODEL, "provider": "cpu"}))
+    embedded_engine = Engine.load(load_settings({"model_dir": EMBEDDED_MODEL, "provider": "cpu"})
+                                  .engine_config())
     rng = np.random.default_rng(1)
     shape = embedded_engine.sample_shape
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(19)]

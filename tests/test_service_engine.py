@@ -14,25 +14,28 @@ import pytest
 from serverutil import EMBEDDED_MODEL
 
 from modelcard.schema import FUSED_FILE, UNFUSED_FILE, read_card
-from service.engine import (
+from service.engine.config import EngineConfig
+from service.engine.model import Engine
+from service.engine.policy import (
     CPU_EP,
     CUDA_EP,
-    BucketRunner,
-    Engine,
     EngineError,
-    OpsStatus,
     choose_graph,
     choose_provider,
     cuda_device_count,
-    probe_ops,
-    softmax,
-    top_k,
 )
+from service.engine.runners import BucketRunner, softmax, top_k_rows
+from service.engine.session import OpsStatus, probe_ops
 from service.settings import load_settings
 
 
-def _settings(model_dir: Path = EMBEDDED_MODEL, **kw: object):
-    return load_settings({"model_dir": model_dir, "provider": "cpu", **kw})
+def _settings(model_dir: Path = EMBEDDED_MODEL, **kw: object) -> EngineConfig:
+    return load_settings({"model_dir": model_dir, "provider": "cpu", **kw}).engine_config()
+
+
+def top_k(row: np.ndarray, k: int) -> list[tuple[int, float]]:
+    ids, probs = top_k_rows(row[None, :], k)
+    return [(int(c), float(p)) for c, p in zip(ids[0], probs[0], strict=True)]
 
 
 def _images(n: int, engine: Engine, seed: int = 0) -> list[np.ndarray]:
@@ -74,7 +77,8 @@ def test_explicit_cuda_that_cannot_work_is_an_error(gpus: int, eps: list[str], w
 
 
 def test_auto_picks_what_this_machine_really_has() -> None:
-    e = Engine.load(load_settings({"model_dir": EMBEDDED_MODEL, "provider": "auto"}))
+    e = Engine.load(load_settings({"model_dir": EMBEDDED_MODEL, "provider": "auto"})
+                    .engine_config())
     has_gpu = cuda_device_count() > 0 and CUDA_EP in ort.get_available_providers()
     assert e.info.provider == ("cuda" if has_gpu else "cpu")
     assert e.info.session_providers[0] == (CUDA_EP if has_gpu else CPU_EP)

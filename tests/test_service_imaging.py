@@ -14,7 +14,7 @@ from PIL import Image
 
 from modelcard.preprocessing import load_array
 from modelcard.schema import InputSpec
-from service.imaging import ImageError, decode
+from service.ingress.imaging import ImageError, decode
 
 GRAY28 = InputSpec(channels=1, height=28, width=28, color="L", mean=[0.5], std=[0.5])
 RGB224 = InputSpec(channels=3, height=224, width=224, color="RGB", resize="shorter-side-crop",

@@ -132,6 +132,8 @@ class Batcher:
         self._closing = False
         self._flushing = False
         self._mean_batch_s = 0.0
+        self._batch_done: asyncio.Future[None] | None = None
+        self.in_flight = 0  # images of the batch being run now
         self.stats = BatcherStats()
 
     # ----------------------------------------------------------------- lifecycle
@@ -171,6 +173,12 @@ class Batcher:
     def depth(self) -> int:
         """Images queued and not yet handed to the model."""
         return len(self._queue)
+
+    async def current_batch_done(self) -> None:
+        """Returns once the batch being run now (if any) has finished: after that, no image
+        handed to the model so far is read again (callers reuse their buffers then)."""
+        if self._batch_done is not None:
+            await asyncio.shield(self._batch_done)
 
     @property
     def running(self) -> bool:
@@ -261,7 +269,14 @@ class Batcher:
                     break
             batch = self._take()
             if batch:
-                await self._execute(loop, batch)
+                self._batch_done = loop.create_future()
+                self.in_flight = len(batch)
+                try:
+                    await self._execute(loop, batch)
+                finally:
+                    self.in_flight = 0
+                    self._batch_done.set_result(None)
+                    self._batch_done = None
 
     def _take(self) -> list[_Item]:
         """Pop up to max_batch_size live items, dropping those nobody waits for any more."""

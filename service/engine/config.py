@@ -1,0 +1,26 @@
+"""The engine's configuration: what it needs of the service's settings, and nothing about HTTP.
+Kept free of onnxruntime so the supervisor and workers can build it without loading ORT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to load and run a model folder."""
+
+    model_dir: Path
+    provider: str = "auto"
+    graph: str = "auto"
+    opt_level: str = "auto"
+    device_id: int = 0
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    intra_op_threads: int = 1
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    cuda_tf32: bool = True
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(self.batch_buckets)

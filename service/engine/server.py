@@ -1,0 +1,345 @@
+"""The engine process: one ONNX Runtime session, the dynamic batcher and the shared-memory slots,
+served to the ingress workers over a Unix socket (:mod:`service.wire`).
+
+The engine is the one place that counts admitted images, so the queue bound holds across all
+workers: a worker asks for ``n`` slots before it decodes a request's images (``admit``), writes
+the preprocessed pixels into them, and asks for a run (``run``). Batches form from every
+worker's images. A slot is free again once its image has been run, or its caller is gone and
+no batch being run still reads it.
+
+Started by the supervisor (:mod:`service.supervisor`) with :func:`main`; it reports "loaded"
+(or why it cannot load) on a pipe, warms every batch shape up, then reports ready to every
+connected worker. SIGTERM drains: queued images run without waiting for fuller batches, and
+the process exits when the workers have gone (or the drain timeout passes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service import logs, wire
+from service.engine.batcher import (
+    Batcher,
+    BatcherClosedError,
+    BatchFailedError,
+    DeadlineExceededError,
+    QueueFullError,
+)
+from service.engine.model import Engine, EngineConfig
+from service.engine.policy import EngineError
+from service.engine.runners import softmax, top_k_rows
+from service.metrics import EngineMetrics
+from service.slots import SlotArena
+
+log = logging.getLogger("service.engine")
+
+EXIT_LOAD_FAILED = 3
+EXIT_WARMUP_FAILED = 4
+
+
+@dataclass(frozen=True)
+class EngineProcessConfig:
+    """What the supervisor hands the engine process (picklable)."""
+
+    engine: EngineConfig
+    socket_path: Path
+    shm_path: Path
+    generation: int
+    max_queue_size: int
+    max_queue_delay_ms: float
+    warmup_rounds: int
+    drain_timeout_s: float
+    log_level: str
+    log_format: str
+
+
+@dataclass(eq=False)
+class _Lease:
+    conn: _Connection
+    rid: int
+    slots: list[int]
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Connection:
+    writer: asyncio.StreamWriter
+    leases: dict[int, _Lease] = field(default_factory=dict)
+
+    def send(self, message: wire.Message) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(wire.encode(message))
+
+
+class EngineServer:
+    def __init__(self, config: EngineProcessConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        card = engine.card
+        info = engine.info
+        self.max_batch_size = max(info.batch_buckets)
+        # One slot per admissible image plus one batch being run: the bound is on images
+        # waiting (decoding or queued), as it was in one process.
+        self.arena = SlotArena(config.shm_path, engine.sample_shape, engine.input_dtype,
+                               config.max_queue_size + self.max_batch_size, create=True)
+        self._free: deque[int] = deque(range(self.arena.count))
+        self.labels = {"model": card.name, "version": card.version, "provider": info.provider,
+                       "graph": info.graph, "opt_level": info.opt_level}
+        self.metrics = EngineMetrics(self.labels, self.max_batch_size, info.reason)
+        self.metrics.restarts.inc()
+        self.batcher = Batcher(self._run_batch, max_batch_size=self.max_batch_size,
+                               max_queue_delay_s=config.max_queue_delay_ms / 1000,
+                               max_queue_size=self.arena.count, observer=self.metrics)
+        self.connections: set[_Connection] = set()
+        self.ready = False
+        self.not_ready_reason = "warming up"
+        self.fatal: str | None = None
+        self.draining = False
+        self.on_fatal: Callable[[], None] = lambda: None
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def hello(self) -> wire.EngineHello:
+        return wire.EngineHello(
+            generation=self.config.generation, pid=os.getpid(), ready=self.ready,
+            not_ready_reason=self.not_ready_reason,
+            card=self.engine.card.model_dump(mode="json"), info=self.engine.info.describe(),
+            metric_labels=self.labels, shm_path=str(self.arena.path),
+            slot_shape=self.arena.shape, slot_dtype=self.arena.dtype.str,
+            slots=self.arena.count, max_queue_size=self.config.max_queue_size,
+            max_batch_size=self.max_batch_size,
+        )
+
+    def _set_ready(self, ready: bool, reason: str) -> None:
+        self.ready, self.not_ready_reason = ready, reason
+        self.metrics.ready.set(1 if ready else 0)
+        for conn in list(self.connections):
+            conn.send(("state", ready, reason))
+
+    async def warm_up(self) -> None:
+        try:
+            await asyncio.to_thread(self.engine.warm_up, self.config.warmup_rounds)
+        except Exception as e:  # a model that cannot run must never report ready
+            self.fatal = f"warm-up failed: {type(e).__name__}: {e}"
+            log.exception("warm-up failed; the service will not become ready")
+            self._set_ready(False, self.fatal)
+            self.on_fatal()
+            return
+        if not self.draining:
+            self._set_ready(True, "")
+            log.info("ready", extra={"model": self.engine.card.name})
+
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.batcher.flush()
+        log.info("draining", extra={"queued": self.batcher.depth,
+                                           "workers": len(self.connections)})
+
+    # ----------------------------------------------------------------- connections
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Connection(writer)
+        self.connections.add(conn)
+        conn.send(("hello", self.hello()))
+        try:
+            while True:
+                message = await wire.read_message(reader)
+                self._dispatch(conn, message)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker went away (exit, crash or restart)
+        except wire.ProtocolError as e:
+            log.error("bad message from a worker; closing its connection",
+                      extra={"cause": str(e)})
+        finally:
+            self.connections.discard(conn)
+            for lease in list(conn.leases.values()):
+                self._release(lease, "cancelled")
+            writer.close()
+
+    def _dispatch(self, conn: _Connection, message: wire.Message) -> None:
+        kind = message[0]
+        if kind == "admit":
+            _, rid, n = message[:3]
+            self._admit(conn, rid, n)
+        elif kind == "run":
+            _, rid, slots, deadline, want = message
+            lease = conn.leases.get(rid)
+            if lease is None:
+                conn.send(("fail", rid, "internal_error", "run without a lease", None))
+                return
+            lease.task = asyncio.get_running_loop().create_task(
+                self._run(lease, list(slots), deadline, tuple(want)))
+        elif kind == "release":
+            lease = conn.leases.get(message[1])
+            if lease is not None:
+                self._release(lease, "cancelled")
+        else:
+            raise wire.ProtocolError(f"unknown message {kind!r}")
+
+    # ----------------------------------------------------------------- admission
+
+    @property
+    def waiting(self) -> int:
+        """Images admitted and not in the batch being run: decoding, or queued."""
+        return self.arena.count - len(self._free) - self.batcher.in_flight
+
+    def retry_after_s(self) -> int:
+        return self.batcher.retry_after_s()
+
+    def _admit(self, conn: _Connection, rid: int, n: int) -> None:
+        if self.fatal is not None or not self.ready:
+            why = self.fatal or f"the service is {self.not_ready_reason}"
+            conn.send(("fail", rid, "not_ready", why, 1))
+            return
+        bound = self.config.max_queue_size
+        if self.waiting + n > bound or n > len(self._free):
+            self.metrics.on_dropped("queue_full", n)
+            conn.send(("fail", rid, "queue_full",
+                       f"{self.waiting} images in progress; {n} more exceed "
+                       f"SERESNET_MAX_QUEUE_SIZE={bound}", self.retry_after_s()))
+            return
+        slots = [self._free.popleft() for _ in range(n)]
+        conn.leases[rid] = _Lease(conn, rid, slots)
+        self.metrics.admitted.set(self.arena.count - len(self._free))
+        conn.send(("lease", rid, slots))
+
+    def _release(self, lease: _Lease, reason: str) -> None:
+        """The caller is gone: drop its queued images; free its slots once no batch reads
+        them."""
+        if lease.conn.leases.pop(lease.rid, None) is None:
+            return
+        if lease.task is not None and not lease.task.done():
+            lease.task.cancel()  # the batcher purges its queued images and counts them
+        elif reason and lease.task is None and lease.slots:
+            self.metrics.on_dropped(reason, len(lease.slots))  # admitted, never queued
+        asyncio.get_running_loop().create_task(self._free_after_batch(lease.slots))
+
+    async def _free_after_batch(self, slots: list[int]) -> None:
+        await self.batcher.current_batch_done()
+        self._free.extend(slots)
+        self.metrics.admitted.set(self.arena.count - len(self._free))
+
+    # ----------------------------------------------------------------- running
+
+    def _run_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        return self.engine.run(images)
+
+    async def _run(self, lease: _Lease, used: list[int], deadline: float,
+                   want: tuple[Any, ...]) -> None:
+        conn, rid = lease.conn, lease.rid
+        owned = set(lease.slots)
+        unused = [s for s in lease.slots if s not in set(used)]
+        if unused or not set(used) <= owned:
+            # Images that failed to decode never reach the queue; their slots go back now.
+            lease.slots = [s for s in used if s in owned]
+            self._free.extend(unused)
+        try:
+            if not lease.slots:
+                raise ValueError("nothing to run")
+            views = [self.arena.slot(s) for s in lease.slots]
+            logits = await self.batcher.submit(views, deadline)
+        except asyncio.CancelledError:
+            return  # released: _release frees the slots
+        except QueueFullError as e:
+            reply: wire.Message = ("fail", rid, "queue_full", str(e), e.retry_after_s)
+        except DeadlineExceededError as e:
+            reply = ("fail", rid, "deadline_exceeded", str(e), None)
+        except BatcherClosedError as e:
+            reply = ("fail", rid, "shutting_down", str(e), 1)
+        except BatchFailedError as e:
+            reply = ("fail", rid, "inference_failed", str(e), None)
+        except Exception as e:  # a bug here must answer the caller, not hang it
+            log.exception("run failed")
+            reply = ("fail", rid, "internal_error", f"{type(e).__name__}", None)
+        else:
+            if want[0] == "logits":
+                reply = ("done", rid, np.ascontiguousarray(logits, dtype=np.float32))
+            else:
+                reply = ("done", rid, top_k_rows(softmax(logits), int(want[1])))
+        if conn.leases.pop(rid, None) is not None:
+            asyncio.get_running_loop().create_task(self._free_after_batch(lease.slots))
+        conn.send(reply)
+
+
+# --------------------------------------------------------------------------- process
+
+
+async def _serve(config: EngineProcessConfig, engine: Engine, pipe: Connection) -> int:
+    server_state = EngineServer(config, engine)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    server_state.on_fatal = stop.set
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Ctrl-C reaches every process of the terminal's group; the supervisor decides when the
+    # engine stops (after the workers have drained), so the engine ignores SIGINT.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    # SIGUSR1: the supervisor has begun shutting down; stop holding images for fuller batches.
+    loop.add_signal_handler(signal.SIGUSR1, server_state.begin_drain)
+    config.socket_path.unlink(missing_ok=True)
+    server = await asyncio.start_unix_server(server_state.handle, path=str(config.socket_path))
+    os.chmod(config.socket_path, 0o600)
+    server_state.batcher.start()
+    # Blocking pipe send is fine here: the supervisor reads it at once.
+    pipe.send(("loaded", server_state.hello()))
+    warm = loop.create_task(server_state.warm_up())
+    try:
+        await stop.wait()
+    finally:
+        server_state.begin_drain()
+        server_state._set_ready(False, "shutting down")
+        deadline = time.monotonic() + config.drain_timeout_s
+        # Workers answer what they accepted, then exit; the engine stays until they have gone.
+        while server_state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(warm, 1)
+        await server_state.batcher.close(max(0.1, deadline - time.monotonic()))
+        log.info("drained", extra={"batches": server_state.batcher.stats.batches,
+                                          "images_run": server_state.batcher.stats.images_run})
+        server_state.arena.close()
+        server_state.arena.unlink()
+        config.socket_path.unlink(missing_ok=True)
+    if server_state.fatal:
+        with contextlib.suppress(OSError):
+            pipe.send(("fatal", server_state.fatal))
+        return EXIT_WARMUP_FAILED
+    return 0
+
+
+def main(config: EngineProcessConfig, pipe: Connection) -> None:
+    """Entry point of the engine process (spawned by the supervisor)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.configure(config.log_level, config.log_format, process="engine")
+    try:
+        engine = Engine.load(config.engine)
+    except EngineError as e:
+        pipe.send(("error", str(e)))
+        sys.exit(EXIT_LOAD_FAILED)
+    except Exception as e:  # anything else that stops a load: report it, in one line
+        pipe.send(("error", f"{type(e).__name__}: {e}"))
+        sys.exit(EXIT_LOAD_FAILED)
+
+    async def run() -> int:
+        task = asyncio.get_running_loop().create_task(_serve(config, engine, pipe))
+        return await task
+
+    code = asyncio.run(run())
+    sys.exit(code)

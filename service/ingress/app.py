@@ -1,0 +1,70 @@
+"""``create_app()``: the FastAPI app one ingress worker serves (uvicorn's app factory).
+
+The settings come from the environment, which the supervisor has filled with every flag given
+on its command line, plus the engine's socket path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from service import VERSION, logs
+from service.ingress import auth
+from service.ingress.dataplane import DataPlane
+from service.ingress.errors import install_handlers
+from service.ingress.middleware import RequestContext
+from service.ingress.routes import classify, health, metrics, models
+from service.ingress.state import ENGINE_SOCKET_ENV, IngressState
+from service.settings import Settings, load_settings
+
+DESCRIPTION = """\
+SE-ResNet image classification: top-k classes over HTTP, with dynamic batching across every
+worker process. `POST /classify` takes multipart parts named `images` (or one image as the raw
+body). Errors are `{"error": {"code", "message"}}` with the statuses listed per route. With
+`SERESNET_API_KEY` set, every route but the health checks needs `Authorization: Bearer KEY`.
+"""
+
+OPENAPI_TAGS = [
+    {"name": "classification", "description": "Images in, top-k classes out."},
+    {"name": "health", "description": "Liveness and readiness (KServe V2)."},
+    {"name": "model", "description": "Server and model metadata (KServe V2)."},
+    {"name": "metrics", "description": "Prometheus metrics of all processes."},
+]
+
+
+def create_app(settings: Settings | None = None, engine_socket: Path | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    socket = engine_socket or Path(os.environ[ENGINE_SOCKET_ENV])
+    logs.configure(settings.log_level, settings.log_format, process="worker")
+    state = IngressState(settings, socket)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        yield
+        await state.stop()
+
+    app = FastAPI(title="seresnet-serve", version=VERSION, description=DESCRIPTION,
+                  openapi_tags=OPENAPI_TAGS, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ingress = state
+    app.state.plane = DataPlane(state)
+    install_handlers(app)
+    for module in (classify, health, models, metrics):
+        app.include_router(module.router)
+    _install_web(app)
+    if settings.api_key is not None:
+        app.add_middleware(auth.ApiKeyGate, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(RequestContext)  # outermost: every answer gets a request id
+    return app
+
+
+def _install_web(app: FastAPI) -> None:
+    from service import web
+
+    app.include_router(web.router)
+    web.install_offline_docs(app)

@@ -1,0 +1,47 @@
+"""The API key gate: pure ASGI, in front of every route (the OpenAPI schema and its pages
+included) but the health checks and the browser page's static files, which hold no data."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.ingress.errors import error_body
+
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+OPEN_PREFIXES = ("/static/",)
+OPEN_EXACT = ("/", "/favicon.ico")
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path in OPEN_EXACT or path.startswith(OPEN_PREFIXES)
+
+
+class ApiKeyGate:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._expected = b"bearer " + api_key.encode("ascii")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_open(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                given = value
+                break
+        scheme, _, token = given.partition(b" ")
+        candidate = scheme.lower() + b" " + token.strip()
+        if hmac.compare_digest(candidate, self._expected):
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})["error_code"] = "unauthorized"
+        body = json.dumps(error_body(
+            "unauthorized", "send the API key as 'Authorization: Bearer KEY'")).encode()
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+            (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,234 @@
+"""A worker's connection to the engine process (:mod:`service.wire`).
+
+:meth:`EngineClient.admit` reserves shared-memory slots for a request's images (the engine
+counts them against the one global queue bound), the worker writes preprocessed pixels into
+:meth:`Lease.slot` views, and :meth:`Lease.run` has them batched and run. If the engine goes
+away, every waiting call fails with :class:`EngineUnavailableError` (503), readiness turns
+false, and the client reconnects when the supervisor has restarted the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service import wire
+from service.errors import ServiceError
+from service.slots import SlotArena, SlotArenaError
+
+log = logging.getLogger("service.ingress.engine")
+
+RECONNECT_INTERVAL_S = 0.1
+
+
+class EngineCallError(ServiceError):
+    """The engine refused or failed a call; ``status``/``code`` map straight to HTTP."""
+
+
+class EngineUnavailableError(EngineCallError):
+    def __init__(self, message: str) -> None:
+        super().__init__(503, "engine_unavailable", message, {"Retry-After": "1"})
+
+
+_FAIL_STATUS = {"queue_full": 503, "not_ready": 503, "shutting_down": 503,
+                "deadline_exceeded": 504, "inference_failed": 500, "internal_error": 500}
+
+
+def _failure(code: str, message: str, retry_after: int | None) -> EngineCallError:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return EngineCallError(_FAIL_STATUS.get(code, 500), code, message, headers)
+
+
+class Lease:
+    """Slots the engine reserved for one request's images."""
+
+    def __init__(self, client: EngineClient, rid: int, slots: list[int],
+                 arena: SlotArena, generation: int) -> None:
+        self._client = client
+        self.rid = rid
+        self.slots = slots
+        self._arena = arena
+        self._generation = generation
+        self._open = True
+
+    def slot(self, i: int) -> np.ndarray:
+        """Writable [C, H, W] view of the request's ``i``-th slot."""
+        return self._arena.slot(self.slots[i])
+
+    async def run(self, indices: Sequence[int], deadline: float,
+                  want: tuple[Any, ...] = ("topk", 5)) -> Any:
+        """Batch and run the images in slots ``indices`` (the others failed to decode and are
+        given back). ``want`` is ("topk", k) -> (ids int32 [n,k], probs float32 [n,k]) or
+        ("logits",) -> float32 [n, classes]."""
+        self._open = False
+        used = [self.slots[i] for i in indices]
+        return await self._client._call(
+            ("run", self.rid, used, deadline, want), self.rid, self._generation)
+
+    def release(self) -> None:
+        """The caller is gone (or the request failed before its run): give the slots back."""
+        self._client._release(self.rid, self._generation)
+        self._open = False
+
+
+class EngineClient:
+    def __init__(self, socket_path: Path,
+                 on_hello: Callable[[wire.EngineHello], None] | None = None) -> None:
+        self.socket_path = socket_path
+        self.hello: wire.EngineHello | None = None
+        self.ready = False
+        self.not_ready_reason = "waiting for the engine"
+        self._on_hello = on_hello
+        self._arena: SlotArena | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._rids = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self.disconnects = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._maintain(), name="engine")
+
+    async def wait_connected(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        return self._connected.is_set()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._writer is not None:
+            self._writer.close()
+        if self._arena is not None:
+            self._arena.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def _maintain(self) -> None:
+        logged_wait = False
+        while not self._closing:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+            except OSError:
+                if not logged_wait:
+                    log.info("waiting for the engine", extra={"socket": str(self.socket_path)})
+                    logged_wait = True
+                await asyncio.sleep(RECONNECT_INTERVAL_S)
+                continue
+            logged_wait = False
+            try:
+                await self._session(reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError, wire.ProtocolError,
+                    SlotArenaError) as e:
+                if not self._closing:
+                    log.warning("engine connection lost", extra={"cause": repr(e)})
+            finally:
+                self._lost(writer)
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        message = await wire.read_message(reader)
+        if message[0] != "hello":
+            raise wire.ProtocolError(f"expected hello, got {message[0]!r}")
+        hello: wire.EngineHello = message[1]
+        if self._arena is None or self.hello is None or hello.shm_path != self.hello.shm_path:
+            if self._arena is not None:
+                self._arena.close()
+            self._arena = SlotArena(Path(hello.shm_path), hello.slot_shape, hello.slot_dtype,
+                                    hello.slots, create=False)
+        self.hello = hello
+        self.ready, self.not_ready_reason = hello.ready, hello.not_ready_reason
+        self._writer = writer
+        self._connected.set()
+        if self._on_hello is not None:
+            self._on_hello(hello)
+        log.info("engine connected", extra={"engine_pid": hello.pid,
+                                            "generation": hello.generation,
+                                            "ready": hello.ready})
+        while True:
+            message = await wire.read_message(reader)
+            kind = message[0]
+            if kind == "state":
+                self.ready, self.not_ready_reason = bool(message[1]), str(message[2])
+                continue
+            future = self._pending.pop(message[1], None)
+            if future is None or future.done():
+                continue  # the caller gave up meanwhile
+            if kind == "lease" or kind == "done":
+                future.set_result(message[2])
+            elif kind == "fail":
+                future.set_exception(_failure(message[2], message[3], message[4]))
+            else:
+                raise wire.ProtocolError(f"unknown message {kind!r}")
+
+    def _lost(self, writer: asyncio.StreamWriter) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._writer = None
+        self.ready = False
+        self.not_ready_reason = "the engine process is restarting"
+        writer.close()
+        if was_connected:
+            self.disconnects += 1
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(EngineUnavailableError(
+                    "the engine process stopped while this request waited; retry"))
+
+    # ----------------------------------------------------------------- calls
+
+    def _send(self, message: wire.Message) -> None:
+        if self._writer is None or self._writer.is_closing():
+            raise EngineUnavailableError("the engine process is not running; retry")
+        self._writer.write(wire.encode(message))
+
+    async def _call(self, message: wire.Message, rid: int, generation: int | None = None) -> Any:
+        if generation is not None and (self.hello is None or self.hello.generation != generation
+                                       or not self.connected):
+            raise EngineUnavailableError("the engine process restarted; retry")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            self._send(message)
+            return await future
+        finally:
+            self._pending.pop(rid, None)
+
+    async def admit(self, n: int) -> Lease:
+        """Reserve ``n`` slots; raises EngineCallError (503 queue_full / not_ready) or
+        EngineUnavailableError."""
+        if not self.connected or self.hello is None or self._arena is None:
+            raise EngineUnavailableError(f"the engine is not available ({self.not_ready_reason})")
+        rid = next(self._rids)
+        generation = self.hello.generation
+        arena = self._arena
+        slots = await self._call(("admit", rid, n), rid)
+        return Lease(self, rid, list(slots), arena, generation)
+
+    def _release(self, rid: int, generation: int) -> None:
+        self._pending.pop(rid, None)
+        if self.hello is not None and self.hello.generation == generation:
+            with contextlib.suppress(EngineUnavailableError):
+                self._send(("release", rid))
+
+
+def deadline_left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())

@@ -1,0 +1,89 @@
+"""Shared-memory image slots: preprocessed images go from ingress workers to the engine
+without being copied through a socket or pickled.
+
+The supervisor picks the file, the engine creates it (one slot per admissible image, each the
+size of one model input) and maps it; every worker maps the same file and writes into the
+slots the engine leased to it. The file lives on ``/dev/shm`` (tmpfs) when it fits there, so
+the pages are plain shared memory; space is reserved with ``posix_fallocate`` at creation, so
+a full tmpfs is a clear start-up error instead of a SIGBUS on first write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import tempfile
+from math import prod
+from pathlib import Path
+
+import numpy as np
+
+
+class SlotArenaError(RuntimeError):
+    """The shared-memory file cannot be created or mapped."""
+
+
+def choose_path(tag: str, nbytes: int, fallback_dir: Path) -> Path:
+    """``/dev/shm/seresnet-<tag>`` when that tmpfs has room (Docker's default is 64 MB),
+    else a file in ``fallback_dir``."""
+    shm = Path("/dev/shm")
+    try:
+        stat = os.statvfs(shm)
+        if shm.is_dir() and os.access(shm, os.W_OK) and stat.f_bavail * stat.f_frsize > 2 * nbytes:
+            return shm / f"seresnet-{tag}"
+    except OSError:
+        pass
+    return fallback_dir / f"slots-{tag}"
+
+
+class SlotArena:
+    """``count`` slots of ``shape``/``dtype`` in one mapped file."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype | str, count: int,
+                 *, create: bool) -> None:
+        self.path = Path(path)
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.count = count
+        self.slot_bytes = prod(self.shape) * self.dtype.itemsize
+        size = self.slot_bytes * count
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as e:
+            raise SlotArenaError(f"cannot open shared memory {self.path}: {e}") from e
+        try:
+            if create:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as e:
+                    os.unlink(self.path)
+                    raise SlotArenaError(
+                        f"cannot reserve {size / 2**20:.0f} MiB of shared memory at {self.path} "
+                        f"({e.strerror}); lower SERESNET_MAX_QUEUE_SIZE or give the container "
+                        f"more /dev/shm (docker: shm_size)") from e
+            elif os.fstat(fd).st_size < size:
+                raise SlotArenaError(f"{self.path} is smaller than {count} slots")
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._array = np.frombuffer(self._map, dtype=self.dtype).reshape(count, *self.shape)
+
+    def slot(self, index: int) -> np.ndarray:
+        """A writable view of one slot (no copy)."""
+        return self._array[index]
+
+    def close(self) -> None:
+        self._array = np.empty((0, *self.shape), self.dtype)
+        # A view may still exist somewhere; then the mapping dies with the process.
+        with contextlib.suppress(BufferError):
+            self._map.close()
+
+    def unlink(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def make_run_dir() -> Path:
+    """A private directory (0700) for the engine socket, metrics files and fallback slots."""
+    return Path(tempfile.mkdtemp(prefix="seresnet-"))
