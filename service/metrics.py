@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Sequence
 
 from prometheus_client import (
@@ -33,13 +34,14 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 LABELS = ("model", "version", "provider", "graph", "opt_level")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                     5.0, 10.0, 30.0)
 
-__all__ = ["CONTENT_TYPE_LATEST", "EngineMetrics", "IngressMetrics", "exposition"]
+__all__ = ["CONTENT_TYPE_LATEST", "EngineMetrics", "IngressMetrics", "collect", "exposition"]
 
 
 def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -52,12 +54,22 @@ def batch_buckets(max_batch_size: int) -> tuple[float, ...]:
     return tuple(edges)
 
 
-def exposition() -> bytes:
-    """Every process's samples, summed per series (gauges as their mode says)."""
+def _registry() -> CollectorRegistry:
     registry = CollectorRegistry()
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.MultiProcessCollector(registry)
-    return generate_latest(registry)
+    return registry
+
+
+def exposition() -> bytes:
+    """Every process's samples, summed per series (gauges as their mode says)."""
+    return generate_latest(_registry())
+
+
+def collect() -> list[Metric]:
+    """The same samples as :func:`exposition`, as metric families: for code in the service
+    that needs the numbers (V2 statistics) without a round trip through the text format."""
+    return list(_registry().collect())
 
 
 def mark_process_dead(pid: int) -> None:
@@ -143,16 +155,29 @@ class IngressMetrics(_Labelled):
         super().__init__(labels)
         lv = self._labels
         self.request_success = Counter(
-            "seresnet_inference_request_success", "Requests answered 200 by /classify",
-            LABELS, registry=None).labels(*lv)
+            "seresnet_inference_request_success",
+            "Requests answered 200 by /classify or /v2 .../infer", LABELS,
+            registry=None).labels(*lv)
         self._request_failure = Counter(
-            "seresnet_inference_request_failure", "Requests to /classify that failed, by code",
+            "seresnet_inference_request_failure",
+            "Requests to /classify or /v2 .../infer that failed, by code",
             [*LABELS, "code"], registry=None)
+        # Triton's statistics sum the time of successful and failed requests apart; the
+        # duration histogram below mixes both, so the sums are kept by outcome as well.
+        self._request_seconds = Counter(
+            "seresnet_inference_request_seconds",
+            "Time spent answering inference requests, by outcome (success, failure)",
+            [*LABELS, "outcome"], registry=None)
+        self.last_success = Gauge(
+            "seresnet_last_inference_timestamp_seconds",
+            "Unix time of the last successful inference request (all workers: the latest)",
+            LABELS, registry=None, multiprocess_mode="max").labels(*lv)
         self._image_failure = Counter(
             "seresnet_image_failure", "Images answered with a per-image error, by code",
             [*LABELS, "code"], registry=None)
         self.request_duration = Histogram(
-            "seresnet_request_duration_seconds", "Per /classify request: arrival to response",
+            "seresnet_request_duration_seconds",
+            "Per inference request (/classify, /v2 infer): arrival to response",
             LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
         self.preprocess_duration = Histogram(
             "seresnet_preprocess_duration_seconds", "Per image: header, decode and preprocess",
@@ -160,6 +185,13 @@ class IngressMetrics(_Labelled):
         self.preprocess_backlog = Gauge(
             "seresnet_preprocess_backlog", "Images admitted and being decoded, all workers",
             LABELS, registry=None, multiprocess_mode="livesum").labels(*lv)
+
+    def request_finished(self, seconds: float, ok: bool) -> None:
+        """Every inference request ends here once, whatever its outcome."""
+        self.request_duration.observe(seconds)
+        self._request_seconds.labels(*self._labels, "success" if ok else "failure").inc(seconds)
+        if ok:
+            self.last_success.set(time.time())
 
     def request_failure(self, code: str) -> None:
         self._request_failure.labels(*self._labels, code).inc()

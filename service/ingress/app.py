@@ -16,16 +16,18 @@ from fastapi import FastAPI
 from service import VERSION, logs
 from service.ingress import auth
 from service.ingress.dataplane import DataPlane
-from service.ingress.errors import install_handlers
+from service.ingress.errors import V2ErrorShape, install_handlers
 from service.ingress.middleware import RequestContext
-from service.ingress.routes import classify, health, metrics, models
+from service.ingress.routes import classify, health, metrics, models, v2
 from service.ingress.state import ENGINE_SOCKET_ENV, IngressState
+from service.ingress.v2plane import EXTENSIONS, V2Plane
 from service.settings import Settings, load_settings
 
 DESCRIPTION = """\
 SE-ResNet image classification: top-k classes over HTTP, with dynamic batching across every
 worker process. `POST /classify` takes multipart parts named `images` (or one image as the raw
-body). Errors are `{"error": {"code", "message"}}` with the statuses listed per route. With
+body). Errors are `{"error": {"code", "message"}}` with the statuses listed per route, but
+`{"error": "<string>"}` under `/v2` (the KServe V2 protocol, which Triton's clients read). With
 `SERESNET_API_KEY` set, every route but the health checks needs `Authorization: Bearer KEY`.
 """
 
@@ -33,6 +35,9 @@ OPENAPI_TAGS = [
     {"name": "classification", "description": "Images in, top-k classes out."},
     {"name": "health", "description": "Liveness and readiness (KServe V2)."},
     {"name": "model", "description": "Server and model metadata (KServe V2)."},
+    {"name": "kserve-v2", "description": "Inference, model configuration, statistics and "
+                                         "repository index (KServe V2 / Triton); errors "
+                                         "are {\"error\": \"<string>\"}."},
     {"name": "metrics", "description": "Prometheus metrics of all processes."},
 ]
 
@@ -53,13 +58,18 @@ def create_app(settings: Settings | None = None, engine_socket: Path | None = No
                   openapi_tags=OPENAPI_TAGS, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ingress = state
     app.state.plane = DataPlane(state)
+    app.state.v2plane = V2Plane(state, app.state.plane)
+    state.extensions = list(EXTENSIONS)
     install_handlers(app)
-    for module in (classify, health, models, metrics):
+    # v2 before models: its /v2/models/stats must win over models' /v2/models/{name}.
+    for module in (classify, health, v2, models, metrics):
         app.include_router(module.router)
     _install_web(app)
     if settings.api_key is not None:
         app.add_middleware(auth.ApiKeyGate, api_key=settings.api_key.get_secret_value())
-    app.add_middleware(RequestContext)  # outermost: every answer gets a request id
+    app.add_middleware(RequestContext)  # every answer gets a request id
+    # Outermost: reshapes /v2 error bodies made by the gate and RequestContext too.
+    app.add_middleware(V2ErrorShape)
     return app
 
 

@@ -43,8 +43,10 @@ async def classify(
     t0 = time.perf_counter()
     deadline = time.monotonic() + state.settings.request_timeout_s
     metrics = state.metrics
+    ok = False
     try:
         answer = await plane.classify(request, top_k, deadline)
+        ok = True
     except ApiError as e:
         if state.metrics is not None:
             state.metrics.request_failure(e.code)
@@ -59,7 +61,7 @@ async def classify(
     finally:
         metrics = state.metrics
         if metrics is not None:
-            metrics.request_duration.observe(time.perf_counter() - t0)
+            metrics.request_finished(time.perf_counter() - t0, ok)
     assert metrics is not None
     metrics.request_success.inc()
     return JSONResponse(answer)

@@ -1,4 +1,7 @@
-"""Server and model metadata (KServe V2), with the card and how the model is run."""
+"""Server and model metadata (KServe V2), with the card and how the model is run.
+
+Under ``/v2`` every error body is the protocol's ``{"error": "<string>"}``
+(:mod:`service.ingress.errors`)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from service.ingress.schemas import (
     ServerMetadata,
     error_responses,
 )
+from service.ingress.state import IngressState
 
 router = APIRouter(prefix="/v2", tags=["model"])
 
@@ -34,7 +38,17 @@ async def model_index(state: State) -> ModelIndex:
 @router.get("/models/{name}", responses=error_responses(401, 404),
             summary="Model metadata (KServe V2) plus the card, the engine and the processes")
 async def model_metadata(name: str, state: State) -> ModelMetadata:
-    model_or_404(state, name)
+    return _metadata(state, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", responses=error_responses(401, 404),
+            summary="Metadata of one version of the model (as for the model)")
+async def model_version_metadata(name: str, version: str, state: State) -> ModelMetadata:
+    return _metadata(state, name, version)
+
+
+def _metadata(state: IngressState, name: str, version: str | None) -> ModelMetadata:
+    model_or_404(state, name, version)
     card = state.card
     hello = state.engine.hello
     assert card is not None and hello is not None
@@ -70,5 +84,13 @@ async def model_metadata(name: str, state: State) -> ModelMetadata:
             summary="Model readiness")
 async def model_ready(name: str, state: State) -> ModelReady:
     model_or_404(state, name)
+    state.check_ready()
+    return ModelReady(name=name, ready=True)
+
+
+@router.get("/models/{name}/versions/{version}/ready",
+            responses=error_responses(401, 404, 503), summary="Readiness of one version")
+async def model_version_ready(name: str, version: str, state: State) -> ModelReady:
+    model_or_404(state, name, version)
     state.check_ready()
     return ModelReady(name=name, ready=True)
