@@ -272,7 +272,10 @@ def test_chunked_body_over_the_limit_is_refused_while_streaming(client: httpx.Cl
 
 def test_unknown_routes_and_models_get_json_errors(client: httpx.Client) -> None:
     assert error_of(client.get("/nope")) == (404, "not_found")
-    assert error_of(client.get("/v2/models/nope")) == (404, "model_not_found")
+    # Under /v2 the body is the KServe V2 protocol's {"error": "<string>"} (issue 9).
+    r = client.get("/v2/models/nope")
+    assert r.status_code == 404 and r.json() == {"error": r.json()["error"]}
+    assert "'nope'" in r.json()["error"]
     assert error_of(client.get("/classify")) == (405, "method_not_allowed")
 
 
