@@ -1,6 +1,12 @@
 """SE-ResNet-50 fused vs unfused vs ResNet-50 (the floor) vs PyTorch eager, side by side.
 
     python -m bench.fusion [--batch 1 8] [--repeats 7] [--provider cpu|cuda]
+    python -m bench.fusion --provider cuda [--precision fp32 tf32 fp16] [--graphs off on]
+    python -m bench.fusion --provider cpu --dry-run     # the CUDA matrix's plumbing, on the CPU
+
+The CPU run compares the ORT optimisation levels. The CUDA run is the matrix of
+bench/fusion_cuda.py (precision x layout x CUDA graphs, batch 1/8/32/128 by default, PyTorch
+eager fp16 channels_last as the anchor); see its docstring.
 
 Every configuration runs in the same process, interleaved round-robin over the repeats so
 drift and noise from the machine hit them alike; each repeat times a few calls and the
@@ -35,14 +41,14 @@ LEVELS = {
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def exported(arch: str) -> Path:
-    """Random-weight export of ``arch`` (cached under build/): model.onnx and model.se.onnx."""
+def exported(arch: str, cache: Path = CACHE) -> Path:
+    """Random-weight export of ``arch`` (cached under ``cache``): model.onnx and model.se.onnx."""
     from export.fusion import fuse_file
     from export.model_card import input_spec_for
     from export.onnx_export import export_onnx
     from export.pipeline import load_model
 
-    folder = CACHE / arch
+    folder = cache / arch
     if not (folder / "model.se.onnx").exists():
         folder.mkdir(parents=True, exist_ok=True)
         print(f"exporting {arch} (random weights) to {folder}", flush=True)
@@ -105,7 +111,8 @@ def time_calls(fn: Callable[[], object], calls: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--batch", type=int, nargs="+",
+                        help="batch sizes (default: 1 8 on the CPU, 1 8 32 128 on CUDA)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=0,
                         help="calls per repeat (default: about 1 s of work)")
@@ -113,11 +120,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     parser.add_argument("--out", type=Path)
+    matrix = parser.add_argument_group("the CUDA matrix (--provider cuda, or --dry-run)")
+    matrix.add_argument("--precision", nargs="+", choices=["fp32", "tf32", "fp16"],
+                        default=["fp32", "tf32", "fp16"])
+    matrix.add_argument("--graphs", nargs="+", choices=["off", "on"], default=["off", "on"],
+                        help="CUDA graphs (one per batch size)")
+    matrix.add_argument("--seconds", type=float, default=0.1,
+                        help="time per repeat and row (default: %(default)s)")
+    matrix.add_argument("--cache", type=Path, default=CACHE,
+                        help="where the random-weight exports are kept (default: build/)")
+    matrix.add_argument("--dry-run", action="store_true",
+                        help="run the CUDA matrix's code on this provider with small nets "
+                        "(seresnet18/resnet18), batch 1, one repeat; checks the plumbing, "
+                        "writes build/fusion_dry_run.json")
     args = parser.parse_args(argv)
     provider = PROVIDERS[args.provider]
     if provider not in ort.get_available_providers():
         print(f"{provider} is not available here", file=sys.stderr)
         return 2
+    if args.provider == "cuda" or args.dry_run:
+        return cuda_matrix(args, provider)
+    args.batch = args.batch or [1, 8]
 
     se, plain = exported("seresnet50"), exported("resnet50")
     results: dict[str, object] = {
@@ -179,6 +202,66 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"fusion_{args.provider}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def cuda_matrix(args: argparse.Namespace, provider: str) -> int:
+    from bench import fusion_cuda as fc
+
+    if args.dry_run:
+        se_arch, plain_arch, batches, repeats = "seresnet18", "resnet18", [1], 1
+        out = args.out or REPO / "build" / "fusion_dry_run.json"
+    else:
+        se_arch, plain_arch = "seresnet50", "resnet50"
+        batches, repeats = args.batch or [1, 8, 32, 128], args.repeats
+        out = args.out or RESULTS / "fusion_cuda.json"
+    files = fc.model_files(args.cache, se_arch, plain_arch)
+    results: dict[str, object] = {
+        "benchmark": "fusion",
+        "provider": provider,
+        "dry_run": args.dry_run,
+        "nets": {"seresnet50": se_arch, "resnet50": plain_arch},
+        "machine": {"cpu": cpu_name(), "gpu": gpu_name(), "python": platform.python_version(),
+                    "onnxruntime": ort.__version__},
+        "settings": "ORT_ENABLE_ALL; I/O bound to device buffers; fp32 = use_tf32 0, tf32 and "
+                    "fp16 = use_tf32 1; nhwc = prefer_nhwc 1; graphs-on = enable_cuda_graph 1 "
+                    "with gpu_graph_id per batch; PyTorch: eager, cudnn.benchmark, fp16, "
+                    "channels_last",
+        "repeats": repeats,
+        "seconds_per_repeat": args.seconds,
+        "goals": fc.GOALS,
+        "anchor_h200_seresnet50_pytorch_fp16_channels_last_images_per_s":
+            fc.ANCHOR_H200_SERESNET50_FP16_CL,
+        "rows": {str(b): {} for b in batches},
+    }
+
+    def save() -> None:
+        results["summary"] = fc.summarise(results["rows"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    if not args.no_torch:
+        for batch in batches:
+            runners = {f"{arch}/pytorch-eager-fp16-channels-last": fc.torch_anchor(
+                net, batch, args.dry_run) for arch, net in (("resnet50", plain_arch),
+                                                            ("seresnet50", se_arch))}
+            for name, row in fc.measure(runners, repeats, args.seconds).items():
+                row["images_per_s"] = round(batch / (row["median_ms"] / 1e3), 1)
+                results["rows"][str(batch)][name] = row
+        save()
+    graphs = [g == "on" for g in args.graphs]
+    for group in fc.groups(args.precision, graphs):
+        for name, batch, row in fc.run_group(group, files, batches, provider, repeats,
+                                             args.seconds):
+            results["rows"][str(batch)][name] = row
+            shown = (f"{row['median_ms']:9.3f} ms {row['images_per_s']:9.1f} img/s"
+                     if "median_ms" in row else row["error"][:120])
+            print(f"batch {batch:4d} {name:48s} {shown}", flush=True)
+        save()
+    save()
+    for batch, entry in results["summary"].items():
+        print(f"batch {batch}: {json.dumps(entry)}")
     print(f"wrote {out}")
     return 0
 
