@@ -164,7 +164,7 @@ template <typename T, int P>
 __global__ void __launch_bounds__(kThreads)
 PoolNhwcKernel(const T* __restrict__ x, float* __restrict__ partial, int64_t n, int64_t c,
                int64_t hw, int64_t tiles, int64_t rows_per_split) {
-  __shared__ float sums[kWarpsPerBlock][kWarp][P];
+  __shared__ float sums[kWarpsPerBlock][P][kWarp];  // lane innermost: no bank conflicts
   const int64_t image = blockIdx.x / tiles;
   const int64_t tile = blockIdx.x % tiles;
   const int lane = threadIdx.x % kWarp;
@@ -187,12 +187,12 @@ PoolNhwcKernel(const T* __restrict__ x, float* __restrict__ partial, int64_t n, 
     }
   }
 #pragma unroll
-  for (int j = 0; j < P; ++j) sums[row][lane][j] = acc[j];
+  for (int j = 0; j < P; ++j) sums[row][j][lane] = acc[j];
   __syncthreads();
   if (row == 0 && c0 < c) {
     for (int r = 1; r < kWarpsPerBlock; ++r) {
 #pragma unroll
-      for (int j = 0; j < P; ++j) acc[j] += sums[r][lane][j];
+      for (int j = 0; j < P; ++j) acc[j] += sums[r][j][lane];
     }
     const float scale = 1.0f / static_cast<float>(hw);
     float* out = partial + (static_cast<int64_t>(blockIdx.y) * n + image) * c + c0;
@@ -305,15 +305,16 @@ GateKernel(const float* __restrict__ hidden, const T* __restrict__ w2, const T* 
 }
 
 // Channels last: y = x * gates[n, c] (+ residual)(relu) over [N*HW, C], P elements per thread
-// step (c % P == 0, so a vector never straddles two pixels).
-template <typename T, bool kResidual, bool kRelu, int P>
+// step (c % P == 0, so a vector never straddles two pixels). Index is uint32_t when every
+// offset fits: 64-bit division per vector would cost more than the arithmetic it indexes.
+template <typename T, bool kResidual, bool kRelu, int P, typename Index>
 __global__ void __launch_bounds__(kThreads)
 ScaleNhwcKernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ y,
-                const float* __restrict__ gates, int64_t vectors, int64_t c, int64_t hwc) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors;
+                const float* __restrict__ gates, Index vectors, Index c, Index hwc) {
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < vectors;
        i += stride) {
-    const int64_t e = i * P;
+    const Index e = i * P;
     const float* g = gates + (e / hwc) * c + e % c;
     if constexpr (P > 1) {
       float v[P], r[P] = {};
@@ -326,6 +327,23 @@ ScaleNhwcKernel(const T* __restrict__ x, const T* __restrict__ residual, T* __re
       const float r = kResidual ? ToFloat(residual[e]) : 0.0f;
       y[e] = FromFloat<T>(Finish<kResidual, kRelu>(ToFloat(x[e]), g[0], r));
     }
+  }
+}
+
+template <typename T, bool kResidual, bool kRelu, int P>
+void LaunchScaleNhwc(const T* x, const T* residual, T* y, const float* gates, int64_t vectors,
+                     int64_t c, int64_t hwc, cudaStream_t stream) {
+  const auto blocks =
+      static_cast<unsigned>(std::clamp<int64_t>(CeilDiv(vectors, kThreads), 1, 1 << 20));
+  // The loop's last index plus one stride must fit too.
+  const int64_t largest = (vectors + static_cast<int64_t>(blocks) * kThreads) * P;
+  if (largest < (int64_t{1} << 32)) {
+    ScaleNhwcKernel<T, kResidual, kRelu, P, uint32_t><<<blocks, kThreads, 0, stream>>>(
+        x, residual, y, gates, static_cast<uint32_t>(vectors), static_cast<uint32_t>(c),
+        static_cast<uint32_t>(hwc));
+  } else {
+    ScaleNhwcKernel<T, kResidual, kRelu, P, int64_t><<<blocks, kThreads, 0, stream>>>(
+        x, residual, y, gates, vectors, c, hwc);
   }
 }
 
@@ -378,15 +396,14 @@ void LaunchScale(const SeLaunch& a, const Plan& p, const float* hidden, const fl
   const T* w2 = static_cast<const T*>(a.w2);
   const T* b2 = static_cast<const T*>(a.b2);
   if (a.channels_last) {
-    const int width = p.all_vec ? kPack<T> : 1;
-    const int64_t vectors = a.n * a.hw * a.c / width;
-    const auto blocks = static_cast<unsigned>(std::clamp<int64_t>(CeilDiv(vectors, kThreads), 1, 1 << 20));
+    const int64_t elements = a.n * a.hw * a.c;
     if (p.all_vec) {
-      ScaleNhwcKernel<T, kResidual, kRelu, kPack<T>><<<blocks, kThreads, 0, stream>>>(
-          x, residual, y, gates, vectors, a.c, a.hw * a.c);
+      LaunchScaleNhwc<T, kResidual, kRelu, kPack<T>>(x, residual, y, gates,
+                                                     elements / kPack<T>, a.c, a.hw * a.c,
+                                                     stream);
     } else {
-      ScaleNhwcKernel<T, kResidual, kRelu, 1><<<blocks, kThreads, 0, stream>>>(
-          x, residual, y, gates, vectors, a.c, a.hw * a.c);
+      LaunchScaleNhwc<T, kResidual, kRelu, 1>(x, residual, y, gates, elements, a.c,
+                                              a.hw * a.c, stream);
     }
     return;
   }
