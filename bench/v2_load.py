@@ -175,8 +175,10 @@ class Paths:
             tensor = InferInput(self.card.input.tensor, list(batch.shape),
                                 "UINT8" if batch.dtype == np.uint8 else "FP32")
             tensor.set_data_from_numpy(batch, binary_data=True)
+            # A copy: tritonclient writes Inference-Header-Content-Length (an int) into
+            # the dict it is given, which would then break the next httpx client.
             result = await client.infer(self.model, [tensor], outputs=outputs,
-                                        headers=self.headers)
+                                        headers=dict(self.headers))
             return int(result.as_numpy(self.card.output.logits).shape[0])
 
         return send
@@ -189,14 +191,16 @@ class Paths:
             blobs = np.array([self.files[i][1] for i in self._batch(n)], dtype=np.object_)
             tensor = InferInput(self.card.input.tensor, [len(blobs)], "BYTES")
             tensor.set_data_from_numpy(blobs, binary_data=True)
+            # A copy: tritonclient writes Inference-Header-Content-Length (an int) into
+            # the dict it is given, which would then break the next httpx client.
             result = await client.infer(self.model, [tensor], outputs=outputs,
-                                        headers=self.headers)
+                                        headers=dict(self.headers))
             return int(result.as_numpy(self.card.output.logits).shape[0])
 
         return send
 
     def classify(self) -> Send:
-        client = httpx.AsyncClient(base_url=self.url, timeout=120, headers=self.headers,
+        client = httpx.AsyncClient(base_url=self.url, timeout=120, headers=dict(self.headers),
                                    limits=httpx.Limits(max_connections=1))
         self._closers.append(client.aclose)
 
