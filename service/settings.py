@@ -172,6 +172,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_images_per_request: {self.max_images_per_request} exceeds max_queue_size="
                 f"{self.max_queue_size}, so such a request could never be admitted")
+        if self.max_inflight_body_mb and self.max_inflight_body_mb * 2**20 < self.max_body_bytes:
+            raise ValueError(
+                f"max_inflight_body_mb: {self.max_inflight_body_mb} MiB is less than one "
+                f"request body may be (max_body_bytes={self.max_body_bytes})")
         if any(b < 1 for b in self.batch_buckets):
             raise ValueError("batch_buckets: sizes must be positive")
         if any(b > self.max_batch_size for b in self.batch_buckets):

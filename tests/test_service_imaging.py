@@ -5,11 +5,13 @@ every bad input gets its stable code and HTTP status. Images are real files made
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from imagesamples import SVG, TEXT, gif_claiming, photo, png_claiming
+from imagesamples import SVG, TEXT, encode, gif_claiming, photo, png_claiming
 from PIL import Image
 
 from modelcard.preprocessing import load_array
@@ -204,3 +206,42 @@ def test_truncated_image_is_corrupt(tmp_path: Path, name: str) -> None:
     with pytest.raises(ImageError) as info:
         decode(data[: len(data) // 2], RGB224, LIMIT)
     assert (info.value.status, info.value.code) == (400, "corrupt_image")
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def test_header_walk_bounds_let_real_files_through_and_stop_bombs() -> None:
+    from service.ingress.imaging import MAX_JPEG_MARKERS, check_structure
+
+    real_jpeg = encode(photo(640, 480), "JPEG", quality=90)
+    real_png = encode(photo(300, 200), "PNG")
+    check_structure(real_jpeg)
+    check_structure(real_png)
+    stuffed = real_jpeg[:2] + b"\xff\x01" * (MAX_JPEG_MARKERS + 1) + real_jpeg[2:]
+    with pytest.raises(ImageError, match="markers") as e:
+        check_structure(stuffed)
+    assert e.value.status == 400
+    filled = real_jpeg[:2] + b"\xff" * 1_000_000 + real_jpeg[2:]  # fill bytes: one turn each
+    with pytest.raises(ImageError, match="markers"):
+        check_structure(filled)
+    empty = struct.pack(">I", 0) + b"prIv" + struct.pack(">I", zlib.crc32(b"prIv"))
+    chunky = real_png[:33] + empty * 200_000 + real_png[33:]
+    with pytest.raises(ImageError, match="chunks"):
+        check_structure(chunky)
+
+
+def test_decode_cost_counts_conversions_and_rotation() -> None:
+    from modelcard.preprocessing import open_image
+    from service.ingress.imaging import decode_cost
+
+    gray = GRAY28
+    rgba = Image.new("RGBA", (1000, 1000))
+    l8 = Image.new("L", (1000, 1000))
+    assert decode_cost(l8, gray) < decode_cost(rgba, gray)
+    assert decode_cost(rgba, gray) >= 1000 * 1000 * (4 + 16)  # decoded + four RGBA-size copies
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(photo(400, 300), "JPEG", exif=exif)
+    upright = encode(photo(400, 300), "JPEG")
+    assert decode_cost(open_image(rotated), gray) > decode_cost(open_image(upright), gray)

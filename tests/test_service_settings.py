@@ -121,3 +121,29 @@ def test_a_container_cpu_quota_caps_the_thread_counts(tmp_path, content: str, wa
     path.write_text(content)
     assert _cgroup_cpu_limit(path) == want
     assert _cgroup_cpu_limit(tmp_path / "missing") is None
+
+
+def test_tf32_is_on_by_default_and_can_be_turned_off() -> None:
+    from service.engine.session import cuda_options
+
+    on = load_settings({"model_dir": EMBEDDED_MODEL})
+    off = load_settings({"model_dir": EMBEDDED_MODEL, "cuda_tf32": "0"})
+    assert cuda_options(on.engine_config())["use_tf32"] == "1"
+    assert cuda_options(off.engine_config())["use_tf32"] == "0"
+
+
+def test_worker_count_follows_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.settings as settings_module
+
+    for cores, want in ((1, 1), (2, 1), (16, 15)):
+        monkeypatch.setattr(settings_module, "available_cores", lambda c=cores: c)
+        assert load_settings({"model_dir": EMBEDDED_MODEL}).worker_count() == want
+    assert load_settings({"model_dir": EMBEDDED_MODEL, "workers": 3}).worker_count() == 3
+
+
+def test_settings_that_could_never_work_stop_start_up() -> None:
+    with pytest.raises(SettingsError, match=r"SERESNET_API_KEY.*ASCII"):
+        load_settings({"model_dir": EMBEDDED_MODEL, "api_key": "clé"})
+    with pytest.raises(SettingsError, match=r"max_inflight_body_mb|MAX_INFLIGHT"):
+        load_settings({"model_dir": EMBEDDED_MODEL, "max_inflight_body_mb": 1,
+                       "max_body_bytes": 8 * 2**20})

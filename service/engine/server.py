@@ -73,6 +73,7 @@ class _Lease:
     rid: int
     slots: list[int]
     task: asyncio.Task[None] | None = None
+    queued: bool = False  # its images reached the batcher (which then counts their drops)
 
 
 @dataclass(eq=False)
@@ -226,8 +227,8 @@ class EngineServer:
         if lease.conn.leases.pop(lease.rid, None) is None:
             return
         if lease.task is not None and not lease.task.done():
-            lease.task.cancel()  # the batcher purges its queued images and counts them
-        elif reason and lease.task is None and lease.slots:
+            lease.task.cancel()  # once queued, the batcher purges its images and counts them
+        if not lease.queued and lease.slots:
             self.metrics.on_dropped(reason, len(lease.slots))  # admitted, never queued
         asyncio.get_running_loop().create_task(self._free_after_batch(lease.slots))
 
@@ -254,6 +255,9 @@ class EngineServer:
             if not lease.slots:
                 raise ValueError("nothing to run")
             views = [self.arena.slot(s) for s in lease.slots]
+            # submit() queues the images before its first await; from then on the batcher
+            # counts any that are dropped.
+            lease.queued = True
             logits = await self.batcher.submit(views, deadline)
         except asyncio.CancelledError:
             return  # released: _release frees the slots

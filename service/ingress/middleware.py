@@ -13,9 +13,10 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
-from service.ingress.errors import error_body
+from service.ingress.errors import error_body, internal_error_message
 
 access_log = logging.getLogger("service.access")
+log = logging.getLogger("service.ingress")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _QUIET_PATHS = ("/v2/health/", "/metrics", "/static/")
@@ -87,6 +88,19 @@ class RequestContext:
                 await send({"type": "http.response.body", "body": body})
             else:
                 raise
+        except Exception as exc:
+            # Here, inside the request's context, the log line and the answer both carry the
+            # request id (Starlette's own last-resort handler runs outside this middleware).
+            if started:
+                raise
+            log.error("unhandled error", exc_info=exc)
+            status = 500
+            scope.setdefault("state", {})["error_code"] = "internal_error"
+            body = json.dumps(error_body("internal_error", internal_error_message())).encode()
+            await send_with_id({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
         finally:
             state = scope.get("state") or {}
             if state.get("client_gone"):
