@@ -17,7 +17,7 @@
 //               warp reads whole pixel rows, coalesced; the splits' partial means go to scratch
 //               and fc1 adds them (fixed order: results do not depend on timing) -> [S, N, C]
 //   fc1         as above, summing the S partial means                       -> hidden [N, Cr]
-//   gates       one warp per (n, c)                                         -> gates [N, C]
+//   gates       like fc1: one warp per channel c serving up to 8 images     -> gates [N, C]
 //   scale       elementwise over [N*HW, C], the gate indexed by (n, c)
 // Scratch comes from the caller (ORT's allocator); nothing here allocates, synchronises or
 // copies to the host, so the launches can be captured into a CUDA graph.
@@ -201,35 +201,40 @@ PoolNhwcKernel(const T* __restrict__ x, float* __restrict__ partial, int64_t n, 
   }
 }
 
-// pooled holds `splits` [N, C] slices of partial means (1 for channels first).
-template <typename T>
+// A small dense layer, out[n, r] = act(w[r] · in[n] + b[r]), one warp per output r serving up
+// to 8 images, so each row of w is read once per 8 images, coalesced along `inputs`. `in` holds
+// `splits` [N, inputs] slices that are summed first (the channels-last pool's partial means;
+// 1 otherwise). fc1: in = pooled, act = ReLU. Channels-last gates: in = hidden, act = sigmoid.
+template <typename T, bool kSigmoid>
 __global__ void __launch_bounds__(kThreads)
-Fc1Kernel(const float* __restrict__ pooled, int64_t splits, const T* __restrict__ w1,
-          const T* __restrict__ b1, float* __restrict__ hidden, int64_t n, int64_t c,
-          int64_t cr) {
+DenseKernel(const float* __restrict__ in, int64_t splits, const T* __restrict__ w,
+            const T* __restrict__ b, float* __restrict__ out, int64_t n, int64_t inputs,
+            int64_t outputs) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (r >= cr) return;
+  if (r >= outputs) return;
   const int lane = threadIdx.x % kWarp;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kFc1Images;
   const int images = static_cast<int>(Min64(kFc1Images, n - n0));
-  const T* row = w1 + r * c;
+  const T* row = w + r * inputs;
   float acc[kFc1Images] = {};
-  for (int64_t k = lane; k < c; k += kWarp) {
-    const float w = ToFloat(row[k]);
+  for (int64_t k = lane; k < inputs; k += kWarp) {
+    const float weight = ToFloat(row[k]);
 #pragma unroll
     for (int i = 0; i < kFc1Images; ++i) {
       if (i < images) {
-        float mean = pooled[(n0 + i) * c + k];
-        for (int64_t s = 1; s < splits; ++s) mean += pooled[(s * n + n0 + i) * c + k];
-        acc[i] += w * mean;
+        float v = in[(n0 + i) * inputs + k];
+        for (int64_t s = 1; s < splits; ++s) v += in[(s * n + n0 + i) * inputs + k];
+        acc[i] += weight * v;
       }
     }
   }
-  const float bias = ToFloat(b1[r]);
+  const float bias = ToFloat(b[r]);
 #pragma unroll
   for (int i = 0; i < kFc1Images; ++i) {
-    const float v = WarpSum(acc[i]);
-    if (lane == 0 && i < images) hidden[(n0 + i) * cr + r] = fmaxf(v + bias, 0.0f);
+    const float v = WarpSum(acc[i]) + bias;
+    if (lane == 0 && i < images) {
+      out[(n0 + i) * outputs + r] = kSigmoid ? 1.0f / (1.0f + expf(-v)) : fmaxf(v, 0.0f);
+    }
   }
 }
 
@@ -290,18 +295,6 @@ GateScaleKernel(const T* __restrict__ x, const T* __restrict__ residual, T* __re
       y[base + i] = FromFloat<T>(Finish<kResidual, kRelu>(ToFloat(x[base + i]), gates[i / hw], r));
     }
   }
-}
-
-// Channels last: gates [N, C], one warp per (n, c).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-GateKernel(const float* __restrict__ hidden, const T* __restrict__ w2, const T* __restrict__ b2,
-           float* __restrict__ gates, int64_t n, int64_t c, int64_t cr) {
-  const int64_t index = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (index >= n * c) return;  // whole warps leave together
-  const int64_t image = index / c;
-  const float g = WarpGate(w2, b2, hidden + image * cr, index % c, cr, threadIdx.x % kWarp);
-  if (threadIdx.x % kWarp == 0) gates[index] = g;
 }
 
 // Channels last: y = x * gates[n, c] (+ residual)(relu) over [N*HW, C], P elements per thread
@@ -429,11 +422,17 @@ const char* LaunchTyped(const SeLaunch& a, cudaStream_t stream) {
   float* hidden = reinterpret_cast<float*>(scratch + p.pooled_bytes);
   float* gates = reinterpret_cast<float*>(scratch + p.pooled_bytes + p.hidden_bytes);
   const int64_t planes = a.n * a.c;
+  // Every size check before the first launch: a refused call enqueues nothing.
+  const int64_t image_blocks = CeilDiv(a.n, kFc1Images);
+  const int64_t tile_channels =
+      std::clamp<int64_t>(kTileElements / a.hw, 1, std::min<int64_t>(kMaxTileChannels, a.c));
+  if (planes > kMaxGrid || a.n * p.tiles > kMaxGrid || p.splits > 65535 ||
+      image_blocks > 65535 || CeilDiv(std::max(a.c, a.cr), kWarpsPerBlock) > kMaxGrid ||
+      (!a.channels_last && a.n * CeilDiv(a.c, tile_channels) > kMaxGrid)) {
+    return "SqueezeExcitation (CUDA): batch or channels too large for one launch";
+  }
 
   if (a.channels_last) {
-    if (a.n * p.tiles > kMaxGrid || p.splits > 65535) {
-      return "SqueezeExcitation (CUDA): batch too large for one launch";
-    }
     const dim3 grid(static_cast<unsigned>(a.n * p.tiles), static_cast<unsigned>(p.splits));
     if (p.x_vec) {
       PoolNhwcKernel<T, kPack<T>><<<grid, kThreads, 0, stream>>>(x, pooled, a.n, a.c, a.hw,
@@ -443,7 +442,6 @@ const char* LaunchTyped(const SeLaunch& a, cudaStream_t stream) {
                                                            p.rows_per_split);
     }
   } else if (a.hw >= kBlockPoolMinHw) {
-    if (planes > kMaxGrid) return "SqueezeExcitation (CUDA): too many planes for one launch";
     const dim3 grid(static_cast<unsigned>(planes));
     if (p.x_vec) {
       PoolBlockKernel<T, true><<<grid, kThreads, 0, stream>>>(x, pooled, a.hw);
@@ -451,9 +449,7 @@ const char* LaunchTyped(const SeLaunch& a, cudaStream_t stream) {
       PoolBlockKernel<T, false><<<grid, kThreads, 0, stream>>>(x, pooled, a.hw);
     }
   } else {
-    const int64_t blocks = CeilDiv(planes, kWarpsPerBlock);
-    if (blocks > kMaxGrid) return "SqueezeExcitation (CUDA): too many planes for one launch";
-    const dim3 grid(static_cast<unsigned>(blocks));
+    const dim3 grid(static_cast<unsigned>(CeilDiv(planes, kWarpsPerBlock)));
     if (p.x_vec) {
       PoolWarpKernel<T, true><<<grid, kThreads, 0, stream>>>(x, pooled, planes, a.hw);
     } else {
@@ -462,28 +458,20 @@ const char* LaunchTyped(const SeLaunch& a, cudaStream_t stream) {
   }
 
   if (a.cr > 0) {
-    const int64_t row_blocks = CeilDiv(a.cr, kWarpsPerBlock);
-    const int64_t image_blocks = CeilDiv(a.n, kFc1Images);
-    if (row_blocks > kMaxGrid || image_blocks > 65535) {
-      return "SqueezeExcitation (CUDA): batch or Cr too large for one launch";
-    }
-    const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(image_blocks));
-    Fc1Kernel<T><<<grid, kThreads, 0, stream>>>(pooled, p.splits, static_cast<const T*>(a.w1),
-                                                static_cast<const T*>(a.b1), hidden, a.n, a.c,
-                                                a.cr);
+    const dim3 grid(static_cast<unsigned>(CeilDiv(a.cr, kWarpsPerBlock)),
+                    static_cast<unsigned>(image_blocks));
+    DenseKernel<T, false><<<grid, kThreads, 0, stream>>>(
+        pooled, p.splits, static_cast<const T*>(a.w1), static_cast<const T*>(a.b1), hidden, a.n,
+        a.c, a.cr);
   }
 
   if (a.channels_last) {
-    const int64_t blocks = CeilDiv(planes, kWarpsPerBlock);
-    if (blocks > kMaxGrid) return "SqueezeExcitation (CUDA): batch too large for one launch";
-    GateKernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        hidden, static_cast<const T*>(a.w2), static_cast<const T*>(a.b2), gates, a.n, a.c, a.cr);
-  } else {
-    const int64_t tile_channels =
-        std::clamp<int64_t>(kTileElements / a.hw, 1, std::min<int64_t>(kMaxTileChannels, a.c));
-    if (a.n * CeilDiv(a.c, tile_channels) > kMaxGrid) {
-      return "SqueezeExcitation (CUDA): batch too large for one launch";
-    }
+    // gates [N, C] = sigmoid(w2 · hidden + b2), each row of w2 read once per 8 images
+    const dim3 grid(static_cast<unsigned>(CeilDiv(a.c, kWarpsPerBlock)),
+                    static_cast<unsigned>(image_blocks));
+    DenseKernel<T, true><<<grid, kThreads, 0, stream>>>(
+        hidden, 1, static_cast<const T*>(a.w2), static_cast<const T*>(a.b2), gates, a.n, a.cr,
+        a.c);
   }
   if (a.residual != nullptr) {
     if (a.relu) {
