@@ -25,6 +25,7 @@ binding, graph ids, the JSON), not speed.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -160,17 +161,25 @@ class BoundRun:
         return self.outputs[0].numpy()
 
 
-def torch_anchor(arch: str, batch: int, dry_run: bool) -> Callable[[], None]:
-    """PyTorch eager, fp16, channels_last on the GPU (float32 on the CPU for a dry run)."""
+@functools.cache
+def _torch_model(arch: str, device: str) -> Any:
     import torch
 
     from export.pipeline import load_model
 
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = load_model(arch, None).to(device=device, dtype=dtype)
+    return model.to(memory_format=torch.channels_last)
+
+
+def torch_anchor(arch: str, batch: int, dry_run: bool) -> Callable[[], None]:
+    """PyTorch eager, fp16, channels_last on the GPU (float32 on the CPU for a dry run)."""
+    import torch
+
     cuda = torch.cuda.is_available() and not dry_run
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     torch.backends.cudnn.benchmark = True
-    model = load_model(arch, None).to(device=device, dtype=dtype)
-    model = model.to(memory_format=torch.channels_last)
+    model = _torch_model(arch, device)
     x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
 
