@@ -31,7 +31,7 @@ from service.ingress.engine_client import EngineCallError
 from service.ingress.errors import ApiError, ClientGoneError, v2_error_code
 from service.ingress.state import IngressState
 from service.v2 import metadata as v2meta
-from service.v2.errors import ImageRejected, ModelNotFound, V2Error
+from service.v2.errors import ImageRejected, V2Error
 from service.v2.request import (
     HEADER_LENGTH,
     InferRequest,
@@ -65,8 +65,8 @@ class V2Plane:
         with another card."""
         card = self.state.card
         if card is None:
-            raise ModelNotFound("no model is loaded yet (the engine is starting)",
-                                status=503, headers={"Retry-After": "1"})
+            raise V2Error("no model is loaded yet (the engine is starting)", status=503,
+                          headers={"Retry-After": "1"})
         if self._signature is None or self._signature[0] is not card:
             self._signature = (card, Signature.from_card(card))
         return self._signature[1]
@@ -142,14 +142,16 @@ class V2Plane:
             held = 0
 
         try:
+            # A compressed body is counted against the budget at its wire size; inflating
+            # is bounded by SERESNET_MAX_BODY_BYTES like any body.
             body = decompress(body, request.headers.get("content-encoding"),
                               settings.max_body_bytes)
             infer = decode_infer_request(body, header_length, signature,
                                          settings.max_images_per_request)
             request.state.images = infer.batch_size
-            if infer.timeout_us is not None:
-                # The client's own deadline (Triton's "timeout" parameter) may only shorten
-                # the server's.
+            if infer.timeout_us:
+                # The client's own deadline (Triton's "timeout" parameter; 0 means none, as
+                # in Triton) may only shorten the server's.
                 deadline = min(deadline, time.monotonic() + infer.timeout_us / 1e6)
             logits, errors = await self._run(request, infer, signature, deadline, body_done)
         finally:
