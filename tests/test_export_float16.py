@@ -120,3 +120,28 @@ def test_fuse_cli_writes_the_float16_channels_last_form(tmp_path) -> None:
     got = _session(model).run(None, {"image": pixels})[0]
     assert (got.argmax(1) == want.argmax(1)).all()
     assert np.abs(got - want).max() < 0.05
+
+
+def test_verify_checks_the_float16_variant(tmp_path, random_seresnet14) -> None:
+    """export verify re-measures model.fp16.se.onnx against model.se.onnx and fails a folder
+    whose float16 file is not the float16 form of its fused model."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import EMBEDDED_MODEL
+
+    from export.fusion import fuse_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(EMBEDDED_MODEL, folder)
+    verify = [sys.executable, "-m", "export", "verify", str(folder), "--parity-images", "64"]
+    good = subprocess.run(verify, capture_output=True, text=True, check=False)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "ok model.se.onnx vs model.fp16.se.onnx" in good.stdout
+
+    other, _ = fuse_model(onnx.load(str(random_seresnet14)))  # same net, other weights
+    onnx.save(to_float16(other), str(folder / "model.fp16.se.onnx"))
+    bad = subprocess.run(verify, capture_output=True, text=True, check=False)
+    assert bad.returncode == 1
+    assert "FAIL model.se.onnx vs model.fp16.se.onnx" in bad.stdout
