@@ -1,4 +1,4 @@
-"""``python -m client score PATH... --url URL`` (console script: ``seresnet-client``)."""
+"""``python -m client score PATH... [--url URL]`` (console script: ``seresnet-client``)."""
 
 from __future__ import annotations
 
@@ -30,16 +30,16 @@ once), or @LIST: a text file with one path (file or folder) per line, '#' commen
 
 EPILOG = f"""\
 examples:
-  # score a folder; results.jsonl gets one JSON object per image
-  python -m client score photos/ --url http://127.0.0.1:8000
+  # score a folder with the local service (make serve); results.jsonl gets one JSON object
+  # per image
+  python -m client score photos/
 
   # a labelled folder (class/xxx.png): also report top-1/top-5 accuracy and a per-class table
-  python -m client score fashion-test/ --url http://127.0.0.1:8000 --labels-from-dirs \\
-      --out fashion.jsonl --summary-json fashion-summary.json
+  python -m client score fashion-test/ --labels-from-dirs --out fashion.jsonl \\
+      --summary-json fashion-summary.json
 
   # continue after Ctrl-C, a crash or a service outage: skips what is already done
-  python -m client score fashion-test/ --url http://127.0.0.1:8000 --labels-from-dirs \\
-      --out fashion.jsonl --resume
+  python -m client score fashion-test/ --labels-from-dirs --out fashion.jsonl --resume
 
   # paths from another tool, CSV out, bigger requests
   find archive -name '*.jpg' -newer stamp | python -m client score @- --url http://gpu-box:8000 \\
@@ -61,7 +61,7 @@ exit codes:
   {EXIT_OUTPUT}    the output file could not be written
   {EXIT_INTERRUPTED}  interrupted by Ctrl-C (143: SIGTERM); every row written so far is kept
 
-environment: SERESNET_API_KEY (instead of --api-key)
+environment: SERESNET_URL (instead of --url), SERESNET_API_KEY (instead of --api-key)
 """
 
 
@@ -87,6 +87,9 @@ _non_negative_int = _number(int, 0, strict=False)
 _positive_float = _number(float, 0, strict=True)
 
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m client",
@@ -103,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder, or @LIST")
     score.add_argument(
         "--url",
-        required=True,
-        help="the service's base URL, e.g. http://127.0.0.1:8000",
+        default=os.environ.get("SERESNET_URL") or DEFAULT_URL,
+        help=f"the service's base URL (default: $SERESNET_URL, else {DEFAULT_URL}, where "
+        "`make serve` listens)",
     )
     score.add_argument(
         "--out",
@@ -180,6 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = args.url.strip()
     if not url.startswith(("http://", "https://")):
         print(f"error: --url {url!r} must start with http:// or https://", file=sys.stderr)
+        return EXIT_USAGE
+    key = args.api_key
+    if key and not (key.isascii() and key.isprintable()):
+        # An HTTP header carries only visible ASCII; say so instead of failing mid-request.
+        print("error: the API key (--api-key or SERESNET_API_KEY) has characters an HTTP "
+              "header cannot carry: use printable ASCII only", file=sys.stderr)
         return EXIT_USAGE
     out, fmt = _output(args)
     settings = Settings(

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from client.discovery import Item, check_arguments, iter_items, true_label
+from client.labels import ClassLabels
 from client.output import OutputError, Row, Writer, open_writer, read_existing
 from client.progress import Progress
 from client.scoring import (
@@ -89,10 +90,28 @@ class _Pipeline:
         self.progress = progress
         self.writer = writer
         self.items: Iterator[Item] = iter_items(opts.paths)
+        self.labels = ClassLabels()
+        self._labels_asked: asyncio.Task[list[str]] | None = None
+
+    async def learn_labels(self, scorer: Scorer) -> None:
+        """With --labels-from-dirs, learn the model's class labels once (asked as soon as the
+        model's name is known), so that rows name the class (``Ankle boot``), not the folder
+        (``Ankle_boot``)."""
+        if not self.opts.labels_from_dirs or self.labels:
+            return
+        if self._labels_asked is None:
+            if scorer.model is None:
+                return  # no answer yet: the next batch tries again
+            self._labels_asked = asyncio.ensure_future(scorer.class_labels(scorer.model))
+        self.labels = ClassLabels(await asyncio.shield(self._labels_asked))
 
     def emit(self, rows: list[Row]) -> None:
         # Runs on the event loop only: writes never interleave, and a cancellation can only
         # happen between two batches, never in the middle of one.
+        if self.labels:
+            for row in rows:
+                if "true_label" in row:
+                    row["true_label"] = self.labels.canonical(row["true_label"])
         self.writer.write(rows)
         for row in rows:
             self.summary.add(row)
@@ -129,6 +148,8 @@ class _Pipeline:
         async with Scorer.make_client(settings) as client:
             scorer = Scorer(settings, client, self.progress.notice, self.summary.note_model)
             await scorer.wait_ready()
+            if self.opts.labels_from_dirs:
+                self.labels = ClassLabels(await scorer.class_labels())
             queue: asyncio.Queue[list[Image] | None] = asyncio.Queue(maxsize=settings.concurrency)
             # Consecutive failed requests that mean "the service is gone", not "a bad batch":
             # one full wave of concurrent requests plus a couple more.
@@ -149,7 +170,9 @@ class _Pipeline:
 
             async def work() -> None:
                 while (batch := await queue.get()) is not None:
-                    self.emit(await scorer.score(batch))
+                    rows = await scorer.score(batch)
+                    await self.learn_labels(scorer)
+                    self.emit(rows)
                     if scorer.failure_streak >= give_up_after:
                         raise ServiceError(
                             f"{scorer.failure_streak} requests in a row failed (last: "

@@ -147,8 +147,34 @@ class CsvWriter(_StreamWriter):
         self._write_lines([row_to_csv(r, self._top_k) for r in rows])
 
 
+class _OnFirstRows:
+    """Opens the real writer when the first rows come: a run that writes nothing (the service
+    was unreachable, refused the key) leaves no empty file behind, and an existing one as it
+    was."""
+
+    def __init__(self, opener: Callable[[], Writer]) -> None:
+        self._opener = opener
+        self._writer: Writer | None = None
+
+    def write(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        if self._writer is None:
+            self._writer = self._opener()
+        self._writer.write(rows)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
 def open_writer(path: str, fmt: str, top_k: int, append: bool) -> Writer:
-    """A writer for ``path`` (``-``: standard output); ``append`` continues an existing file."""
+    """A writer for ``path`` (``-``: standard output), opened with the first rows written;
+    ``append`` continues an existing file."""
+    return _OnFirstRows(lambda: _open_now(path, fmt, top_k, append))
+
+
+def _open_now(path: str, fmt: str, top_k: int, append: bool) -> Writer:
     if path == "-":
         stream, owned, fresh = sys.stdout, False, True
     else:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import quote
 
 import httpx
 
@@ -198,6 +199,8 @@ class Scorer:
         self._last_notice: dict[str, float] = {}
         #: Most images per request; lowered when the service says "too_many_images".
         self.request_limit = settings.batch_size
+        #: The model's name, from the first answer.
+        self.model: str | None = None
 
     @staticmethod
     def make_client(settings: Settings) -> httpx.AsyncClient:
@@ -263,6 +266,25 @@ class Scorer:
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
             self._notice("ready", f"waiting for the service at {url}: {failure.message}")
             await asyncio.sleep(delay)
+
+    async def class_labels(self, model: str | None = None) -> list[str]:
+        """The served model's class labels, from its metadata (``GET /v2/models/{name}``;
+        without ``model``, the first name ``GET /v2/models`` lists); [] when the service does
+        not say (an older service, a gateway that passes only /classify)."""
+        try:
+            if model is None:
+                listing = await self.client.get("/v2/models")
+                models = listing.json()["models"] if listing.status_code == 200 else None
+                if not models:
+                    return []
+                model = models[0] if isinstance(models[0], str) else models[0]["name"]
+            response = await self.client.get(f"/v2/models/{quote(str(model), safe='')}")
+            if response.status_code != 200:
+                return []
+            labels = response.json()["card"]["labels"]
+        except (httpx.HTTPError, ValueError, LookupError, TypeError):
+            return []
+        return [str(label) for label in labels] if isinstance(labels, list) else []
 
     async def score(self, images: list[Image]) -> list[Row]:
         """One row per image, in order. Raises only :class:`ServiceError`."""
@@ -360,6 +382,7 @@ class Scorer:
             return None
         if not isinstance(results, list) or len(results) != len(images):
             return None
+        self.model = str(body.get("model", "")) or self.model
         self.on_model(str(body.get("model", "")), str(body.get("model_version", "")), len(images))
         rows = []
         for im, result in zip(images, results, strict=True):

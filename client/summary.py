@@ -10,18 +10,12 @@ dropping everything but letters and digits, so a folder ``T-shirt_top`` matches 
 from __future__ import annotations
 
 import time
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from client.labels import label_key
 from client.output import Row
-
-
-def label_key(label: str) -> str:
-    """The form in which a folder name and a class label are compared."""
-    text = unicodedata.normalize("NFKC", label).casefold()
-    return "".join(ch for ch in text if ch.isalnum())
 
 
 @dataclass

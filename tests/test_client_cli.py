@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from client.__main__ import build_parser
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,7 +92,56 @@ def test_a_service_that_is_down_fails_fast_with_a_clear_message(
     assert result.returncode == 3
     assert f"cannot reach the service at {url}: Connection refused" in result.stderr
     assert "python -m service" in result.stderr
-    assert out.read_text() == ""  # no error row per image for a wrong URL
+    assert not out.exists()  # no error row per image for a wrong URL, and no empty file
+
+
+def test_a_service_that_is_down_leaves_earlier_results_as_they_were(
+    images: Path, tmp_path: Path, closed_port: int
+) -> None:
+    out = tmp_path / "r.csv"
+    out.write_text("path,true_label,status\nold.png,,ok\n")
+    result = run_client("score", str(images), "--url", f"http://127.0.0.1:{closed_port}",
+                        "--out", str(out), "--retries", "0", "--overwrite")
+    assert result.returncode == 3
+    assert out.read_text() == "path,true_label,status\nold.png,,ok\n"
+
+
+def test_the_url_defaults_to_the_local_service() -> None:
+    args = build_parser().parse_args(["score", "photos"])
+    assert args.url == "http://127.0.0.1:8000"  # where `make serve` listens
+
+
+def test_the_url_can_come_from_the_environment(images: Path, closed_port: int) -> None:
+    url = f"http://127.0.0.1:{closed_port}"
+    result = subprocess.run(
+        [sys.executable, "-m", "client", "score", str(images), "--out", "-", "--retries", "0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env=client_env() | {"SERESNET_URL": url},
+    )
+    assert result.returncode == 3
+    assert f"cannot reach the service at {url}" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["option", "environment"])
+def test_a_non_ascii_api_key_is_refused_in_one_line(
+    images: Path, tmp_path: Path, closed_port: int, where: str
+) -> None:
+    key = "clé-secrète"
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "client", "score", str(images), "--out", str(out),
+           "--url", f"http://127.0.0.1:{closed_port}"]
+    env = client_env()
+    if where == "option":
+        cmd += ["--api-key", key]
+    else:
+        env["SERESNET_API_KEY"] = key
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: the API key (--api-key or SERESNET_API_KEY) has characters an HTTP header "
+        "cannot carry: use printable ASCII only"]
+    assert not out.exists()
 
 
 def test_the_client_knows_only_http() -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from client.labels import label_key
 from client.output import Row
-from client.summary import Summary, label_key
+from client.summary import Summary
 
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Coat"]
 
