@@ -348,7 +348,7 @@ def _model_name(model_dir: Path) -> str:
 def part_resnet50(cfg: Config, work: Path) -> dict:
     """Raw engine vs HTTP for SE-ResNet-50 at 224x224, at the same batch size."""
     from modelcard.preprocessing import load_array
-    from service.engine import Engine
+    from service.engine.model import Engine
     from service.settings import load_settings
 
     folder = work / "seresnet50"
@@ -362,7 +362,7 @@ def part_resnet50(cfg: Config, work: Path) -> dict:
            **cfg.service_env}
     settings = load_settings({"model_dir": folder, "provider": "cpu",
                               "max_batch_size": b, "graph": env.get("SERESNET_GRAPH")})
-    engine = Engine.load(settings)
+    engine = Engine.load(settings.engine_config())
     engine.warm_up(2)
     arrays = [load_array(data, engine.card.input) for _, data, _ in files]
     batches = [arrays[i:i + b] for i in range(0, len(arrays) - b + 1, b)]
