@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Real end-to-end check of the Dockerfile and docker-compose.yml on a machine with no Docker
-# engine and no registry access (DESIGN.md §6, Containers). Run as root: `make container-check`.
+# engine and no registry access (docs/design.md §8, Containers). Run as root: `make container-check`.
 #
 #  1. fetches Debian's docker.io, docker-cli, containerd, runc, tini and trixie's docker-compose
 #     (Compose v2) and debootstrap packages with a private apt configuration taken from this

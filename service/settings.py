@@ -1,4 +1,4 @@
-"""Service configuration: environment variables with the ``SERESNET_`` prefix (DESIGN.md §5),
+"""Service configuration: environment variables with the ``SERESNET_`` prefix (docs/design.md §5),
 overridden by command-line flags. A bad value stops start-up with one line naming its source."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """End to end against a real ``python -m service`` on 127.0.0.1 serving the embedded model:
-the HTTP contract of DESIGN.md §5, results equal to a direct ONNX Runtime run, the bad-input
+the HTTP contract of docs/design.md §5, results equal to a direct ONNX Runtime run, the bad-input
 list of issue 4 (and the server keeps serving), request ids, logs and metrics."""
 
 from __future__ import annotations

@@ -180,3 +180,21 @@ def test_sigterm_drains_every_worker_and_the_engine() -> None:
         assert drained["images_run"] >= n
         assert [r.get("event") for r in records][-1] == "stopped"
         assert not any(r.get("level") == "error" for r in records), svc.log_text()
+
+
+def test_slots_come_back_whatever_happens_to_the_images() -> None:
+    """Requests whose every image fails, single bad images, and deadlines: none may keep its
+    slots, or a small queue bound would soon refuse everything."""
+    env = {"SERESNET_WORKERS": "1", "SERESNET_MAX_QUEUE_SIZE": "4",
+           "SERESNET_MAX_IMAGES_PER_REQUEST": "2"}
+    with running_service(EMBEDDED_MODEL, env=env) as svc:
+        bad = [("images", (f"bad{i}.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"))
+               for i in range(2)]
+        for _ in range(6):
+            r = httpx.post(f"{svc.url}/classify", files=bad, timeout=30)
+            assert r.status_code == 200
+            assert all("error" in x for x in r.json()["results"])
+            r = httpx.post(f"{svc.url}/classify", files=bad[:1], timeout=30)
+            assert r.status_code == 415  # a PNG signature, then nothing Pillow can identify
+        assert post(svc.url, 1, count=2).status_code == 200
+        eventually(lambda: svc.metric("seresnet_admitted_images") == 0, "every slot is free")

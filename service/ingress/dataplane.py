@@ -201,7 +201,7 @@ class DataPlane:
                 top: tuple[np.ndarray, np.ndarray] | None = None
                 if good:
                     top = await self.run(lease, good, deadline, ("topk", k), request.receive)
-                finished = True
+                    finished = True  # the engine frees the slots once it has run them
             finally:
                 if not finished:
                     lease.release()

@@ -220,7 +220,13 @@ class EngineClient:
         rid = next(self._rids)
         generation = self.hello.generation
         arena = self._arena
-        slots = await self._call(("admit", rid, n), rid)
+        try:
+            slots = await self._call(("admit", rid, n), rid)
+        except asyncio.CancelledError:
+            # The caller gave up (deadline, disconnect) while the grant may be on its way:
+            # release it, or its slots would stay leased until this worker reconnects.
+            self._release(rid, generation)
+            raise
         return Lease(self, rid, list(slots), arena, generation)
 
     def _release(self, rid: int, generation: int) -> None:

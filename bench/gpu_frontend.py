@@ -1,0 +1,178 @@
+"""Does HTTP keep up with the engine? SE-ResNet-50 at 224x224: the raw engine's images/s at
+batch B against the service's images/s for many concurrent clients, same batch and precision.
+
+1. raw: ``Engine.run`` on preprocessed real photos (scikit-image's samples when installed),
+   batches of B, medians of rounds;
+2. HTTP: ``python -m service`` (its default worker count, ``SERESNET_MAX_BATCH_SIZE=B``) under
+   a closed-loop load of C concurrent single-image clients, then C/8 clients sending 8 images
+   each; the load generator runs in several processes so that it is not the limit.
+
+Issue 12's goal on an H100/H200: HTTP >= 85 % of raw at batch 64 with 256 clients. On a GPU
+machine run it from scripts/gpu-check.sh; here ``--provider cpu --quick`` tries the set-up.
+
+    python -m bench.gpu_frontend                      # -> bench/results/gpu_frontend.json
+    python -m bench.gpu_frontend --provider cpu --quick --batch 8 --concurrency 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from serverutil import running_service  # noqa: E402
+
+from bench.frontend import _closed_loop, _jpeg, _multipart, _photos, _requests  # noqa: E402
+from bench.machine import cpu_name, gpu_name  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "gpu_frontend.json"
+
+
+def _export(folder: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "export", "onnx", "--arch", "seresnet50",
+                    "--random-init", "--parity-images", "8", "--out", str(folder)],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return folder
+
+
+def _photo_files(n: int) -> list[bytes]:
+    photos = _photos()
+    out = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        # Different crops so that no two requests carry the same bytes.
+        w, h = p.size
+        k = i // len(photos)
+        box = (k % 7, k % 5, w - (k % 11), h - (k % 3))
+        out.append(_jpeg(p.crop(box).resize((640, 480))))
+    return out
+
+
+def raw_engine(model_dir: Path, provider: str, batch: int, seconds: float, rounds: int,
+               files: list[bytes]) -> dict:
+    from modelcard.preprocessing import load_array
+    from service.engine.model import Engine
+    from service.settings import load_settings
+
+    settings = load_settings({"model_dir": model_dir, "provider": provider,
+                              "max_batch_size": batch, "batch_buckets": str(batch)})
+    engine = Engine.load(settings.engine_config())
+    engine.warm_up(3)
+    arrays = [load_array(f, engine.card.input) for f in files[:batch]]
+    per_round = []
+    for _ in range(rounds):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            engine.run(arrays)
+            n += 1
+        per_round.append(n * batch / (time.perf_counter() - t0))
+    info = engine.info.describe()
+    del engine
+    return {"images_per_s": round(statistics.median(per_round), 1),
+            "rounds": [round(x, 1) for x in per_round], "engine": info}
+
+
+def _load_process(url: str, bodies: list[tuple[bytes, str]], concurrency: int, warmup: float,
+                  seconds: float, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    run = asyncio.run(_closed_loop(url, _requests(url, bodies), concurrency, warmup, seconds))
+    queue.put((run.requests, run.errors, run.latencies_ms))
+
+
+def http_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, images: int,
+              warmup: float, seconds: float, processes: int) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    per = max(1, concurrency // processes)
+    procs = [ctx.Process(target=_load_process,
+                         args=(url, bodies[k::processes] or bodies, per, warmup, seconds, queue))
+             for k in range(processes)]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    requests = sum(r[0] for r in results)
+    lat = sorted(x for r in results for x in r[2]) or [float("nan")]
+    return {"concurrency": per * processes, "images_per_request": images,
+            "images_per_s": round(requests * images / seconds, 1),
+            "errors": sum(r[1] for r in results),
+            "p50_ms": round(lat[len(lat) // 2], 2), "p99_ms": round(lat[int(len(lat) * .99)], 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_frontend", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--provider", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--model-dir", type=Path,
+                        help="an exported SE-ResNet-50 folder (default: export one with "
+                        "random weights)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--load-processes", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="short levels, one round")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    cfg = parser.parse_args(argv)
+    if cfg.quick:
+        cfg.seconds, cfg.rounds = 3.0, 1
+    with tempfile.TemporaryDirectory(prefix="gpu-frontend-") as work:
+        model_dir = cfg.model_dir or _export(Path(work) / "seresnet50")
+        files = _photo_files(max(256, cfg.concurrency))
+        print(f"raw engine, batch {cfg.batch} ...", flush=True)
+        raw = raw_engine(model_dir, cfg.provider, cfg.batch, cfg.seconds, cfg.rounds, files)
+        print(f"  {raw['images_per_s']} img/s", flush=True)
+        single = [_multipart([(f"{i}.jpg", f, "image/jpeg")]) for i, f in enumerate(files)]
+        eight = [_multipart([(f"{i}-{k}.jpg", files[(i + k) % len(files)], "image/jpeg")
+                             for k in range(8)]) for i in range(len(files) // 8)]
+        env = {"SERESNET_PROVIDER": cfg.provider, "SERESNET_MAX_BATCH_SIZE": str(cfg.batch),
+               "SERESNET_MAX_QUEUE_SIZE": str(max(1024, 4 * cfg.concurrency)),
+               "SERESNET_LOG_LEVEL": "info"}
+        http: list[dict] = []
+        with running_service(model_dir, env=env, ready_timeout=900, log_dir=Path(work)) as svc:
+            for _ in range(cfg.rounds):
+                for bodies, images, conc in ((single, 1, cfg.concurrency),
+                                             (eight, 8, max(1, cfg.concurrency // 8))):
+                    row = http_load(svc.url, bodies, conc, images, 2.0, cfg.seconds,
+                                    min(cfg.load_processes, conc))
+                    row["over_raw"] = round(row["images_per_s"] / raw["images_per_s"], 3)
+                    http.append(row)
+                    print(f"  http {images} img/request, c={row['concurrency']}: "
+                          f"{row['images_per_s']} img/s = {row['over_raw']:.0%} of raw, "
+                          f"p99 {row['p99_ms']} ms", flush=True)
+            model = svc.metrics_text()
+    summary = {}
+    for images in (1, 8):
+        rows = [r for r in http if r["images_per_request"] == images]
+        summary[f"{images}_image_requests"] = {
+            "images_per_s": statistics.median(r["images_per_s"] for r in rows),
+            "over_raw": statistics.median(r["over_raw"] for r in rows)}
+    result = {"benchmark": "gpu_frontend", "date": time.strftime("%Y-%m-%d"),
+              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu_name()},
+              "settings": {"provider": cfg.provider, "batch": cfg.batch,
+                           "concurrency": cfg.concurrency, "seconds": cfg.seconds,
+                           "rounds": cfg.rounds},
+              "raw_engine": raw, "http": http, "summary": summary,
+              "goal": "HTTP >= 85% of the raw engine (issue 12)",
+              "batch_size_metrics": [line for line in model.splitlines()
+                                     if line.startswith("seresnet_inference_")][:6]}
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
