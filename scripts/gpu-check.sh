@@ -78,7 +78,7 @@ else
     --out "$results/gpu_checks.json"
   # fp16 first: it is what the goals are about; whatever the budget cuts comes last
   step "fusion matrix" 600 "$py" -m bench.fusion --provider cuda --cache "$cache" \
-    --precision fp16 tf32 fp32 --graphs on off --batch 1 8 32 128 --repeats 5 --seconds 0.1 \
+    --precision fp16 tf32 fp32 --graphs on off --batch 1 8 32 128 --repeats 3 --seconds 0.1 \
     --out "$results/fusion_cuda.json"
 fi
 echo "gpu-check: $( [ $status = 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED' )" \
