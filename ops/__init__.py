@@ -10,6 +10,10 @@ library, says which execution providers it has kernels for, and registers it wit
     options = ort.SessionOptions()
     ops.register(options)
     if "CUDAExecutionProvider" in ops.providers(): ...
+    if ops.has_fp16_kernel("CUDAExecutionProvider"): ...   # model.fp16.se.onnx can run there
+
+    # CUDA provider with prefer_nhwc=1: SE nodes channels-last, Transposes ORT cancels
+    model = ops.to_channels_last(onnx.load("model.fp16.se.onnx"))
 
 The op: ``y = x * sigmoid(w2 · relu(w1 · mean_hw(x) + b1) + b2)`` per (n, c), then
 ``+ residual`` (optional 6th input) and ``max(y, 0)`` when attribute ``relu`` is 1. x, residual
