@@ -120,7 +120,15 @@ class Settings(BaseSettings):
     cuda_tf32: bool = Field(
         True, description="TF32 convolutions on CUDA (ONNX Runtime's default, ~2x fp32 on "
         "Ampere/Hopper); 0 keeps exact fp32")
-    warmup_rounds: int = Field(2, ge=1, le=100_000, description="warm-up runs per batch shape")
+    precision: Literal["auto", "fp32", "fp16"] = Field(
+        "auto", description="fp16 = model.fp16.se.onnx on CUDA; auto = fp16 when the folder "
+        "has it and the op library has the float16 CUDA kernel, else fp32")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="capture one CUDA graph per batch bucket at warm-up; auto = on "
+        "for CUDA")
+    warmup_rounds: int = Field(3, ge=1, le=100_000,
+                               description="warm-up runs per batch shape (CUDA graphs are "
+                               "captured on the second)")
     drain_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
     )
@@ -221,7 +229,8 @@ class Settings(BaseSettings):
             model_dir=self.model_dir, provider=self.provider, graph=self.graph,
             opt_level=self.opt_level, device_id=self.device_id, batch_buckets=self.buckets(),
             intra_op_threads=self.intra_threads(),
-            cudnn_conv_algo_search=self.cudnn_conv_algo_search, cuda_tf32=self.cuda_tf32)
+            cudnn_conv_algo_search=self.cudnn_conv_algo_search, cuda_tf32=self.cuda_tf32,
+            precision=self.precision, cuda_graphs=self.cuda_graphs)
 
 
 def env_name(field: str) -> str:

@@ -236,3 +236,42 @@ def test_a_folder_without_a_card_is_refused(tmp_path: Path) -> None:
 def test_ops_status_describes_itself() -> None:
     d = OpsStatus(True, frozenset({CUDA_EP, CPU_EP}), "x.so").describe()
     assert d["providers"] == [CPU_EP, CUDA_EP] and d["error"] is None
+
+
+# ----------------------------------------------------------------------------- precision, graphs
+
+
+def test_precision_policy() -> None:
+    from service.engine.policy import choose_precision
+
+    auto = choose_precision("cuda", "auto", "fused", True, True)
+    assert auto.precision == "fp16" and "model.fp16.se.onnx" in auto.reason
+    for provider, graph, present, kernel, why in (
+            ("cpu", "fused", True, True, "CUDA only"),
+            ("cuda", "unfused", True, True, "unfused"),
+            ("cuda", "fused", False, True, "no model.fp16.se.onnx"),
+            ("cuda", "fused", True, False, "no float16 CUDA kernel")):
+        fallback = choose_precision(provider, "auto", graph, present, kernel)
+        assert fallback.precision == "fp32" and why in fallback.reason
+        with pytest.raises(EngineError, match="SERESNET_PRECISION=fp16"):
+            choose_precision(provider, "fp16", graph, present, kernel)
+    assert choose_precision("cuda", "fp32", "fused", True, True).precision == "fp32"
+
+
+def test_cuda_graph_policy() -> None:
+    from service.engine.policy import choose_cuda_graphs
+
+    assert choose_cuda_graphs("cuda", "auto").enabled
+    assert not choose_cuda_graphs("cuda", "off").enabled
+    assert not choose_cuda_graphs("cpu", "auto").enabled
+    with pytest.raises(EngineError, match="SERESNET_CUDA_GRAPHS=on"):
+        choose_cuda_graphs("cpu", "on")
+
+
+def test_the_engine_says_what_runs_and_why(engine: Engine) -> None:
+    info = engine.info.describe()
+    assert info["precision"] == "fp32" and "CUDA only" in info["precision_reason"]
+    assert info["cuda_graphs"] is False and "not on CUDA" in info["cuda_graphs_reason"]
+    assert info["graph_file"] == "model.se.onnx"
+    with pytest.raises(EngineError, match="SERESNET_PRECISION=fp16"):
+        Engine.load(_settings(precision="fp16"))

@@ -20,6 +20,8 @@ class EngineConfig:
     intra_op_threads: int = 1
     cudnn_conv_algo_search: str = "EXHAUSTIVE"
     cuda_tf32: bool = True
+    precision: str = "auto"  # auto | fp32 | fp16
+    cuda_graphs: str = "auto"  # auto | on | off
 
     @property
     def max_batch_size(self) -> int:

@@ -12,21 +12,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from modelcard.schema import FUSED_FILE, CardError, ModelCard, read_card
+from modelcard.schema import FP16_FUSED_FILE, FUSED_FILE, CardError, ModelCard, read_card
 from service.engine.config import EngineConfig
 from service.engine.policy import (
     PROVIDER_EP,
+    CudaGraphsChoice,
     EngineError,
     Graph,
     OptLevel,
+    PrecisionChoice,
+    choose_cuda_graphs,
     choose_graph,
+    choose_precision,
     choose_provider,
     cuda_device_count,
 )
@@ -54,6 +58,10 @@ class EngineInfo:
     session_providers: list[str] = field(default_factory=list)
     provider_options: dict[str, str] = field(default_factory=dict)
     tf32: bool | None = None  # CUDA only: TF32 convolutions and matmuls allowed
+    precision: str = "fp32"
+    precision_reason: str = ""
+    cuda_graphs: bool = False
+    cuda_graphs_reason: str = ""
 
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,7 +85,10 @@ class Engine:
     @classmethod
     def load(cls, config: EngineConfig, ops_status: OpsStatus | None = None,
              gpu_count: int | None = None) -> Engine:
-        """Read the card, choose provider and graph, build the session; no warm-up yet."""
+        """Read the card, choose provider, graph, precision and CUDA graphs, build the session;
+        no warm-up yet. A choice made by ``auto`` that fails to load falls back (float16 to
+        float32, CUDA graphs off, fused to unfused) and says why; an explicit one is an
+        error."""
         model_dir = Path(config.model_dir)
         try:
             card = read_card(model_dir)
@@ -91,19 +102,31 @@ class Engine:
             pchoice.provider, ops_status.providers, (model_dir / FUSED_FILE).is_file(),
             config.graph, config.opt_level, ops_status.error,
         )
-        try:
-            session, provider_options = make_session(model_dir, pchoice.provider, choice, config)
-        except EngineError as e:
-            if choice.graph == "fused" and config.graph == "auto":
-                # The library loaded but the fused graph does not: serve the unfused one.
-                log.warning("fused graph failed to load, serving the unfused one",
-                            extra={"cause": str(e)})
-                choice = choose_graph(pchoice.provider, frozenset(), True, "auto",
-                                      config.opt_level, f"fused graph failed to load: {e}")
+        precision = choose_precision(
+            pchoice.provider, config.precision, choice.graph,
+            (model_dir / FP16_FUSED_FILE).is_file(), ops_status.fp16_cuda)
+        choice = replace(choice, precision=precision.precision)
+        graphs = choose_cuda_graphs(pchoice.provider, config.cuda_graphs)
+        session, provider_options = None, {}
+        while session is None:
+            try:
                 session, provider_options = make_session(model_dir, pchoice.provider, choice,
-                                                          config)
-            else:
-                raise
+                                                         config, graphs.enabled)
+            except EngineError as e:
+                # Fall back one auto choice at a time, the most exotic first.
+                if choice.precision == "fp16" and config.precision == "auto":
+                    precision = PrecisionChoice("fp32", f"auto: {FP16_FUSED_FILE} failed to "
+                                                f"load ({e})")
+                    choice = replace(choice, precision="fp32")
+                elif graphs.enabled and config.cuda_graphs == "auto":
+                    graphs = CudaGraphsChoice(False, f"auto: capture impossible ({e})")
+                elif choice.graph == "fused" and config.graph == "auto":
+                    choice = choose_graph(pchoice.provider, frozenset(), True, "auto",
+                                          config.opt_level, f"fused graph failed to load: {e}")
+                else:
+                    raise
+                log.warning("falling back", extra={"cause": str(e), "graph": choice.filename,
+                                                   "cuda_graphs": graphs.enabled})
         if choice.graph == "unfused" and config.graph == "auto":
             log.warning("serving the unfused graph", extra={"reason": choice.reason})
         input_name, output_name = check_signature(session, card, choice.filename)
@@ -117,7 +140,7 @@ class Engine:
             runner = BucketRunner(session, input_name, output_name,
                                   (card.input.channels, card.input.height, card.input.width),
                                   np.dtype(card.input.dtype), card.num_classes, buckets,
-                                  "cuda", config.device_id)
+                                  "cuda", config.device_id, cuda_graphs=graphs.enabled)
         else:
             runner = PlainRunner(session, input_name, output_name)
         info = EngineInfo(
@@ -128,11 +151,14 @@ class Engine:
             batch_buckets=buckets, session_providers=session.get_providers(),
             provider_options=provider_options,
             tf32=provider_options.get("use_tf32") == "1" if pchoice.provider == "cuda" else None,
+            precision=choice.precision, precision_reason=precision.reason,
+            cuda_graphs=graphs.enabled, cuda_graphs_reason=graphs.reason,
         )
         log.info("engine loaded", extra={
             "model": card.name, "version": card.version, "provider": info.provider,
-            "graph": info.graph, "opt_level": info.opt_level, "reason": info.reason,
-            "provider_reason": info.provider_reason,
+            "graph": info.graph, "graph_file": info.graph_file, "opt_level": info.opt_level,
+            "reason": info.reason, "provider_reason": info.provider_reason,
+            "precision": info.precision, "cuda_graphs": info.cuda_graphs,
         })
         return cls(card, model_dir, session, runner, info)
 

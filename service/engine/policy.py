@@ -1,6 +1,7 @@
-"""Which execution provider, which graph (fused ``model.se.onnx`` or ``model.onnx``) and which
-optimisation level a model runs with, and why. The tables of providers and optimisation levels
-live here and nowhere else; tune the auto policy from ``bench/`` results in one place.
+"""Which execution provider, which graph (fused ``model.se.onnx``, its float16 variant
+``model.fp16.se.onnx``, or ``model.onnx``), which optimisation level, and whether CUDA graphs
+are captured, and why. The tables of providers and optimisation levels live here and nowhere
+else; tune the auto policy from ``bench/`` results in one place.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Literal
 
 import onnxruntime as ort
 
-from modelcard.schema import FUSED_FILE, UNFUSED_FILE
+from modelcard.schema import FP16_FUSED_FILE, FUSED_FILE, UNFUSED_FILE
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -26,6 +27,7 @@ _ORT_DTYPE = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 Graph = Literal["fused", "unfused"]
 OptLevel = Literal["basic", "extended", "all"]
+Precision = Literal["fp32", "fp16"]
 
 
 class EngineError(RuntimeError):
@@ -80,10 +82,13 @@ class GraphChoice:
     graph: Graph
     opt_level: OptLevel
     reason: str
+    precision: Precision = "fp32"
 
     @property
     def filename(self) -> str:
-        return FUSED_FILE if self.graph == "fused" else UNFUSED_FILE
+        if self.graph == "fused":
+            return FP16_FUSED_FILE if self.precision == "fp16" else FUSED_FILE
+        return UNFUSED_FILE
 
 
 def choose_graph(
@@ -146,3 +151,58 @@ def choose_graph(
         level = "all"
         why += "; opt level all"
     return GraphChoice(chosen, level, why)
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: Precision
+    reason: str
+
+
+def choose_precision(provider: str, requested: str, graph: Graph, fp16_present: bool,
+                     fp16_kernel: bool) -> PrecisionChoice:
+    """``auto``: float16 on CUDA when the folder has ``model.fp16.se.onnx``, the fused graph is
+    served and the op library has the float16 CUDA kernel; else float32. An explicit ``fp16``
+    that cannot be honoured is an error."""
+    if requested == "fp32":
+        return PrecisionChoice("fp32", "SERESNET_PRECISION=fp32")
+    if requested not in ("auto", "fp16"):
+        raise EngineError(f"unknown precision {requested!r} (auto, fp32 or fp16)")
+    missing = ""
+    if provider != "cuda":
+        missing = "float16 runs on CUDA only (ONNX Runtime's CPU provider lacks fp16 convs)"
+    elif graph != "fused":
+        missing = "the float16 variant is a fused graph, and the unfused one is served"
+    elif not fp16_present:
+        missing = f"the model folder has no {FP16_FUSED_FILE}"
+    elif not fp16_kernel:
+        missing = "the op library has no float16 CUDA kernel"
+    if requested == "fp16":
+        if missing:
+            raise EngineError(f"SERESNET_PRECISION=fp16 but {missing}")
+        return PrecisionChoice("fp16", "SERESNET_PRECISION=fp16")
+    if missing:
+        return PrecisionChoice("fp32", f"auto: {missing}")
+    return PrecisionChoice("fp16", f"auto: {FP16_FUSED_FILE} and the float16 CUDA kernel")
+
+
+@dataclass(frozen=True)
+class CudaGraphsChoice:
+    enabled: bool
+    reason: str
+
+
+def choose_cuda_graphs(provider: str, requested: str) -> CudaGraphsChoice:
+    """``auto``: on for CUDA (one graph per batch bucket, captured at warm-up: a launch-bound
+    batch of 1 is mostly kernel launches), off elsewhere."""
+    if requested == "off":
+        return CudaGraphsChoice(False, "SERESNET_CUDA_GRAPHS=off")
+    if requested not in ("auto", "on"):
+        raise EngineError(f"unknown CUDA graphs setting {requested!r} (auto, on or off)")
+    if provider != "cuda":
+        if requested == "on":
+            raise EngineError("SERESNET_CUDA_GRAPHS=on but the provider is not CUDA")
+        return CudaGraphsChoice(False, "auto: not on CUDA")
+    if requested == "on":
+        return CudaGraphsChoice(True, "SERESNET_CUDA_GRAPHS=on")
+    return CudaGraphsChoice(True, "auto: CUDA, one graph per batch bucket")

@@ -26,6 +26,7 @@ class OpsStatus:
     providers: frozenset[str] = frozenset()
     path: str | None = None
     error: str | None = None
+    fp16_cuda: bool = False  # a float16 CUDA kernel: what model.fp16.se.onnx needs
 
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
@@ -42,9 +43,10 @@ def probe_ops() -> OpsStatus:
     try:
         path = str(ops.library_path())
         providers = frozenset(ops.providers())
+        fp16 = bool(ops.has_fp16_kernel("CUDAExecutionProvider"))
     except Exception as e:  # reported, then the unfused graph is used
         return OpsStatus(False, error=f"{type(e).__name__}: {e}")
-    return OpsStatus(True, providers, path)
+    return OpsStatus(True, providers, path, fp16_cuda=fp16)
 
 
 def register_ops(options: ort.SessionOptions) -> None:
@@ -74,7 +76,7 @@ def session_options(choice: GraphChoice, provider: str, config: EngineConfig,
     return so
 
 
-def cuda_options(config: EngineConfig) -> dict[str, str]:
+def cuda_options(config: EngineConfig, cuda_graphs: bool = False) -> dict[str, str]:
     """CUDA provider options. TF32 is ONNX Runtime's (and PyTorch's) default and about twice
     the fp32 throughput on Ampere and Hopper; ``SERESNET_CUDA_TF32=0`` keeps exact fp32."""
     return {
@@ -86,11 +88,12 @@ def cuda_options(config: EngineConfig) -> dict[str, str]:
         "cudnn_conv_use_max_workspace": "1",
         "do_copy_in_default_stream": "1",
         "use_tf32": "1" if config.cuda_tf32 else "0",
+        "enable_cuda_graph": "1" if cuda_graphs else "0",
     }
 
 
 def make_session(model_dir: Path, provider: str, choice: GraphChoice, config: EngineConfig,
-                 ) -> tuple[ort.InferenceSession, dict[str, str]]:
+                 cuda_graphs: bool = False) -> tuple[ort.InferenceSession, dict[str, str]]:
     path = model_dir / choice.filename
     if not path.is_file():
         raise EngineError(f"{path} not found (a model folder needs {UNFUSED_FILE}, "
@@ -99,7 +102,7 @@ def make_session(model_dir: Path, provider: str, choice: GraphChoice, config: En
     if provider == "cuda":
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
-        opts = cuda_options(config)
+        opts = cuda_options(config, cuda_graphs)
         providers: list[Any] = [(CUDA_EP, opts), CPU_EP]
     else:
         opts = {}
