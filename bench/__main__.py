@@ -8,6 +8,7 @@ import sys
 
 BENCHMARKS = {
     "load": "bench.load",  # the service under HTTP load vs a naive baseline (issue 4)
+    "frontend": "bench.frontend",  # CPU per request and throughput, workers vs one process
     "se-kernel": "bench.se_kernel_bench",  # fused SE op vs unfused ORT ops (issue 3)
     "fusion": "bench.fusion",  # SE-ResNet-50 fused/unfused vs ResNet-50 vs PyTorch (issue 3)
     # (bench.gpu_checks, the non-timing GPU checks of issue 11, runs from scripts/gpu-check.sh)
