@@ -20,13 +20,15 @@
 #
 #   bash scripts/gpu-check.sh --dry-run   on this machine, without a GPU: the same steps on the
 #                                         CPU provider with small nets (plumbing, not speed)
+#   bash scripts/gpu-check.sh --frontend  a second run (issue 12): the service's engine on CUDA
+#                                         (fp16, CUDA graphs) and HTTP against the raw engine
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 dry_run=0
 [ "${1:-}" = "--dry-run" ] && dry_run=1
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
@@ -66,8 +68,21 @@ step() {  # step NAME SECONDS COMMAND...
   return 0
 }
 
+if [ "${1:-}" = "--frontend" ]; then
+  # Issue 12's GPU measurement, its own run: SE-ResNet-50 through HTTP (the service's default
+  # workers, batch 64, 256 concurrent single-image clients, then 8-image requests) against
+  # the raw engine at the same batch and precision -> gpu_frontend.json
+  step "service engine on CUDA" 120 "$py" -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/test_service_engine_cuda.py
+  step "http vs raw engine" 420 "$py" -m bench.gpu_frontend --seconds 8 --rounds 2 \
+    --out "$results/gpu_frontend.json"
+  echo "gpu-check --frontend: $( [ $status = 0 ] && echo 'all steps passed' || \
+    echo 'SOME STEPS FAILED' ) in $(( $(date +%s) - start ))s; results in $results"
+  exit $status
+fi
 step "kernel tests" 120 "$py" -m pytest -q -p no:cacheprovider -o addopts="" \
-  tests/test_ops_kernel.py tests/test_ops_library.py tests/test_ops_cuda_graph.py
+  tests/test_ops_kernel.py tests/test_ops_library.py tests/test_ops_cuda_graph.py \
+  tests/test_service_engine_cuda.py
 if [ "$dry_run" = 1 ]; then
   step "gpu checks" 240 "$py" -m bench.gpu_checks --dry-run --cache "$cache" \
     --out "$results/gpu_checks.json"

@@ -104,7 +104,8 @@ class Engine:
         )
         precision = choose_precision(
             pchoice.provider, config.precision, choice.graph,
-            (model_dir / FP16_FUSED_FILE).is_file(), ops_status.fp16_cuda)
+            card.float16 is not None and (model_dir / card.float16.file).is_file(),
+            ops_status.fp16_cuda)
         choice = replace(choice, precision=precision.precision)
         graphs = choose_cuda_graphs(pchoice.provider, config.cuda_graphs)
         session, provider_options = None, {}

@@ -56,7 +56,7 @@ def register_ops(options: ort.SessionOptions) -> None:
 
 
 def session_options(choice: GraphChoice, provider: str, config: EngineConfig,
-                    ) -> ort.SessionOptions:
+                    cuda_graphs: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = OPT_LEVELS[choice.opt_level]
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -68,6 +68,10 @@ def session_options(choice: GraphChoice, provider: str, config: EngineConfig,
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     else:
         so.intra_op_num_threads = 1
+    if cuda_graphs:
+        # A graph replays only what ran on the GPU: refuse to build a session that would
+        # leave any node on the CPU instead of capturing an incomplete graph.
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if choice.graph == "fused":
         try:
             register_ops(so)
@@ -98,7 +102,7 @@ def make_session(model_dir: Path, provider: str, choice: GraphChoice, config: En
     if not path.is_file():
         raise EngineError(f"{path} not found (a model folder needs {UNFUSED_FILE}, "
                           "docs/design.md §3)")
-    so = session_options(choice, provider, config)
+    so = session_options(choice, provider, config, cuda_graphs)
     if provider == "cuda":
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
