@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--load-processes", type=int, default=4)
+    parser.add_argument("--v2", action="store_true",
+                        help="then issue 9's sweep on the same service: python -m bench.v2_load "
+                        "at concurrency 96 (Triton's published ResNet-50 setting) -> "
+                        "v2_load_gpu.json beside --out")
     parser.add_argument("--quick", action="store_true", help="short levels, one round")
     parser.add_argument("--out", type=Path, default=RESULTS)
     cfg = parser.parse_args(argv)
@@ -152,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['images_per_s']} img/s = {row['over_raw']:.0%} of raw, "
                           f"p99 {row['p99_ms']} ms", flush=True)
             model = svc.metrics_text()
+            if cfg.v2:
+                subprocess.run([sys.executable, "-m", "bench.v2_load", "--url", svc.url,
+                                "--model-dir", str(model_dir), "--concurrency", "1,32,96",
+                                "--repeats", "1", "--duration", str(cfg.seconds),
+                                "--out", str(cfg.out.with_name("v2_load_gpu.json"))],
+                               cwd=REPO, check=False)
     summary = {}
     for images in (1, 8):
         rows = [r for r in http if r["images_per_request"] == images]

@@ -143,7 +143,7 @@ def _content_type(path: str) -> str:
 
 
 def _error_of(response: httpx.Response) -> tuple[str, str]:
-    """``(code, message)`` from an error body (DESIGN.md §5), or from the status alone."""
+    """``(code, message)`` from an error body (docs/design.md §5), or from the status alone."""
     try:
         body = response.json()
         err = body["error"]

@@ -3,8 +3,8 @@
 In the style of ONNX Runtime's own Python optimiser (``onnxruntime.transformers``): the graph is
 wrapped in an :class:`OnnxModel`, each pattern is a :class:`Fusion` subclass whose ``fuse``
 method matches one chain from its anchor node, and the edits are applied in one batch by
-``Fusion.apply``. The fused node is ``ai.seresnet::SqueezeExcitation`` (DESIGN.md §4), backed by
-the ``ops`` library:
+``Fusion.apply``. The fused node is ``ai.seresnet::SqueezeExcitation`` (docs/design.md §4),
+backed by the ``ops`` library:
 
     y = x * sigmoid(w2 · relu(w1 · mean_hw(x) + b1) + b2)   [+ residual]   [then ReLU]
 """

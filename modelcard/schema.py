@@ -1,5 +1,5 @@
 """The model card (``models/<name>/model.json``): one schema for the exporter that writes it and
-the service that reads it (DESIGN.md §3). Torch-free on purpose."""
+the service that reads it (docs/design.md §3). Torch-free on purpose."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def read_card(folder: Path) -> ModelCard:
     """Load and validate ``folder/model.json``; raise :class:`CardError` naming the problem."""
     path = Path(folder) / CARD_FILE
     if not path.is_file():
-        raise CardError(f"{path} not found: a model folder needs model.json (DESIGN.md §3)")
+        raise CardError(f"{path} not found: a model folder needs model.json (docs/design.md §3)")
     try:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -20,8 +20,9 @@
 #
 #   bash scripts/gpu-check.sh --dry-run   on this machine, without a GPU: the same steps on the
 #                                         CPU provider with small nets (plumbing, not speed)
-#   bash scripts/gpu-check.sh --frontend  a second run (issue 12): the service's engine on CUDA
-#                                         (fp16, CUDA graphs) and HTTP against the raw engine
+#   bash scripts/gpu-check.sh --frontend  a second run (issues 12, 9): the service's engine on
+#                                         CUDA (fp16, CUDA graphs), HTTP against the raw engine,
+#                                         and the V2 sweep (tritonclient) on SE-ResNet-50
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,7 +75,7 @@ if [ "${1:-}" = "--frontend" ]; then
   # the raw engine at the same batch and precision -> gpu_frontend.json
   step "service engine on CUDA" 120 "$py" -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_service_engine_cuda.py
-  step "http vs raw engine" 420 "$py" -m bench.gpu_frontend --seconds 8 --rounds 2 \
+  step "http vs raw engine" 450 "$py" -m bench.gpu_frontend --seconds 8 --rounds 2 --v2 \
     --out "$results/gpu_frontend.json"
   echo "gpu-check --frontend: $( [ $status = 0 ] && echo 'all steps passed' || \
     echo 'SOME STEPS FAILED' ) in $(( $(date +%s) - start ))s; results in $results"
