@@ -16,12 +16,19 @@ $(VENV)/.runtime: pyproject.toml $(OPS_SOURCES) scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh runtime
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime
-	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh dev
-	touch $@
+# One build of the op library per set-up: on a fresh clone `make test` installs the package
+# with every extra at once (and so stamps the runtime too); after `make serve` set up a current
+# runtime, only the extras' packages are added.
+$(VENV)/.dev: pyproject.toml $(OPS_SOURCES) scripts/setup.sh
+	@what=dev; [ -e $(VENV)/.runtime ] && [ -z "$$(find $^ -newer $(VENV)/.runtime)" ] \
+	  && what=extras; \
+	echo "PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh $$what"; \
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh $$what
+	touch $(VENV)/.runtime $@
 
+# Ctrl-C or SIGTERM stops the service (it drains first) without make reporting a failure.
 serve: $(VENV)/.runtime
-	$(PY) -m service --host $(HOST) --port $(PORT)
+	bash scripts/foreground.sh $(PY) -m service --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check .
