@@ -161,8 +161,10 @@ function renderCard(meta) {
   const graph = engine.graph === "fused"
     ? "fused SE graph (each SE block one custom op)"
     : engine.graph === "unfused" ? "unfused graph" : engine.graph || "graph unknown";
-  $("card-engine").textContent = `${engine.provider || "provider unknown"}, ${graph}` +
-    (engine.reason ? ` (${engine.reason})` : "");
+  const why = document.createElement("small");
+  why.className = "muted";
+  why.textContent = engine.reason ? ` · ${engine.reason}` : "";
+  $("card-engine").replaceChildren(`${engine.provider || "provider unknown"}, ${graph}`, why);
 
   const limits = state.limits;
   $("card-limits").textContent = limits
