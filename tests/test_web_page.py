@@ -188,8 +188,8 @@ def test_page_shows_the_card_and_classifies_fashion_mnist_images(
     meta = _model_metadata(service)
     assert browser.by_id("card-title").text.startswith("fashion-seresnet · version 1")
     assert browser.by_id("card-classes").text.startswith(
-        "10 classes: T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, "
-        "Ankle boot.")
+        "10 classes: T-shirt/top · Trouser · Pullover · Dress · Coat · Sandal · Shirt · Sneaker "
+        "· Bag · Ankle boot.")
     assert browser.by_id("card-input").text.startswith("28×28 grayscale")
     assert browser.by_id("card-accuracy").text == (
         "top-1 93.96 %, top-5 99.97 % on 10,000 test images")

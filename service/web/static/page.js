@@ -138,10 +138,25 @@ function renderCard(meta) {
   $("card-title").textContent = `${card.name} · version ${card.version}` +
     (card.architecture ? ` · ${card.architecture}` : "");
 
-  const shown = labels.length > 40 ? labels.slice(0, 40) : labels;
-  let classes = `${labels.length} classes: ${shown.join(", ")}`;
-  if (shown.length < labels.length) classes += `, … and ${labels.length - shown.length} more`;
-  $("card-classes").textContent = classes + ". Any other picture still gets one of these.";
+  // " · " between labels: ImageNet's labels have commas of their own ("tabby, tabby cat").
+  const shown = labels.slice(0, 20);
+  let classes = `${labels.length} classes: ${shown.join(" · ")}`;
+  if (shown.length < labels.length) classes += ` … and ${labels.length - shown.length} more`;
+  $("card-classes").replaceChildren(classes + ". Any other picture still gets one of these.");
+  if (shown.length < labels.length) {
+    const all = document.createElement("details");
+    const summary = document.createElement("summary");
+    summary.textContent = "all classes";
+    const list = document.createElement("ol");
+    list.start = 0; // numbered by class id
+    for (const label of labels) {
+      const li = document.createElement("li");
+      li.textContent = label;
+      list.append(li);
+    }
+    all.append(summary, list);
+    $("card-classes").append(all);
+  }
 
   const colour = input.color === "L" ? "grayscale" : input.color === "RGB" ? "RGB colour" : input.color;
   $("card-input").textContent = `${input.width}×${input.height} ${colour}; ` +
@@ -213,7 +228,7 @@ function showPredictions(view, predictions) {
     const label = document.createElement("span");
     label.className = "label";
     label.textContent = p.label;
-    label.title = `class ${p.class_id}`;
+    label.title = `${p.label} (class ${p.class_id})`;
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = `${(p.score * 100).toFixed(1)} %`;
