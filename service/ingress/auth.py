@@ -4,11 +4,10 @@ included) but the health checks and the browser page's static files, which hold 
 from __future__ import annotations
 
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.ingress.errors import error_body
+from service.ingress.errors import send_error
 
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 OPEN_PREFIXES = ("/static/",)
@@ -39,9 +38,6 @@ class ApiKeyGate:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["error_code"] = "unauthorized"
-        body = json.dumps(error_body(
-            "unauthorized", "send the API key as 'Authorization: Bearer KEY'")).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-            (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 401, "unauthorized",
+                         "send the API key as 'Authorization: Bearer KEY'",
+                         {"WWW-Authenticate": "Bearer"})

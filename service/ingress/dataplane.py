@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
@@ -26,6 +26,8 @@ from service.ingress.budget import BudgetExceededError
 from service.ingress.engine_client import EngineCallError, Lease
 from service.ingress.errors import ApiError, ClientGoneError
 from service.ingress.state import IngressState
+
+T = TypeVar("T")
 
 
 class _SlotGuard:
@@ -51,6 +53,18 @@ class DataPlane:
     async def read_body(self, request: Request, deadline: float) -> tuple[list[Upload], int]:
         """The request's images, and the body bytes they hold against the worker's budget
         (give them back with ``state.body_budget.give``)."""
+        settings = self.settings
+        return await self.read_limited_body(
+            request, deadline, lambda chunks: read_uploads(
+                request.headers, chunks, settings.max_body_bytes,
+                settings.max_images_per_request))
+
+    async def read_limited_body(self, request: Request, deadline: float,
+                                parse: Callable[[AsyncIterator[bytes]], Awaitable[T]],
+                                ) -> tuple[T, int]:
+        """``parse`` the body's chunks under the worker's in-flight byte budget (503) and the
+        request deadline (408); a client gone meanwhile is ClientGoneError (499). Returns what
+        ``parse`` made and the bytes it holds against the budget."""
         budget = self.state.body_budget
         held = 0
 
@@ -63,10 +77,8 @@ class DataPlane:
                 yield chunk
 
         try:
-            uploads = await asyncio.wait_for(
-                read_uploads(request.headers, counted(), self.settings.max_body_bytes,
-                             self.settings.max_images_per_request),
-                max(0.0, deadline - time.monotonic()))
+            parsed = await asyncio.wait_for(parse(counted()),
+                                            max(0.0, deadline - time.monotonic()))
         except BaseException as e:
             budget.give(held)
             if isinstance(e, BodyError):
@@ -83,7 +95,7 @@ class DataPlane:
             if isinstance(e, ClientDisconnect):
                 raise ClientGoneError from None
             raise
-        return uploads, held
+        return parsed, held
 
     # ----------------------------------------------------------------- admission
 

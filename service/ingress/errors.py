@@ -59,6 +59,18 @@ def _respond(request: Request, status: int, code: str, message: str,
     return error_response(status, code, message, headers)
 
 
+async def send_error(send: Send, status: int, code: str, message: str,
+                     headers: dict[str, str] | None = None) -> None:
+    """An error answer straight over ASGI, for middleware that answers before (or instead of)
+    any route."""
+    body = json.dumps(error_body(code, message)).encode()
+    raw = [(b"content-type", b"application/json"),
+           (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
 def internal_error_message() -> str:
     rid = logs.request_id.get() or "unknown"
     return f"internal error; the service log has the details under request id {rid}"

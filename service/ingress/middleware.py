@@ -4,7 +4,6 @@ access-log line per request, and a JSON answer where the server itself would giv
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -13,7 +12,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
-from service.ingress.errors import error_body, internal_error_message
+from service.ingress.errors import internal_error_message, send_error
 
 access_log = logging.getLogger("service.access")
 log = logging.getLogger("service.ingress")
@@ -76,31 +75,19 @@ class RequestContext:
         except asyncio.CancelledError:
             # uvicorn cancels what is still running when the drain timeout runs out; answer
             # like any other shutdown refusal instead of its plain-text 500.
-            if not started:
-                status = 503
-                body = json.dumps(error_body(
-                    "shutting_down", "the service stopped before this request finished; "
-                    "retry")).encode()
-                await send_with_id({"type": "http.response.start", "status": 503, "headers": [
-                    (b"content-type", b"application/json"), (b"retry-after", b"1"),
-                    (b"connection", b"close"),
-                    (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-            else:
+            if started:
                 raise
+            await send_error(send_with_id, 503, "shutting_down",
+                             "the service stopped before this request finished; retry",
+                             {"Retry-After": "1", "Connection": "close"})
         except Exception as exc:
             # Here, inside the request's context, the log line and the answer both carry the
             # request id (Starlette's own last-resort handler runs outside this middleware).
             if started:
                 raise
             log.error("unhandled error", exc_info=exc)
-            status = 500
             scope.setdefault("state", {})["error_code"] = "internal_error"
-            body = json.dumps(error_body("internal_error", internal_error_message())).encode()
-            await send_with_id({"type": "http.response.start", "status": 500, "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send_with_id, 500, "internal_error", internal_error_message())
         finally:
             state = scope.get("state") or {}
             if state.get("client_gone"):

@@ -21,14 +21,13 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import numpy as np
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from service import metrics as service_metrics
-from service.ingress.bodies import BodyError, check_declared_length, read_limited
-from service.ingress.budget import BudgetExceededError
+from service.ingress.bodies import check_declared_length, read_limited
 from service.ingress.dataplane import DataPlane
 from service.ingress.engine_client import EngineCallError
-from service.ingress.errors import ApiError, ClientGoneError, v2_error_code
+from service.ingress.errors import ApiError, v2_error_code
 from service.ingress.state import IngressState
 from service.v2 import metadata as v2meta
 from service.v2.errors import ImageRejected, V2Error
@@ -204,41 +203,15 @@ class V2Plane:
 
     async def _read_body(self, request: Request, deadline: float) -> tuple[bytes, int]:
         """The raw body under SERESNET_MAX_BODY_BYTES, the worker's in-flight byte budget and
-        the deadline, as :meth:`DataPlane.read_body` reads ``/classify``'s; with the bytes it
-        holds against the budget (give them back with ``state.body_budget.give``)."""
-        settings = self.state.settings
-        budget = self.state.body_budget
-        held = 0
+        the deadline, as ``/classify``'s is read; with the bytes it holds against the budget
+        (give them back with ``state.body_budget.give``)."""
+        limit = self.state.settings.max_body_bytes
 
-        async def counted() -> AsyncIterator[bytes]:
-            nonlocal held
-            async for chunk in request.stream():
-                if chunk:
-                    budget.take(len(chunk))
-                    held += len(chunk)
-                yield chunk
+        async def whole(chunks: AsyncIterator[bytes]) -> bytes:
+            check_declared_length(request.headers, limit)
+            return await read_limited(chunks, limit)
 
-        try:
-            check_declared_length(request.headers, settings.max_body_bytes)
-            body = await asyncio.wait_for(read_limited(counted(), settings.max_body_bytes),
-                                          max(0.0, deadline - time.monotonic()))
-        except BaseException as e:
-            budget.give(held)
-            if isinstance(e, BodyError):
-                raise ApiError(e.status, e.code, e.message) from None
-            if isinstance(e, BudgetExceededError):
-                raise ApiError(503, "busy", "too many request bytes in flight on this worker "
-                               f"(SERESNET_MAX_INFLIGHT_BODY_MB={budget.limit // 2**20}); retry",
-                               {"Retry-After": "1"}) from None
-            if isinstance(e, TimeoutError):
-                raise ApiError(408, "request_timeout",
-                               "the request body did not arrive within "
-                               f"SERESNET_REQUEST_TIMEOUT_S={settings.request_timeout_s}",
-                               {"Connection": "close"}) from None
-            if isinstance(e, ClientDisconnect):
-                raise ClientGoneError from None
-            raise
-        return body, held
+        return await self.plane.read_limited_body(request, deadline, whole)
 
 
 def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> ModelCounters:
