@@ -50,6 +50,8 @@ async function getJSON(path, method = "GET") {
 function problemOf(status, body, statusText) {
   const error = body && body.error;
   if (error && typeof error.code === "string") return error;
+  // KServe V2 routes answer {"error": "<message>"}.
+  if (typeof error === "string") return { code: `http_${status}`, message: error };
   // Under /v2 the service answers the KServe V2 protocol's {"error": "<string>"}.
   if (typeof error === "string") return { code: `http_${status}`, message: error };
   return { code: `http_${status}`, message: statusText || `HTTP ${status}` };
