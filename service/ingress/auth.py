@@ -8,6 +8,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.ingress.errors import send_error
+from service.ingress.middleware import header
 
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
 OPEN_PREFIXES = ("/static/",)
@@ -27,12 +28,7 @@ class ApiKeyGate:
         if scope["type"] != "http" or is_open(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                given = value
-                break
-        scheme, _, token = given.partition(b" ")
+        scheme, _, token = header(scope, b"authorization").partition(b" ")
         candidate = scheme.lower() + b" " + token.strip()
         if hmac.compare_digest(candidate, self._expected):
             await self.app(scope, receive, send)

@@ -22,6 +22,14 @@ _QUIET_PATHS = ("/v2/health/", "/metrics", "/static/")
 CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never sent
 
 
+def header(scope: Scope, name: bytes) -> bytes:
+    """The first value of a (lower-case) request header, b"" when absent."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return b""
+
+
 def _has_body(scope: Scope) -> bool:
     for name, value in scope["headers"]:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
@@ -37,12 +45,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                incoming = value
-                break
-        text = incoming.decode("latin-1")
+        text = header(scope, b"x-request-id").decode("latin-1")
         rid = text if _REQUEST_ID.match(text) else uuid.uuid4().hex
         token = logs.request_id.set(rid)
         status = 0
