@@ -287,7 +287,10 @@ def serve(settings: Settings) -> int:
                                      if engine.handle else None})
         supervisor = WorkerSupervisor(config, [sock], engine)
         supervisor.run()
+        t0 = time.monotonic()
+        log.info("workers stopped; stopping the engine")
         engine.stop(settings.drain_timeout_s + 5)
+        log.info("engine stopped", extra={"seconds": round(time.monotonic() - t0, 3)})
         sock.close()
         if engine.fatal:
             print(f"error: {engine.fatal}", flush=True, file=sys.stderr)
