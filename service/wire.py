@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _HEADER = struct.Struct(">I")
@@ -55,7 +55,6 @@ class EngineHello:
     slots: int
     max_queue_size: int
     max_batch_size: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def encode(message: Message) -> bytes:

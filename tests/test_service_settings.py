@@ -135,7 +135,7 @@ def test_tf32_is_on_by_default_and_can_be_turned_off() -> None:
 def test_worker_count_follows_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     import service.settings as settings_module
 
-    for cores, want in ((1, 1), (2, 1), (16, 15)):
+    for cores, want in ((1, 1), (2, 2), (3, 2), (4, 3), (16, 15)):
         monkeypatch.setattr(settings_module, "available_cores", lambda c=cores: c)
         assert load_settings({"model_dir": EMBEDDED_MODEL}).worker_count() == want
     assert load_settings({"model_dir": EMBEDDED_MODEL, "workers": 3}).worker_count() == 3

@@ -125,7 +125,7 @@ class EngineServer:
             max_batch_size=self.max_batch_size,
         )
 
-    def _set_ready(self, ready: bool, reason: str) -> None:
+    def set_ready(self, ready: bool, reason: str) -> None:
         self.ready, self.not_ready_reason = ready, reason
         self.metrics.ready.set(1 if ready else 0)
         for conn in list(self.connections):
@@ -137,11 +137,11 @@ class EngineServer:
         except Exception as e:  # a model that cannot run must never report ready
             self.fatal = f"warm-up failed: {type(e).__name__}: {e}"
             log.exception("warm-up failed; the service will not become ready")
-            self._set_ready(False, self.fatal)
+            self.set_ready(False, self.fatal)
             self.on_fatal()
             return
         if not self.draining:
-            self._set_ready(True, "")
+            self.set_ready(True, "")
             log.info("ready", extra={"model": self.engine.card.name})
 
     def begin_drain(self) -> None:
@@ -307,7 +307,7 @@ async def _serve(config: EngineProcessConfig, engine: Engine, pipe: Connection) 
         await stop.wait()
     finally:
         server_state.begin_drain()
-        server_state._set_ready(False, "shutting down")
+        server_state.set_ready(False, "shutting down")
         deadline = time.monotonic() + config.drain_timeout_s
         # Workers answer what they accepted, then exit; the engine stays until they have gone.
         while server_state.connections and time.monotonic() < deadline:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,6 @@ class Lease:
         self.slots = slots
         self._arena = arena
         self._generation = generation
-        self._open = True
 
     def slot(self, i: int) -> np.ndarray:
         """Writable [C, H, W] view of the request's ``i``-th slot."""
@@ -68,7 +66,6 @@ class Lease:
         """Batch and run the images in slots ``indices`` (the others failed to decode and are
         given back). ``want`` is ("topk", k) -> (ids int32 [n,k], probs float32 [n,k]) or
         ("logits",) -> float32 [n, classes]."""
-        self._open = False
         used = [self.slots[i] for i in indices]
         return await self._client._call(
             ("run", self.rid, used, deadline, want), self.rid, self._generation)
@@ -76,7 +73,6 @@ class Lease:
     def release(self) -> None:
         """The caller is gone (or the request failed before its run): give the slots back."""
         self._client._release(self.rid, self._generation)
-        self._open = False
 
 
 class EngineClient:
@@ -235,6 +231,3 @@ class EngineClient:
             with contextlib.suppress(EngineUnavailableError):
                 self._send(("release", rid))
 
-
-def deadline_left(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
