@@ -361,3 +361,14 @@ def test_large_photo_is_downscaled_from_the_jpeg_directly(client: httpx.Client) 
     photo(4000, 3000, seed=1).save(buf, format="JPEG", quality=85)
     r = classify(client, [("photo.jpg", buf.getvalue())])
     assert r.status_code == 200
+
+
+def test_documented_statuses_are_ones_the_routes_can_return(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    with_422 = {(m, p) for p, ops in spec["paths"].items() for m, op in ops.items()
+                if "422" in op["responses"]}
+    # Only /classify has a parameter FastAPI validates (top_k); path strings never fail.
+    assert with_422 == {("post", "/classify")}
+    assert "404" in spec["paths"]["/v2/models/{name}"]["get"]["responses"]
+    example = spec["components"]["schemas"]["ClassifyResponse"]["examples"][0]
+    assert example["results"][0]["predictions"][0]["label"] == "Ankle boot"

@@ -10,6 +10,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -65,12 +66,34 @@ def create_app(settings: Settings | None = None, engine_socket: Path | None = No
     for module in (classify, health, v2, models, metrics):
         app.include_router(module.router)
     _install_web(app)
+    _drop_impossible_422(app)
     if settings.api_key is not None:
         app.add_middleware(auth.ApiKeyGate, api_key=settings.api_key.get_secret_value())
     app.add_middleware(RequestContext)  # every answer gets a request id
     # Outermost: reshapes /v2 error bodies made by the gate and RequestContext too.
     app.add_middleware(V2ErrorShape)
     return app
+
+
+def _drop_impossible_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with parameters; a route whose parameters are
+    only path strings (bodies are read raw, never validated by FastAPI) can never return it,
+    so the schema says so."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for op in operations.values():
+                    params = op.get("parameters", [])
+                    if all(p.get("in") == "path"
+                           and p.get("schema", {}).get("type") == "string" for p in params):
+                        op.get("responses", {}).pop("422", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_web(app: FastAPI) -> None:
