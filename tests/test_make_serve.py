@@ -23,6 +23,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 
 
+def _as_from_a_terminal() -> None:
+    # A background job may start with SIGINT ignored (a POSIX shell does that to `cmd &`
+    # without job control; CI runners can too). Dispositions survive exec and bash cannot trap
+    # a signal ignored at entry, so Ctrl-C could never be tested; a terminal never ignores it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def make_serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, str]]:
     """`make serve` on a free port, in its own session (as a terminal would run it); yields
@@ -34,7 +42,7 @@ def make_serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, 
             ["make", "-s", "-o", f"{venv}/.runtime", "serve", f"VENV={venv}",
              f"PY={sys.executable}", "PORT=0"],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_as_from_a_terminal,
         )
     try:
         url = ""
