@@ -105,6 +105,13 @@ class EngineMetrics(_Labelled):
         self.batch_size = Histogram(
             "seresnet_batch_size", "Images per model run", LABELS,
             buckets=batch_buckets(max_batch_size), registry=None).labels(*lv)
+        # Exact sizes (at most max_batch_size series) for Triton's per-batch-size statistics.
+        self._runs_by_size = Counter(
+            "seresnet_batch_runs", "Model runs by exact batch size", [*LABELS, "batch_size"],
+            registry=None)
+        self._seconds_by_size = Counter(
+            "seresnet_batch_compute_seconds", "Time in ONNX Runtime by exact batch size",
+            [*LABELS, "batch_size"], registry=None)
         self.queue_duration = Histogram(
             "seresnet_queue_duration_seconds", "Per image: time from queued to its batch start",
             LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
@@ -140,6 +147,8 @@ class EngineMetrics(_Labelled):
         self.exec_count.inc()
         self.inference_count.inc(size)
         self.batch_size.observe(size)
+        self._runs_by_size.labels(*self._labels, str(size)).inc()
+        self._seconds_by_size.labels(*self._labels, str(size)).inc(compute_s)
 
     def on_dropped(self, reason: str, images: int) -> None:
         self._dropped.labels(*self._labels, reason).inc(images)

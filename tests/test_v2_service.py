@@ -335,6 +335,11 @@ def test_statistics_count_requests_and_images(client: triton.InferenceServerClie
     assert after["inference_stats"]["compute_infer"]["ns"] > 0
     assert after["inference_stats"]["queue"]["count"] >= 9
     assert after["last_inference"] >= t0_ms - 1000
+    # Per exact batch size: the runs add up to the executions, the sizes to the images.
+    sizes = {b["batch_size"]: b["compute_infer"] for b in after["batch_stats"]}
+    assert sum(b["count"] for b in sizes.values()) == after["execution_count"]
+    assert sum(k * b["count"] for k, b in sizes.items()) == after["inference_count"]
+    assert all(b["ns"] > 0 for b in sizes.values())
     assert client.get_inference_statistics(NAME, VERSION)["model_stats"][0]["name"] == NAME
     everything = client.get_inference_statistics()["model_stats"]
     assert [s["name"] for s in everything] == [NAME]

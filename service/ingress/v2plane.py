@@ -40,7 +40,7 @@ from service.v2.request import (
 )
 from service.v2.response import EncodedResponse, encode_infer_response
 from service.v2.signature import Signature
-from service.v2.stats import Duration, ModelCounters, model_statistics
+from service.v2.stats import BatchDurations, Duration, ModelCounters, model_statistics
 
 # The extensions whose routes this server serves (GET /v2 lists them). Not
 # "model_repository": of it only the index is served, no load or unload.
@@ -221,14 +221,22 @@ def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> 
     Where the two disagree in granularity, the numbers are what the service measures:
     ``queue`` and ``compute_input`` (decode and preprocess of encoded images) count images,
     ``compute_infer`` counts model runs, where Triton counts requests in all three.
-    ``batch_stats`` stays empty: the batch-size histogram has power-of-two buckets, not the
-    exact sizes Triton reports.
+    ``batch_stats`` has the model runs and their time in ONNX Runtime per exact batch size.
     """
     sums: dict[str, float] = {}
+    by_size: dict[int, BatchDurations] = {}
     for family in families:
         for sample in family.samples:
             labels = sample.labels
             if labels.get("model") != model or labels.get("version") != version:
+                continue
+            if "batch_size" in labels:
+                infer = by_size.setdefault(int(labels["batch_size"]),
+                                           BatchDurations()).compute_infer
+                if sample.name == "seresnet_batch_runs_total":
+                    infer.count += round(sample.value)
+                elif sample.name == "seresnet_batch_compute_seconds_total":
+                    infer.ns += round(sample.value * 1e9)
                 continue
             key = sample.name
             if "outcome" in labels:
@@ -261,6 +269,7 @@ def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> 
         queue=duration("seresnet_queue_duration_seconds"),
         compute_input=duration("seresnet_preprocess_duration_seconds"),
         compute_infer=duration("seresnet_compute_duration_seconds"),
+        batches=by_size,
     )
 
 
