@@ -47,7 +47,7 @@ if [ "$dry_run" = 1 ]; then
   cache=build/bench-models
 else
   py=${PYTHON:-python3}
-  cache=/tmp/bm  # survives between runs while the machine stays warm
+  cache=${TMPDIR:-/tmp}/seresnet-bench-models  # survives between runs while the machine stays warm
   if [ "${GPU_READY:-0}" != 1 ]; then
     echo "gpu-check: run 'source .gpu/device.sh' first (../shared/gpu/README.md)"; exit 2
   fi

@@ -35,7 +35,7 @@ import uvicorn
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from service import metrics
-from service.engine.config import EngineConfig
+from service.engine.config import EXIT_WARMUP_FAILED, EngineConfig
 from service.ingress.state import ENGINE_SOCKET_ENV
 from service.settings import Settings
 from service.slots import choose_path, make_run_dir
@@ -45,7 +45,6 @@ log = logging.getLogger("service")
 _spawn = multiprocessing.get_context("spawn")
 ENGINE_LOAD_TIMEOUT_S = 900.0  # a large model with an exhaustive cuDNN search loads slowly
 ENGINE_RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-EXIT_WARMUP_FAILED = 4  # service.engine.server.EXIT_WARMUP_FAILED (not imported: no ORT here)
 
 
 class StartupError(RuntimeError):
@@ -88,7 +87,6 @@ class _EngineHandle:
     shm_path: Path
     generation: int
     started: float
-    loaded: bool = False
 
 
 class EngineSupervisor:
@@ -139,7 +137,6 @@ class EngineSupervisor:
                 except EOFError:
                     break
                 if kind == "loaded":
-                    handle.loaded = True
                     return
                 if kind == "error":
                     handle.process.join(10)
@@ -167,18 +164,17 @@ class EngineSupervisor:
                                                     "generation": self.generation})
             return True
         for kind, payload in _drain_pipe(handle.pipe):
-            if kind == "loaded":
-                handle.loaded = True
-                self._failures = 0 if time.monotonic() - handle.started > 60 else self._failures
-            elif kind in ("fatal", "error"):
+            if kind in ("fatal", "error"):
                 self.fatal = str(payload)
         if handle.process.is_alive():
             return True
         code = handle.process.exitcode
         handle.process.join()
         metrics.mark_process_dead(handle.process.pid or 0)
-        Path(handle.shm_path).unlink(missing_ok=True)
+        handle.shm_path.unlink(missing_ok=True)
         self.handle = None
+        if time.monotonic() - handle.started > 60:
+            self._failures = 0  # it served a while: a new crash starts the back-off afresh
         if self.fatal is not None or code == EXIT_WARMUP_FAILED:
             self.fatal = self.fatal or "the engine's warm-up failed"
             log.error("engine cannot serve; stopping", extra={"cause": self.fatal})
@@ -205,7 +201,7 @@ class EngineSupervisor:
         for kind, payload in _drain_pipe(handle.pipe):
             if kind == "fatal":
                 self.fatal = str(payload)
-        Path(handle.shm_path).unlink(missing_ok=True)
+        handle.shm_path.unlink(missing_ok=True)
 
 
 class WorkerSupervisor(Multiprocess):

@@ -6,7 +6,7 @@ images into shared-memory slots (:mod:`service.slots`) and sends only slot numbe
 come back as small arrays (top-k or logits).
 
 worker -> engine
-    ("admit", rid, n, deadline)           reserve n slots (the global admission bound)
+    ("admit", rid, n)                     reserve n slots (the global admission bound)
     ("run", rid, slots, deadline, want)   run these slots; want = ("topk", k) or ("logits",)
     ("release", rid)                      the caller is gone: drop its images, free its slots
 

@@ -6,6 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# How the engine process tells the supervisor why it ended (kept here, free of onnxruntime,
+# so that the supervisor can read them without loading it).
+EXIT_LOAD_FAILED = 3
+EXIT_WARMUP_FAILED = 4
+
 
 @dataclass(frozen=True)
 class EngineConfig:

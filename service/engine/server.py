@@ -39,7 +39,8 @@ from service.engine.batcher import (
     DeadlineExceededError,
     QueueFullError,
 )
-from service.engine.model import Engine, EngineConfig
+from service.engine.config import EXIT_LOAD_FAILED, EXIT_WARMUP_FAILED, EngineConfig
+from service.engine.model import Engine
 from service.engine.policy import EngineError
 from service.engine.runners import softmax, top_k_rows
 from service.metrics import EngineMetrics
@@ -47,8 +48,6 @@ from service.slots import SlotArena
 
 log = logging.getLogger("service.engine")
 
-EXIT_LOAD_FAILED = 3
-EXIT_WARMUP_FAILED = 4
 
 
 @dataclass(frozen=True)
@@ -197,9 +196,14 @@ class EngineServer:
     # ----------------------------------------------------------------- admission
 
     @property
+    def held(self) -> int:
+        """Slots leased: images decoding, queued or in the batch being run."""
+        return self.arena.count - len(self._free)
+
+    @property
     def waiting(self) -> int:
         """Images admitted and not in the batch being run: decoding, or queued."""
-        return self.arena.count - len(self._free) - self.batcher.in_flight
+        return self.held - self.batcher.in_flight
 
     def retry_after_s(self) -> int:
         return self.batcher.retry_after_s()
@@ -218,7 +222,7 @@ class EngineServer:
             return
         slots = [self._free.popleft() for _ in range(n)]
         conn.leases[rid] = _Lease(conn, rid, slots)
-        self.metrics.admitted.set(self.arena.count - len(self._free))
+        self.metrics.admitted.set(self.held)
         conn.send(("lease", rid, slots))
 
     def _release(self, lease: _Lease, reason: str) -> None:
@@ -235,7 +239,7 @@ class EngineServer:
     async def _free_after_batch(self, slots: list[int]) -> None:
         await self.batcher.current_batch_done()
         self._free.extend(slots)
-        self.metrics.admitted.set(self.arena.count - len(self._free))
+        self.metrics.admitted.set(self.held)
 
     # ----------------------------------------------------------------- running
 
@@ -245,12 +249,10 @@ class EngineServer:
     async def _run(self, lease: _Lease, used: list[int], deadline: float,
                    want: tuple[Any, ...]) -> None:
         conn, rid = lease.conn, lease.rid
-        owned = set(lease.slots)
-        unused = [s for s in lease.slots if s not in set(used)]
-        if unused or not set(used) <= owned:
-            # Images that failed to decode never reach the queue; their slots go back now.
-            lease.slots = [s for s in used if s in owned]
-            self._free.extend(unused)
+        # Images that failed to decode never reach the queue; their slots go back now.
+        keep = set(used) & set(lease.slots)
+        self._free.extend(s for s in lease.slots if s not in keep)
+        lease.slots = [s for s in used if s in keep]
         try:
             if not lease.slots:
                 raise ValueError("nothing to run")
@@ -334,16 +336,7 @@ def main(config: EngineProcessConfig, pipe: Connection) -> None:
     logs.configure(config.log_level, config.log_format, process="engine")
     try:
         engine = Engine.load(config.engine)
-    except EngineError as e:
-        pipe.send(("error", str(e)))
+    except Exception as e:  # whatever stops a load is reported in one line
+        pipe.send(("error", str(e) if isinstance(e, EngineError) else f"{type(e).__name__}: {e}"))
         sys.exit(EXIT_LOAD_FAILED)
-    except Exception as e:  # anything else that stops a load: report it, in one line
-        pipe.send(("error", f"{type(e).__name__}: {e}"))
-        sys.exit(EXIT_LOAD_FAILED)
-
-    async def run() -> int:
-        task = asyncio.get_running_loop().create_task(_serve(config, engine, pipe))
-        return await task
-
-    code = asyncio.run(run())
-    sys.exit(code)
+    sys.exit(asyncio.run(_serve(config, engine, pipe)))
