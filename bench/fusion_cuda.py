@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from bench.fusion import time_calls
 
 PRECISIONS = ("fp32", "tf32", "fp16")
 CUDA = "CUDAExecutionProvider"
@@ -192,13 +193,6 @@ def torch_anchor(arch: str, batch: int, dry_run: bool) -> Callable[[], None]:
     return run
 
 
-def time_calls(fn: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
 def measure(runners: dict[str, Callable[[], object]], repeats: int, seconds: float
             ) -> dict[str, dict[str, Any]]:
     """Warm up (CUDA graphs are captured here), size each repeat to about ``seconds``, then
@@ -222,14 +216,15 @@ def run_group(group: Group, files: dict[tuple[str, bool], Path], batches: list[i
               provider: str, repeats: int, seconds: float) -> Iterator[tuple[str, int, dict]]:
     """(row name, batch, result) for every model of ``group`` at every batch size."""
     sessions: dict[str, ort.InferenceSession] = {}
-    errors: dict[str, str] = {}
+    unusable: dict[str, str] = {}  # models whose session could not be made: every batch
     for model in group.models:
         try:
             sessions[model] = make_session(files[(model, group.precision == "fp16")], group,
                                            provider)
         except Exception as error:  # a row that cannot run is a result too
-            errors[model] = f"{type(error).__name__}: {str(error)[:400]}"
+            unusable[model] = f"{type(error).__name__}: {str(error)[:400]}"
     for graph_id, batch in enumerate(batches):
+        errors = dict(unusable)  # a failure at one batch says nothing of the next
         runners: dict[str, Callable[[], object]] = {}
         for model, sess in sessions.items():
             try:

@@ -34,9 +34,8 @@ import onnxruntime as ort
 
 from bench.fusion import CACHE, RESULTS
 from bench.fusion_cuda import CUDA, BoundRun, model_files
+from export.pipeline import MAX_FP16_TOP1_DELTA, MIN_FP16_TOP5_AGREEMENT
 
-MIN_TOP5 = 0.99
-MAX_TOP1_DELTA = 0.001
 # Where the checks run: CUDA, or the CPU provider for --dry-run (which checks only that the code
 # runs end to end: the CPU has no CUDA graphs and no NHWC layout transformer).
 RUN_ON = {"provider": CUDA, "nets": ("seresnet50", "resnet50")}
@@ -103,8 +102,8 @@ def embedded_parity(folder: Path) -> dict[str, Any]:
         top1, top5 = accuracy(got, labels)
         entry = {**agreement(reference, got), "test_top1": top1, "test_top5": top5,
                  "test_top1_delta": top1 - fp32_top1}
-        entry["ok"] = bool(entry["top5_agreement"] >= MIN_TOP5
-                           and abs(entry["test_top1_delta"]) <= MAX_TOP1_DELTA)
+        entry["ok"] = bool(entry["top5_agreement"] >= MIN_FP16_TOP5_AGREEMENT
+                           and abs(entry["test_top1_delta"]) <= MAX_FP16_TOP1_DELTA)
         ok &= entry["ok"]
         report["variants"][name] = entry
     report["ok"] = ok

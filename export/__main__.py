@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="re-check a model folder against PyTorch and itself",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="PyTorch vs model.onnx (when checkpoint.pt is in the folder), model.onnx vs\n"
-        "model.se.onnx, and the card's test accuracy (Fashion-MNIST models). Exit 1 on any\n"
-        "failure.\n\nexample:\n  python -m export verify models/fashion-seresnet",
+        "model.se.onnx, model.se.onnx vs model.fp16.se.onnx when present (top-5 agreement\n"
+        ">= 99 %), and the card's test accuracy (Fashion-MNIST models). Exit 1 on any failure.\n"
+        "\nexample:\n  python -m export verify models/fashion-seresnet",
     )
     p.add_argument("folder", type=Path)
     p.add_argument("--parity-images", type=int, default=1000, help="default: %(default)s")

@@ -299,7 +299,8 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
 
 def verify_folder(folder: Path, images: int = 1000, say=print) -> bool:
     """Re-check a model folder: PyTorch vs ONNX (when the checkpoint is there), ONNX vs fused,
-    and the card's test accuracy (for Fashion-MNIST models). True when all hold."""
+    fused vs its float16 variant (when present), and the card's test accuracy (for
+    Fashion-MNIST models). True when all hold."""
     card = read_card(folder)
     spec = card.input
     pixels = parity_images(spec, images)

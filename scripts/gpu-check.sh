@@ -8,7 +8,8 @@
 #
 # In order, each step bounded so that the whole stays under BUDGET_S (default 560 s):
 #   1. the CUDA kernel tests: tests/test_ops_kernel.py (fp32/fp16 x NCHW/NHWC against NumPy),
-#      tests/test_ops_library.py, tests/test_ops_cuda_graph.py (graph replays of the fused op)
+#      tests/test_ops_library.py, tests/test_ops_cuda_graph.py (graph replays of the fused op),
+#      tests/test_service_engine_cuda.py (the service's engine: fp16 and CUDA graphs)
 #   2. python -m bench.gpu_checks: fp16 parity on real images, graph-replay equality of whole
 #      fused networks, Transposes left by prefer_nhwc       -> gpu_checks.json
 #   3. python -m bench.fusion --provider cuda: fp16/TF32/fp32 x NCHW/NHWC x CUDA graphs off/on
@@ -29,7 +30,7 @@ cd "$(dirname "$0")/.."
 dry_run=0
 [ "${1:-}" = "--dry-run" ] && dry_run=1
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
   exit 0
 fi
 

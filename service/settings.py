@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="largest width*height, checked before decoding (413)"
     )
-    max_images_per_request: int = Field(256, ge=1, description="most images in one request (413)")
+    max_images_per_request: int = Field(
+        256, ge=1, description="most images in one request (413; 400 on /v2 infer)")
     api_key: SecretStr | None = Field(
         None, description="if set, required as 'Authorization: Bearer KEY' on every route but "
         "the health checks and the page's static files"

@@ -28,7 +28,7 @@ struct SeLaunch {
 };
 
 // Device memory a launch needs (float partial means, hidden layer, channels-last gates); depends
-// on the sizes, the layout and the element type only.
+// on the sizes, the layout, the element type and whether x is 16-byte aligned.
 size_t ScratchBytes(const SeLaunch& args);
 
 // Enqueues the kernels on `stream` (a cudaStream_t) and nothing else: no allocation, no

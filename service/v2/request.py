@@ -10,6 +10,7 @@ optionally turned into Triton's classification strings.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from service.v2.errors import (
     Unsupported,
 )
 from service.v2.signature import Signature
-from service.v2.tensors import BYTES, KNOWN_DATATYPES, deserialize_bytes, element_count
+from service.v2.tensors import BYTES, KNOWN_DATATYPES, deserialize_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -281,7 +282,7 @@ def _pixels(tensor: _InputTensor, blob: memoryview | None, signature: Signature,
             f"{signature.channels} channel(s), {signature.height}x{signature.width})")
     _check_batch(tensor, shape[0], max_batch_size)
     dtype = signature.input_dtype
-    count = element_count(shape)
+    count = math.prod(shape)
     if blob is not None:
         if len(blob) != count * dtype.itemsize:
             raise BinaryDataError(

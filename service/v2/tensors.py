@@ -42,12 +42,6 @@ def datatype_of_card_dtype(dtype: str) -> str:
     return {"uint8": "UINT8", "float32": "FP32"}[dtype]
 
 
-def element_count(shape: Iterable[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
 
 def serialize_bytes(items: Iterable[bytes]) -> bytes:
     """The binary form of a BYTES tensor whose elements are ``items`` (row-major)."""
