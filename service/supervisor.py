@@ -251,6 +251,9 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         log_config=None, access_log=False, server_header=False, lifespan="on",
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
         timeout_keep_alive=max(1, round(settings.keepalive_timeout_s)),
+        # uvicorn kills a worker that misses a 5 s ping and with it every request it holds; a
+        # worker starved of CPU (a loaded box, a long decode) is slow, not hung.
+        timeout_worker_healthcheck=30,
     )
 
 
