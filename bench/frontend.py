@@ -65,11 +65,15 @@ def _multipart(files: Sequence[tuple[str, bytes, str]]) -> tuple[bytes, str]:
     boundary = "benchboundary7MA4YWxkTrZu0gW"
     parts = []
     for name, data, ctype in files:
-        parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; "
-                     f"filename=\"{name}\"\r\nContent-Type: {ctype}\r\n\r\n".encode() + data
-                     + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), \
-        f"multipart/form-data; boundary={boundary}"
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; '
+            f'filename="{name}"\r\nContent-Type: {ctype}\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+        )
+    return b"".join(
+        parts
+    ) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
@@ -106,24 +110,32 @@ def workloads(n: int = 64) -> dict[str, list[bytes]]:
     images, _ = load("test")
     fashion = [Image.fromarray(p, "L") for p in images[:n]]
     png28 = [_png(im) for im in fashion]
-    jpeg224 = [_jpeg(im.resize((224, 224), Image.Resampling.BICUBIC).convert("RGB"))
-               for im in fashion]
+    jpeg224 = [
+        _jpeg(im.resize((224, 224), Image.Resampling.BICUBIC).convert("RGB")) for im in fashion
+    ]
     photo640 = [_jpeg(p.resize((640, 480), Image.Resampling.BICUBIC)) for p in _photos()]
     out: dict[str, list[tuple[bytes, str]]] = {
         "png28": [_multipart([(f"{i}.png", b, "image/png")]) for i, b in enumerate(png28)],
         "jpeg224": [_multipart([(f"{i}.jpg", b, "image/jpeg")]) for i, b in enumerate(jpeg224)],
-        "photo640": [_multipart([(f"{i}.jpg", b, "image/jpeg")])
-                     for i, b in enumerate(photo640)],
-        "jpeg224x8": [_multipart([(f"{i}-{k}.jpg", jpeg224[(i + k) % n], "image/jpeg")
-                                  for k in range(8)]) for i in range(n // 8)],
+        "photo640": [_multipart([(f"{i}.jpg", b, "image/jpeg")]) for i, b in enumerate(photo640)],
+        "jpeg224x8": [
+            _multipart([(f"{i}-{k}.jpg", jpeg224[(i + k) % n], "image/jpeg") for k in range(8)])
+            for i in range(n // 8)
+        ],
     }
     return out  # type: ignore[return-value]
 
 
 def _requests(url: str, bodies: list[tuple[bytes, str]]) -> list[bytes]:
     parts = urlsplit(url)
-    return [(f"POST /classify HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {ctype}\r\n"
-             f"Content-Length: {len(body)}\r\n\r\n").encode() + body for body, ctype in bodies]
+    return [
+        (
+            f"POST /classify HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+        for body, ctype in bodies
+    ]
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
@@ -145,8 +157,9 @@ class Run:
     latencies_ms: list[float]
 
 
-async def _closed_loop(url: str, raw: list[bytes], concurrency: int, warmup: float,
-                       duration: float) -> Run:
+async def _closed_loop(
+    url: str, raw: list[bytes], concurrency: int, warmup: float, duration: float
+) -> Run:
     parts = urlsplit(url)
     latencies: list[float] = []
     errors = 0
@@ -216,13 +229,18 @@ def _self_cpu() -> float:
 def baseline_tree(ref: str) -> Iterator[Path]:
     """A git worktree of the single-process service."""
     folder = Path(tempfile.mkdtemp(prefix="seresnet-baseline-"))
-    subprocess.run(["git", "worktree", "add", "--detach", str(folder), ref], cwd=REPO,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(folder), ref],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     try:
         yield folder
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=REPO,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(folder)], cwd=REPO, capture_output=True
+        )
 
 
 def _ops_library() -> str:
@@ -233,15 +251,29 @@ def _ops_library() -> str:
 
 @contextlib.contextmanager
 def serve(variant: str, baseline: Path | None, log_dir: Path) -> Iterator[tuple[str, int]]:
-    env = {"SERESNET_PROVIDER": "cpu", "SERESNET_OPS_LIBRARY": _ops_library(),
-           "SERESNET_LOG_LEVEL": "warning"}
+    env = {
+        "SERESNET_PROVIDER": "cpu",
+        "SERESNET_OPS_LIBRARY": _ops_library(),
+        "SERESNET_LOG_LEVEL": "warning",
+    }
     if variant == "single":
         assert baseline is not None
-        command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0",
-                   "--model-dir", str(baseline / "models" / "fashion-seresnet")]
+        command = [
+            sys.executable,
+            "-m",
+            "service",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--model-dir",
+            str(baseline / "models" / "fashion-seresnet"),
+        ]
         env["SERESNET_LOG_LEVEL"] = "info"  # the launcher waits for its "listening" line
-        with _in_dir(baseline), running_service(None, env=env, command=command,
-                                                log_dir=log_dir) as svc:
+        with (
+            _in_dir(baseline),
+            running_service(None, env=env, command=command, log_dir=log_dir) as svc,
+        ):
             yield svc.url, svc.proc.pid
     else:
         env["SERESNET_WORKERS"] = variant
@@ -263,8 +295,13 @@ def _in_dir(folder: Path) -> Iterator[None]:
         serverutil.REPO_ROOT = old
 
 
-def measure_variant(variant: str, baseline: Path | None, bodies: dict[str, list],
-                    cfg: argparse.Namespace, log_dir: Path) -> dict:
+def measure_variant(
+    variant: str,
+    baseline: Path | None,
+    bodies: dict[str, list],
+    cfg: argparse.Namespace,
+    log_dir: Path,
+) -> dict:
     out: dict[str, dict] = {"cpu": {}, "throughput": {}}
     with serve(variant, baseline, log_dir) as (url, pid):
         for name, items in bodies.items():
@@ -274,48 +311,68 @@ def measure_variant(variant: str, baseline: Path | None, bodies: dict[str, list]
             cpu1, self1 = tree_cpu_seconds(pid), _self_cpu()
             images = run.requests * (8 if name.endswith("x8") else 1)
             out["cpu"][name] = {
-                "requests": run.requests, "errors": run.errors,
-                "service_cpu_ms_per_request": round((cpu1 - cpu0) * 1000 / max(1, run.requests),
-                                                    3),
+                "requests": run.requests,
+                "errors": run.errors,
+                "service_cpu_ms_per_request": round((cpu1 - cpu0) * 1000 / max(1, run.requests), 3),
                 "service_cpu_ms_per_image": round((cpu1 - cpu0) * 1000 / max(1, images), 3),
-                "client_cpu_ms_per_request": round((self1 - self0) * 1000
-                                                   / max(1, run.requests), 3),
+                "client_cpu_ms_per_request": round(
+                    (self1 - self0) * 1000 / max(1, run.requests), 3
+                ),
                 "images_per_s": round(images / run.seconds, 1),
             }
             row = out["cpu"][name]
-            print(f"  {variant:>7} cpu   {name:<10} {row['service_cpu_ms_per_request']:7.3f}"
-                  f" ms/request  {row['images_per_s']:8.1f} img/s", flush=True)
+            print(
+                f"  {variant:>7} cpu   {name:<10} {row['service_cpu_ms_per_request']:7.3f}"
+                f" ms/request  {row['images_per_s']:8.1f} img/s",
+                flush=True,
+            )
         raw = _requests(url, bodies["jpeg224"])
         for c in cfg.concurrency:
             run = asyncio.run(_closed_loop(url, raw, c, cfg.warmup, cfg.duration))
             lat = np.asarray(run.latencies_ms or [float("nan")])
             out["throughput"][str(c)] = {
-                "images_per_s": round(run.requests / run.seconds, 1), "errors": run.errors,
+                "images_per_s": round(run.requests / run.seconds, 1),
+                "errors": run.errors,
                 "p50_ms": round(float(np.percentile(lat, 50)), 2),
                 "p99_ms": round(float(np.percentile(lat, 99)), 2),
-                "load_avg_1m": round(os.getloadavg()[0], 2)}
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+            }
             t = out["throughput"][str(c)]
-            print(f"  {variant:>7} c={c:<4} {t['images_per_s']:8.1f} img/s  p50 {t['p50_ms']:7.2f}"
-                  f"  p99 {t['p99_ms']:8.2f} ms  errors {t['errors']}", flush=True)
+            print(
+                f"  {variant:>7} c={c:<4} {t['images_per_s']:8.1f} img/s  p50 {t['p50_ms']:7.2f}"
+                f"  p99 {t['p99_ms']:8.2f} ms  errors {t['errors']}",
+                flush=True,
+            )
     return out
 
 
 def _median(rounds: list[dict]) -> dict:
     """Per variant, the median over rounds of every number."""
+
     def med(values: list) -> object:
         if isinstance(values[0], dict):
             return {k: med([v[k] for v in values]) for k in values[0]}
         return round(statistics.median(values), 3)
+
     return med(rounds)  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.frontend", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="single,1,2,4",
-                        help="'single' (the baseline) and worker counts (default %(default)s)")
-    parser.add_argument("--baseline-ref", default=BASELINE_REF,
-                        help="git commit of the single-process service (default %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.frontend",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--variants",
+        default="single,1,2,4",
+        help="'single' (the baseline) and worker counts (default %(default)s)",
+    )
+    parser.add_argument(
+        "--baseline-ref",
+        default=BASELINE_REF,
+        help="git commit of the single-process service (default %(default)s)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per level")
     parser.add_argument("--warmup", type=float, default=1.0)
@@ -331,37 +388,66 @@ def main(argv: list[str] | None = None) -> int:
     bodies = workloads()
     per_variant: dict[str, list[dict]] = {v: [] for v in variants}
     with contextlib.ExitStack() as stack:
-        baseline = (stack.enter_context(baseline_tree(cfg.baseline_ref))
-                    if "single" in variants else None)
+        baseline = (
+            stack.enter_context(baseline_tree(cfg.baseline_ref)) if "single" in variants else None
+        )
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-fe-")))
         for r in range(cfg.rounds):
-            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
             print(f"round {r + 1}/{cfg.rounds}: {', '.join(order)}", flush=True)
             for v in order:
                 per_variant[v].append(measure_variant(v, baseline, bodies, cfg, log_dir))
     medians = {v: _median(rs) for v, rs in per_variant.items()}
     result = {
-        "benchmark": "frontend", "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
-        "settings": {"rounds": cfg.rounds, "duration_s": cfg.duration,
-                     "cpu_concurrency": cfg.cpu_concurrency, "baseline_ref": cfg.baseline_ref,
-                     "model": "models/fashion-seresnet", "provider": "cpu"},
+        "benchmark": "frontend",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "rounds": cfg.rounds,
+            "duration_s": cfg.duration,
+            "cpu_concurrency": cfg.cpu_concurrency,
+            "baseline_ref": cfg.baseline_ref,
+            "model": "models/fashion-seresnet",
+            "provider": "cpu",
+        },
         "medians": medians,
         "ratios_vs_single": {
-            v: {name: round(medians["single"]["cpu"][name]["service_cpu_ms_per_request"]
-                            / max(1e-9, m["cpu"][name]["service_cpu_ms_per_request"]), 2)
-                for name in m["cpu"]}
-            for v, m in medians.items() if v != "single" and "single" in medians},
+            v: {
+                name: round(
+                    medians["single"]["cpu"][name]["service_cpu_ms_per_request"]
+                    / max(1e-9, m["cpu"][name]["service_cpu_ms_per_request"]),
+                    2,
+                )
+                for name in m["cpu"]
+            }
+            for v, m in medians.items()
+            if v != "single" and "single" in medians
+        },
         "rounds": {v: rs for v, rs in per_variant.items()},
     }
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {cfg.out}")
-    print(json.dumps({"medians": {v: {"cpu_ms_per_request": {k: x["service_cpu_ms_per_request"]
-                                                              for k, x in m["cpu"].items()},
-                                      "throughput": m["throughput"]}
-                                  for v, m in medians.items()}}, indent=1))
+    print(
+        json.dumps(
+            {
+                "medians": {
+                    v: {
+                        "cpu_ms_per_request": {
+                            k: x["service_cpu_ms_per_request"] for k, x in m["cpu"].items()
+                        },
+                        "throughput": m["throughput"],
+                    }
+                    for v, m in medians.items()
+                }
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -57,8 +57,9 @@ def exported(arch: str, cache: Path = CACHE) -> Path:
     return folder
 
 
-def ort_runner(path: Path, level: str, provider: str, fused: bool, x: np.ndarray,
-               threads: int) -> Callable[[], object]:
+def ort_runner(
+    path: Path, level: str, provider: str, fused: bool, x: np.ndarray, threads: int
+) -> Callable[[], object]:
     import ops
 
     so = ort.SessionOptions()
@@ -109,30 +110,52 @@ def time_calls(fn: Callable[[], object], calls: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.fusion", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="+",
-                        help="batch sizes (default: 1 8 on the CPU, 1 8 32 128 on CUDA)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fusion",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        help="batch sizes (default: 1 8 on the CPU, 1 8 32 128 on CUDA)",
+    )
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--calls", type=int, default=0,
-                        help="calls per repeat (default: about 1 s of work)")
+    parser.add_argument(
+        "--calls", type=int, default=0, help="calls per repeat (default: about 1 s of work)"
+    )
     parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch eager")
     parser.add_argument("--out", type=Path)
     matrix = parser.add_argument_group("the CUDA matrix (--provider cuda, or --dry-run)")
-    matrix.add_argument("--precision", nargs="+", choices=["fp32", "tf32", "fp16"],
-                        default=["fp32", "tf32", "fp16"])
-    matrix.add_argument("--graphs", nargs="+", choices=["off", "on"], default=["off", "on"],
-                        help="CUDA graphs (one per batch size)")
-    matrix.add_argument("--seconds", type=float, default=0.1,
-                        help="time per repeat and row (default: %(default)s)")
-    matrix.add_argument("--cache", type=Path, default=CACHE,
-                        help="where the random-weight exports are kept (default: build/)")
-    matrix.add_argument("--dry-run", action="store_true",
-                        help="run the CUDA matrix's code on this provider with small nets "
-                        "(seresnet18/resnet18), batch 1, one repeat; checks the plumbing, "
-                        "writes build/fusion_dry_run.json")
+    matrix.add_argument(
+        "--precision", nargs="+", choices=["fp32", "tf32", "fp16"], default=["fp32", "tf32", "fp16"]
+    )
+    matrix.add_argument(
+        "--graphs",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off", "on"],
+        help="CUDA graphs (one per batch size)",
+    )
+    matrix.add_argument(
+        "--seconds", type=float, default=0.1, help="time per repeat and row (default: %(default)s)"
+    )
+    matrix.add_argument(
+        "--cache",
+        type=Path,
+        default=CACHE,
+        help="where the random-weight exports are kept (default: build/)",
+    )
+    matrix.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the CUDA matrix's code on this provider with small nets "
+        "(seresnet18/resnet18), batch 1, one repeat; checks the plumbing, "
+        "writes build/fusion_dry_run.json",
+    )
     args = parser.parse_args(argv)
     provider = PROVIDERS[args.provider]
     if provider not in ort.get_available_providers():
@@ -146,9 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, object] = {
         "benchmark": "fusion",
         "provider": provider,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
-                    "python": platform.python_version(), "onnxruntime": ort.__version__,
-                    "gpu": gpu_name() if args.provider == "cuda" else None},
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+            "gpu": gpu_name() if args.provider == "cuda" else None,
+        },
         "repeats": args.repeats,
         "batches": {},
     }
@@ -156,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         x = np.random.default_rng(0).integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
         runners: dict[str, Callable[[], object]] = {}
         for level in LEVELS:
-            runners[f"resnet50/{level}"] = ort_runner(plain / "model.onnx", level, provider,
-                                                      False, x, args.threads)
+            runners[f"resnet50/{level}"] = ort_runner(
+                plain / "model.onnx", level, provider, False, x, args.threads
+            )
             runners[f"seresnet50-unfused/{level}"] = ort_runner(
-                se / "model.onnx", level, provider, False, x, args.threads)
+                se / "model.onnx", level, provider, False, x, args.threads
+            )
             runners[f"seresnet50-fused/{level}"] = ort_runner(
-                se / "model.se.onnx", level, provider, True, x, args.threads)
+                se / "model.se.onnx", level, provider, True, x, args.threads
+            )
         if not args.no_torch and args.provider == "cpu":
             runners["resnet50/pytorch-eager"] = torch_runner("resnet50", x, args.threads)
             runners["seresnet50/pytorch-eager"] = torch_runner("seresnet50", x, args.threads)
@@ -176,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                 samples[name].append(time_calls(fn, calls[name]))
             print(f"batch {batch}: repeat {rep + 1}/{args.repeats}", flush=True)
         medians = {name: statistics.median(s) for name, s in samples.items()}
-        floor = min(v for k, v in medians.items() if k.startswith("resnet50/") and "pytorch"
-                    not in k)
+        floor = min(
+            v for k, v in medians.items() if k.startswith("resnet50/") and "pytorch" not in k
+        )
         rows = {
             name: {
                 "median_ms": round(medians[name] * 1e3, 3),
@@ -188,15 +220,20 @@ def main(argv: list[str] | None = None) -> int:
             }
             for name in runners
         }
-        best_se = min((k for k in rows if k.startswith("seresnet50-")),
-                      key=lambda k: rows[k]["median_ms"])
-        results["batches"][str(batch)] = {"rows": rows, "best_seresnet50": best_se,
-                                          "best_seresnet50_vs_resnet50_best":
-                                          rows[best_se]["vs_resnet50_best"]}
+        best_se = min(
+            (k for k in rows if k.startswith("seresnet50-")), key=lambda k: rows[k]["median_ms"]
+        )
+        results["batches"][str(batch)] = {
+            "rows": rows,
+            "best_seresnet50": best_se,
+            "best_seresnet50_vs_resnet50_best": rows[best_se]["vs_resnet50_best"],
+        }
         print(f"\nbatch {batch} ({provider}, {args.threads} threads): median per call")
         for name, row in sorted(rows.items(), key=lambda kv: kv[1]["median_ms"]):
-            print(f"  {name:32s} {row['median_ms']:9.2f} ms  {row['images_per_s']:8.1f} img/s"
-                  f"  {row['vs_resnet50_best']:.3f}x ResNet-50 best")
+            print(
+                f"  {name:32s} {row['median_ms']:9.2f} ms  {row['images_per_s']:8.1f} img/s"
+                f"  {row['vs_resnet50_best']:.3f}x ResNet-50 best"
+            )
         print(f"  best SE-ResNet-50: {best_se}\n", flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -222,17 +259,20 @@ def cuda_matrix(args: argparse.Namespace, provider: str) -> int:
         "provider": provider,
         "dry_run": args.dry_run,
         "nets": {"seresnet50": se_arch, "resnet50": plain_arch},
-        "machine": {"cpu": cpu_name(), "gpu": gpu_name(), "python": platform.python_version(),
-                    "onnxruntime": ort.__version__},
+        "machine": {
+            "cpu": cpu_name(),
+            "gpu": gpu_name(),
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+        },
         "settings": "ORT_ENABLE_ALL; I/O bound to device buffers; fp32 = use_tf32 0, tf32 and "
-                    "fp16 = use_tf32 1; nhwc = prefer_nhwc 1; graphs-on = enable_cuda_graph 1 "
-                    "with gpu_graph_id per batch; PyTorch: eager, cudnn.benchmark, fp16, "
-                    "channels_last",
+        "fp16 = use_tf32 1; nhwc = prefer_nhwc 1; graphs-on = enable_cuda_graph 1 "
+        "with gpu_graph_id per batch; PyTorch: eager, cudnn.benchmark, fp16, "
+        "channels_last",
         "repeats": repeats,
         "seconds_per_repeat": args.seconds,
         "goals": fc.GOALS,
-        "anchor_h200_seresnet50_pytorch_fp16_channels_last_images_per_s":
-            fc.ANCHOR_H200_SERESNET50_FP16_CL,
+        "anchor_h200_seresnet50_pytorch_fp16_channels_last_images_per_s": fc.ANCHOR_H200_SERESNET50_FP16_CL,
         "rows": {str(b): {} for b in batches},
     }
 
@@ -243,20 +283,27 @@ def cuda_matrix(args: argparse.Namespace, provider: str) -> int:
 
     if not args.no_torch:
         for batch in batches:
-            runners = {f"{arch}/pytorch-eager-fp16-channels-last": fc.torch_anchor(
-                net, batch, args.dry_run) for arch, net in (("resnet50", plain_arch),
-                                                            ("seresnet50", se_arch))}
+            runners = {
+                f"{arch}/pytorch-eager-fp16-channels-last": fc.torch_anchor(
+                    net, batch, args.dry_run
+                )
+                for arch, net in (("resnet50", plain_arch), ("seresnet50", se_arch))
+            }
             for name, row in fc.measure(runners, repeats, args.seconds).items():
                 row["images_per_s"] = round(batch / (row["median_ms"] / 1e3), 1)
                 results["rows"][str(batch)][name] = row
         save()
     graphs = [g == "on" for g in args.graphs]
     for group in fc.groups(args.precision, graphs):
-        for name, batch, row in fc.run_group(group, files, batches, provider, repeats,
-                                             args.seconds):
+        for name, batch, row in fc.run_group(
+            group, files, batches, provider, repeats, args.seconds
+        ):
             results["rows"][str(batch)][name] = row
-            shown = (f"{row['median_ms']:9.3f} ms {row['images_per_s']:9.1f} img/s"
-                     if "median_ms" in row else row["error"][:120])
+            shown = (
+                f"{row['median_ms']:9.3f} ms {row['images_per_s']:9.1f} img/s"
+                if "median_ms" in row
+                else row["error"][:120]
+            )
             print(f"batch {batch:4d} {name:48s} {shown}", flush=True)
         save()
     save()

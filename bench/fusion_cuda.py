@@ -60,7 +60,8 @@ class Group:
     @property
     def label(self) -> str:
         return f"{self.precision}/{'nhwc' if self.nhwc else 'nchw'}/graphs-" + (
-            "on" if self.graphs else "off")
+            "on" if self.graphs else "off"
+        )
 
     @property
     def models(self) -> list[str]:
@@ -99,8 +100,7 @@ def model_files(cache: Path, se_arch: str, plain_arch: str) -> dict[tuple[str, b
         files[(name, True)] = dst
     cl = se / "model.se.fp16.cl.onnx"
     if not cl.exists():
-        onnx.save(ops.to_channels_last(onnx.load(str(files[("seresnet50-fused", True)]))),
-                  str(cl))
+        onnx.save(ops.to_channels_last(onnx.load(str(files[("seresnet50-fused", True)]))), str(cl))
     files[("seresnet50-fused-cl", True)] = cl
     return files
 
@@ -133,8 +133,9 @@ class BoundRun:
     """One batch size of a session: input and output bound to fixed device buffers (what CUDA
     graphs need), run with this batch's ``gpu_graph_id``."""
 
-    def __init__(self, sess: ort.InferenceSession, batch: int, graph_id: int, provider: str
-                 ) -> None:
+    def __init__(
+        self, sess: ort.InferenceSession, batch: int, graph_id: int, provider: str
+    ) -> None:
         device = "cuda" if provider == CUDA else "cpu"
         meta = sess.get_inputs()[0]
         shape = [batch, *meta.shape[1:]]
@@ -145,7 +146,8 @@ class BoundRun:
         self.outputs = []
         for out in sess.get_outputs():
             value = ort.OrtValue.ortvalue_from_shape_and_type(
-                [batch, *out.shape[1:]], np.float32, device, 0)
+                [batch, *out.shape[1:]], np.float32, device, 0
+            )
             self.binding.bind_ortvalue_output(out.name, value)
             self.outputs.append(value)
         self.options = ort.RunOptions()
@@ -193,8 +195,9 @@ def torch_anchor(arch: str, batch: int, dry_run: bool) -> Callable[[], None]:
     return run
 
 
-def measure(runners: dict[str, Callable[[], object]], repeats: int, seconds: float
-            ) -> dict[str, dict[str, Any]]:
+def measure(
+    runners: dict[str, Callable[[], object]], repeats: int, seconds: float
+) -> dict[str, dict[str, Any]]:
     """Warm up (CUDA graphs are captured here), size each repeat to about ``seconds``, then
     time round-robin; median per call."""
     calls = {}
@@ -206,21 +209,32 @@ def measure(runners: dict[str, Callable[[], object]], repeats: int, seconds: flo
     for _ in range(repeats):
         for name, fn in runners.items():
             samples[name].append(time_calls(fn, calls[name]))
-    return {name: {"median_ms": round(statistics.median(s) * 1e3, 4),
-                   "samples_ms": [round(v * 1e3, 4) for v in s],
-                   "calls_per_sample": calls[name]}
-            for name, s in samples.items()}
+    return {
+        name: {
+            "median_ms": round(statistics.median(s) * 1e3, 4),
+            "samples_ms": [round(v * 1e3, 4) for v in s],
+            "calls_per_sample": calls[name],
+        }
+        for name, s in samples.items()
+    }
 
 
-def run_group(group: Group, files: dict[tuple[str, bool], Path], batches: list[int],
-              provider: str, repeats: int, seconds: float) -> Iterator[tuple[str, int, dict]]:
+def run_group(
+    group: Group,
+    files: dict[tuple[str, bool], Path],
+    batches: list[int],
+    provider: str,
+    repeats: int,
+    seconds: float,
+) -> Iterator[tuple[str, int, dict]]:
     """(row name, batch, result) for every model of ``group`` at every batch size."""
     sessions: dict[str, ort.InferenceSession] = {}
     unusable: dict[str, str] = {}  # models whose session could not be made: every batch
     for model in group.models:
         try:
-            sessions[model] = make_session(files[(model, group.precision == "fp16")], group,
-                                           provider)
+            sessions[model] = make_session(
+                files[(model, group.precision == "fp16")], group, provider
+            )
         except Exception as error:  # a row that cannot run is a result too
             unusable[model] = f"{type(error).__name__}: {str(error)[:400]}"
     for graph_id, batch in enumerate(batches):
@@ -249,31 +263,57 @@ def summarise(rows: dict[str, dict[str, dict]]) -> dict[str, dict[str, Any]]:
     """Per batch: the best of each net and precision, the SE tax, the PyTorch anchor ratio."""
     summary = {}
     for batch, by_name in rows.items():
-        def best(prefix: str, precision: str | None = None, graphs: str | None = None,
-                 by_name: dict = by_name) -> tuple[str, float] | None:
-            found = [(n, r["median_ms"]) for n, r in by_name.items()
-                     if "median_ms" in r and n.startswith(prefix + "/")
-                     and (precision is None or f"/{precision}/" in n)
-                     and (graphs is None or n.endswith(f"graphs-{graphs}"))]
+
+        def best(
+            prefix: str,
+            precision: str | None = None,
+            graphs: str | None = None,
+            by_name: dict = by_name,
+        ) -> tuple[str, float] | None:
+            found = [
+                (n, r["median_ms"])
+                for n, r in by_name.items()
+                if "median_ms" in r
+                and n.startswith(prefix + "/")
+                and (precision is None or f"/{precision}/" in n)
+                and (graphs is None or n.endswith(f"graphs-{graphs}"))
+            ]
             return min(found, key=lambda t: t[1]) if found else None
 
         entry: dict[str, Any] = {}
         for precision in PRECISIONS:
             plain = best("resnet50", precision)
-            se = min(filter(None, (best(m, precision) for m in (
-                "seresnet50-fused", "seresnet50-fused-cl", "seresnet50-unfused"))),
-                key=lambda t: t[1], default=None)
+            se = min(
+                filter(
+                    None,
+                    (
+                        best(m, precision)
+                        for m in ("seresnet50-fused", "seresnet50-fused-cl", "seresnet50-unfused")
+                    ),
+                ),
+                key=lambda t: t[1],
+                default=None,
+            )
             if plain and se:
-                entry[precision] = {"best_resnet50": plain[0], "best_seresnet50": se[0],
-                                    "seresnet50_images_per_s": round(int(batch) / se[1] * 1e3, 1),
-                                    "se_tax": round(se[1] / plain[1], 4)}
+                entry[precision] = {
+                    "best_resnet50": plain[0],
+                    "best_seresnet50": se[0],
+                    "seresnet50_images_per_s": round(int(batch) / se[1] * 1e3, 1),
+                    "se_tax": round(se[1] / plain[1], 4),
+                }
         anchor = by_name.get("seresnet50/pytorch-eager-fp16-channels-last", {})
         if "fp16" in entry and "median_ms" in anchor:
             se_ms = by_name[entry["fp16"]["best_seresnet50"]]["median_ms"]
             entry["fp16"]["vs_pytorch_fp16_channels_last"] = round(anchor["median_ms"] / se_ms, 3)
         if batch == "1":
-            latency = min(filter(None, (best(m, graphs="on") for m in (
-                "seresnet50-fused", "seresnet50-fused-cl"))), key=lambda t: t[1], default=None)
+            latency = min(
+                filter(
+                    None,
+                    (best(m, graphs="on") for m in ("seresnet50-fused", "seresnet50-fused-cl")),
+                ),
+                key=lambda t: t[1],
+                default=None,
+            )
             if latency:
                 entry["batch1_latency_ms_with_graphs"] = {"row": latency[0], "ms": latency[1]}
         summary[batch] = entry

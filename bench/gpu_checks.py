@@ -41,9 +41,14 @@ from export.pipeline import MAX_FP16_TOP1_DELTA, MIN_FP16_TOP5_AGREEMENT
 RUN_ON = {"provider": CUDA, "nets": ("seresnet50", "resnet50")}
 
 
-def session(model: onnx.ModelProto | Path, provider: str | None = None, nhwc: bool = False,
-            graphs: bool = False, tf32: bool = False, optimized: Path | None = None
-            ) -> ort.InferenceSession:
+def session(
+    model: onnx.ModelProto | Path,
+    provider: str | None = None,
+    nhwc: bool = False,
+    graphs: bool = False,
+    tf32: bool = False,
+    optimized: Path | None = None,
+) -> ort.InferenceSession:
     import ops
 
     so = ort.SessionOptions()
@@ -55,25 +60,32 @@ def session(model: onnx.ModelProto | Path, provider: str | None = None, nhwc: bo
     if provider != CUDA:
         return ort.InferenceSession(source, so, providers=[provider])
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    options = {"use_tf32": str(int(tf32)), "prefer_nhwc": str(int(nhwc)),
-               "enable_cuda_graph": str(int(graphs))}
+    options = {
+        "use_tf32": str(int(tf32)),
+        "prefer_nhwc": str(int(nhwc)),
+        "enable_cuda_graph": str(int(graphs)),
+    }
     return ort.InferenceSession(source, so, providers=[(CUDA, options)])
 
 
 def logits(sess: ort.InferenceSession, pixels: np.ndarray, chunk: int = 1000) -> np.ndarray:
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: pixels[i : i + chunk]})[0]
-                           for i in range(0, len(pixels), chunk)])
+    return np.concatenate(
+        [sess.run(None, {name: pixels[i : i + chunk]})[0] for i in range(0, len(pixels), chunk)]
+    )
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     from export.onnx_export import compare
 
     result = compare(reference, candidate)
-    return {"images": result.images, "max_abs_logit_diff": result.max_abs_diff,
-            "top5_agreement": result.top5_agreement,
-            "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
-            "max_abs_logit": float(np.abs(reference).max())}
+    return {
+        "images": result.images,
+        "max_abs_logit_diff": result.max_abs_diff,
+        "top5_agreement": result.top5_agreement,
+        "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+        "max_abs_logit": float(np.abs(reference).max()),
+    }
 
 
 def embedded_parity(folder: Path) -> dict[str, Any]:
@@ -94,16 +106,25 @@ def embedded_parity(folder: Path) -> dict[str, Any]:
         "fp16 cuda nchw": session(fp16),
         "fp16 cuda nhwc (channels-last SE)": session(ops.to_channels_last(fp16), nhwc=True),
     }
-    report: dict[str, Any] = {"reference": "model.se.onnx, CPUExecutionProvider, float32",
-                              "reference_test_top1": fp32_top1, "variants": {}}
+    report: dict[str, Any] = {
+        "reference": "model.se.onnx, CPUExecutionProvider, float32",
+        "reference_test_top1": fp32_top1,
+        "variants": {},
+    }
     ok = True
     for name, sess in variants.items():
         got = logits(sess, pixels)
         top1, top5 = accuracy(got, labels)
-        entry = {**agreement(reference, got), "test_top1": top1, "test_top5": top5,
-                 "test_top1_delta": top1 - fp32_top1}
-        entry["ok"] = bool(entry["top5_agreement"] >= MIN_FP16_TOP5_AGREEMENT
-                           and abs(entry["test_top1_delta"]) <= MAX_FP16_TOP1_DELTA)
+        entry = {
+            **agreement(reference, got),
+            "test_top1": top1,
+            "test_top5": top5,
+            "test_top1_delta": top1 - fp32_top1,
+        }
+        entry["ok"] = bool(
+            entry["top5_agreement"] >= MIN_FP16_TOP5_AGREEMENT
+            and abs(entry["test_top1_delta"]) <= MAX_FP16_TOP1_DELTA
+        )
         ok &= entry["ok"]
         report["variants"][name] = entry
     report["ok"] = ok
@@ -120,15 +141,19 @@ def seresnet50_parity(files: dict[tuple[str, bool], Path]) -> dict[str, Any]:
     reference = logits(session(files[("seresnet50-fused", False)]), pixels, chunk=8)
     return {
         "images": len(pixels),
-        "fp16 nchw": agreement(reference, logits(session(files[("seresnet50-fused", True)]),
-                                                 pixels, chunk=8)),
-        "fp16 nhwc (channels-last SE)": agreement(reference, logits(
-            session(files[("seresnet50-fused-cl", True)], nhwc=True), pixels, chunk=8)),
+        "fp16 nchw": agreement(
+            reference, logits(session(files[("seresnet50-fused", True)]), pixels, chunk=8)
+        ),
+        "fp16 nhwc (channels-last SE)": agreement(
+            reference,
+            logits(session(files[("seresnet50-fused-cl", True)], nhwc=True), pixels, chunk=8),
+        ),
     }
 
 
-def graph_replay(path: Path, nhwc: bool, tolerance: float, batches: tuple[int, ...] = (1, 8),
-                 rounds: int = 4) -> dict[str, Any]:
+def graph_replay(
+    path: Path, nhwc: bool, tolerance: float, batches: tuple[int, ...] = (1, 8), rounds: int = 4
+) -> dict[str, Any]:
     """Graph replays vs plain runs on fresh inputs; then the first inputs again. (ORT runs a
     graph id's first call plainly and captures on the second: rounds 3+ are replays.)"""
     graphed, plain = session(path, nhwc=nhwc, graphs=True), session(path, nhwc=nhwc)
@@ -145,9 +170,16 @@ def graph_replay(path: Path, nhwc: bool, tolerance: float, batches: tuple[int, .
             worst = max(worst, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)))
             first.setdefault(b, (x, got))
     again = all(np.array_equal(bound[b].feed(x), y) for b, (x, y) in first.items())
-    return {"model": path.name, "nhwc": nhwc, "batches": list(batches), "rounds": rounds,
-            "max_rel_diff_vs_plain": worst, "tolerance": tolerance,
-            "first_inputs_again_bit_equal": again, "ok": bool(again and worst <= tolerance)}
+    return {
+        "model": path.name,
+        "nhwc": nhwc,
+        "batches": list(batches),
+        "rounds": rounds,
+        "max_rel_diff_vs_plain": worst,
+        "tolerance": tolerance,
+        "first_inputs_again_bit_equal": again,
+        "ok": bool(again and worst <= tolerance),
+    }
 
 
 def transposes_left(files: dict[tuple[str, bool], Path]) -> dict[str, Any]:
@@ -162,8 +194,9 @@ def transposes_left(files: dict[tuple[str, bool], Path]) -> dict[str, Any]:
                 ops_by_type = Counter(n.op_type for n in graph.node)
                 report[model] = {
                     "transposes": ops_by_type["Transpose"],
-                    "nhwc_domain_nodes": sum(n.domain == "com.ms.internal.nhwc"
-                                             for n in graph.node),
+                    "nhwc_domain_nodes": sum(
+                        n.domain == "com.ms.internal.nhwc" for n in graph.node
+                    ),
                     "squeeze_excitation_nodes": ops_by_type["SqueezeExcitation"],
                     "nodes": len(graph.node),
                 }
@@ -173,16 +206,24 @@ def transposes_left(files: dict[tuple[str, bool], Path]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_checks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_checks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--cache", type=Path, default=CACHE)
-    parser.add_argument("--model-dir", type=Path,
-                        default=Path(__file__).resolve().parent.parent / "models"
-                        / "fashion-seresnet")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "models" / "fashion-seresnet",
+    )
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU provider, seresnet18/resnet18: checks the code runs; writes "
-                        "build/gpu_checks_dry_run.json")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU provider, seresnet18/resnet18: checks the code runs; writes "
+        "build/gpu_checks_dry_run.json",
+    )
     args = parser.parse_args(argv)
     if args.dry_run:
         RUN_ON.update(provider="CPUExecutionProvider", nets=("seresnet18", "resnet18"))
@@ -193,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or RESULTS / "gpu_checks.json"
     from bench.machine import gpu_name
 
-    results: dict[str, Any] = {"gpu": gpu_name(), "onnxruntime": ort.__version__,
-                               "provider": RUN_ON["provider"], "dry_run": args.dry_run}
+    results: dict[str, Any] = {
+        "gpu": gpu_name(),
+        "onnxruntime": ort.__version__,
+        "provider": RUN_ON["provider"],
+        "dry_run": args.dry_run,
+    }
 
     def step(name: str, fn: Any) -> None:
         try:
@@ -208,10 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     step("embedded_fp16_parity", lambda: embedded_parity(args.model_dir))
     files = model_files(args.cache, *RUN_ON["nets"])
     step("seresnet50_fp16_parity", lambda: seresnet50_parity(files))
-    step("graph_replay_fp32", lambda: graph_replay(files[("seresnet50-fused", False)],
-                                                   nhwc=False, tolerance=1e-4))
-    step("graph_replay_fp16_channels_last", lambda: graph_replay(
-        files[("seresnet50-fused-cl", True)], nhwc=True, tolerance=2e-2))
+    step(
+        "graph_replay_fp32",
+        lambda: graph_replay(files[("seresnet50-fused", False)], nhwc=False, tolerance=1e-4),
+    )
+    step(
+        "graph_replay_fp16_channels_last",
+        lambda: graph_replay(files[("seresnet50-fused-cl", True)], nhwc=True, tolerance=2e-2),
+    )
     step("prefer_nhwc_transposes", lambda: transposes_left(files))
     failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("ok") is False]
     print(f"wrote {args.out}; " + (f"FAILED: {', '.join(failed)}" if failed else "all ok"))

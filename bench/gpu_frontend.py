@@ -40,9 +40,24 @@ RESULTS = REPO / "bench" / "results" / "gpu_frontend.json"
 
 
 def _export(folder: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "export", "onnx", "--arch", "seresnet50",
-                    "--random-init", "--parity-images", "8", "--out", str(folder)],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "onnx",
+            "--arch",
+            "seresnet50",
+            "--random-init",
+            "--parity-images",
+            "8",
+            "--out",
+            str(folder),
+        ],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return folder
 
 
@@ -59,14 +74,21 @@ def _photo_files(n: int) -> list[bytes]:
     return out
 
 
-def raw_engine(model_dir: Path, provider: str, batch: int, seconds: float, rounds: int,
-               files: list[bytes]) -> dict:
+def raw_engine(
+    model_dir: Path, provider: str, batch: int, seconds: float, rounds: int, files: list[bytes]
+) -> dict:
     from modelcard.preprocessing import load_array
     from service.engine.model import Engine
     from service.settings import load_settings
 
-    settings = load_settings({"model_dir": model_dir, "provider": provider,
-                              "max_batch_size": batch, "batch_buckets": str(batch)})
+    settings = load_settings(
+        {
+            "model_dir": model_dir,
+            "provider": provider,
+            "max_batch_size": batch,
+            "batch_buckets": str(batch),
+        }
+    )
     engine = Engine.load(settings.engine_config())
     engine.warm_up(3)
     arrays = [load_array(f, engine.card.input) for f in files[:batch]]
@@ -79,24 +101,44 @@ def raw_engine(model_dir: Path, provider: str, batch: int, seconds: float, round
         per_round.append(n * batch / (time.perf_counter() - t0))
     info = engine.info.describe()
     del engine
-    return {"images_per_s": round(statistics.median(per_round), 1),
-            "rounds": [round(x, 1) for x in per_round], "engine": info}
+    return {
+        "images_per_s": round(statistics.median(per_round), 1),
+        "rounds": [round(x, 1) for x in per_round],
+        "engine": info,
+    }
 
 
-def _load_process(url: str, bodies: list[tuple[bytes, str]], concurrency: int, warmup: float,
-                  seconds: float, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _load_process(
+    url: str,
+    bodies: list[tuple[bytes, str]],
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+    queue: multiprocessing.Queue,
+) -> None:  # type: ignore[type-arg]
     run = asyncio.run(_closed_loop(url, _requests(url, bodies), concurrency, warmup, seconds))
     queue.put((run.requests, run.errors, run.latencies_ms))
 
 
-def http_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, images: int,
-              warmup: float, seconds: float, processes: int) -> dict:
+def http_load(
+    url: str,
+    bodies: list[tuple[bytes, str]],
+    concurrency: int,
+    images: int,
+    warmup: float,
+    seconds: float,
+    processes: int,
+) -> dict:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     per = max(1, concurrency // processes)
-    procs = [ctx.Process(target=_load_process,
-                         args=(url, bodies[k::processes] or bodies, per, warmup, seconds, queue))
-             for k in range(processes)]
+    procs = [
+        ctx.Process(
+            target=_load_process,
+            args=(url, bodies[k::processes] or bodies, per, warmup, seconds, queue),
+        )
+        for k in range(processes)
+    ]
     for p in procs:
         p.start()
     results = [queue.get() for _ in procs]
@@ -104,28 +146,40 @@ def http_load(url: str, bodies: list[tuple[bytes, str]], concurrency: int, image
         p.join()
     requests = sum(r[0] for r in results)
     lat = sorted(x for r in results for x in r[2]) or [float("nan")]
-    return {"concurrency": per * processes, "images_per_request": images,
-            "images_per_s": round(requests * images / seconds, 1),
-            "errors": sum(r[1] for r in results),
-            "p50_ms": round(lat[len(lat) // 2], 2), "p99_ms": round(lat[int(len(lat) * .99)], 2)}
+    return {
+        "concurrency": per * processes,
+        "images_per_request": images,
+        "images_per_s": round(requests * images / seconds, 1),
+        "errors": sum(r[1] for r in results),
+        "p50_ms": round(lat[len(lat) // 2], 2),
+        "p99_ms": round(lat[int(len(lat) * 0.99)], 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_frontend", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_frontend",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--provider", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--model-dir", type=Path,
-                        help="an exported SE-ResNet-50 folder (default: export one with "
-                        "random weights)")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="an exported SE-ResNet-50 folder (default: export one with random weights)",
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--load-processes", type=int, default=4)
-    parser.add_argument("--v2", action="store_true",
-                        help="then issue 9's sweep on the same service: python -m bench.v2_load "
-                        "at concurrency 96 (Triton's published ResNet-50 setting) -> "
-                        "v2_load_gpu.json beside --out")
+    parser.add_argument(
+        "--v2",
+        action="store_true",
+        help="then issue 9's sweep on the same service: python -m bench.v2_load "
+        "at concurrency 96 (Triton's published ResNet-50 setting) -> "
+        "v2_load_gpu.json beside --out",
+    )
     parser.add_argument("--quick", action="store_true", help="short levels, one round")
     parser.add_argument("--out", type=Path, default=RESULTS)
     cfg = parser.parse_args(argv)
@@ -138,45 +192,91 @@ def main(argv: list[str] | None = None) -> int:
         raw = raw_engine(model_dir, cfg.provider, cfg.batch, cfg.seconds, cfg.rounds, files)
         print(f"  {raw['images_per_s']} img/s", flush=True)
         single = [_multipart([(f"{i}.jpg", f, "image/jpeg")]) for i, f in enumerate(files)]
-        eight = [_multipart([(f"{i}-{k}.jpg", files[(i + k) % len(files)], "image/jpeg")
-                             for k in range(8)]) for i in range(len(files) // 8)]
-        env = {"SERESNET_PROVIDER": cfg.provider, "SERESNET_MAX_BATCH_SIZE": str(cfg.batch),
-               "SERESNET_MAX_QUEUE_SIZE": str(max(1024, 4 * cfg.concurrency)),
-               "SERESNET_LOG_LEVEL": "info"}
+        eight = [
+            _multipart(
+                [(f"{i}-{k}.jpg", files[(i + k) % len(files)], "image/jpeg") for k in range(8)]
+            )
+            for i in range(len(files) // 8)
+        ]
+        env = {
+            "SERESNET_PROVIDER": cfg.provider,
+            "SERESNET_MAX_BATCH_SIZE": str(cfg.batch),
+            "SERESNET_MAX_QUEUE_SIZE": str(max(1024, 4 * cfg.concurrency)),
+            "SERESNET_LOG_LEVEL": "info",
+        }
         http: list[dict] = []
         with running_service(model_dir, env=env, ready_timeout=900, log_dir=Path(work)) as svc:
             for _ in range(cfg.rounds):
-                for bodies, images, conc in ((single, 1, cfg.concurrency),
-                                             (eight, 8, max(1, cfg.concurrency // 8))):
-                    row = http_load(svc.url, bodies, conc, images, 2.0, cfg.seconds,
-                                    min(cfg.load_processes, conc))
+                for bodies, images, conc in (
+                    (single, 1, cfg.concurrency),
+                    (eight, 8, max(1, cfg.concurrency // 8)),
+                ):
+                    row = http_load(
+                        svc.url,
+                        bodies,
+                        conc,
+                        images,
+                        2.0,
+                        cfg.seconds,
+                        min(cfg.load_processes, conc),
+                    )
                     row["over_raw"] = round(row["images_per_s"] / raw["images_per_s"], 3)
                     http.append(row)
-                    print(f"  http {images} img/request, c={row['concurrency']}: "
-                          f"{row['images_per_s']} img/s = {row['over_raw']:.0%} of raw, "
-                          f"p99 {row['p99_ms']} ms", flush=True)
+                    print(
+                        f"  http {images} img/request, c={row['concurrency']}: "
+                        f"{row['images_per_s']} img/s = {row['over_raw']:.0%} of raw, "
+                        f"p99 {row['p99_ms']} ms",
+                        flush=True,
+                    )
             model = svc.metrics_text()
             if cfg.v2:
-                subprocess.run([sys.executable, "-m", "bench.v2_load", "--url", svc.url,
-                                "--model-dir", str(model_dir), "--concurrency", "1,32,96",
-                                "--repeats", "1", "--duration", str(cfg.seconds),
-                                "--out", str(cfg.out.with_name("v2_load_gpu.json"))],
-                               cwd=REPO, check=False)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.v2_load",
+                        "--url",
+                        svc.url,
+                        "--model-dir",
+                        str(model_dir),
+                        "--concurrency",
+                        "1,32,96",
+                        "--repeats",
+                        "1",
+                        "--duration",
+                        str(cfg.seconds),
+                        "--out",
+                        str(cfg.out.with_name("v2_load_gpu.json")),
+                    ],
+                    cwd=REPO,
+                    check=False,
+                )
     summary = {}
     for images in (1, 8):
         rows = [r for r in http if r["images_per_request"] == images]
         summary[f"{images}_image_requests"] = {
             "images_per_s": statistics.median(r["images_per_s"] for r in rows),
-            "over_raw": statistics.median(r["over_raw"] for r in rows)}
-    result = {"benchmark": "gpu_frontend", "date": time.strftime("%Y-%m-%d"),
-              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu_name()},
-              "settings": {"provider": cfg.provider, "batch": cfg.batch,
-                           "concurrency": cfg.concurrency, "seconds": cfg.seconds,
-                           "rounds": cfg.rounds},
-              "raw_engine": raw, "http": http, "summary": summary,
-              "goal": "HTTP >= 85% of the raw engine (issue 12)",
-              "batch_size_metrics": [line for line in model.splitlines()
-                                     if line.startswith("seresnet_inference_")][:6]}
+            "over_raw": statistics.median(r["over_raw"] for r in rows),
+        }
+    result = {
+        "benchmark": "gpu_frontend",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu_name()},
+        "settings": {
+            "provider": cfg.provider,
+            "batch": cfg.batch,
+            "concurrency": cfg.concurrency,
+            "seconds": cfg.seconds,
+            "rounds": cfg.rounds,
+        },
+        "raw_engine": raw,
+        "http": http,
+        "summary": summary,
+        "goal": "HTTP >= 85% of the raw engine (issue 12)",
+        "batch_size_metrics": [
+            line for line in model.splitlines() if line.startswith("seresnet_inference_")
+        ][:6],
+    }
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

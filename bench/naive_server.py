@@ -38,8 +38,13 @@ def find_checkpoint(model_dir: Path, card_checkpoint: str | None) -> Path | None
 
 def build_model(model_dir: Path) -> tuple[torch.nn.Module, str]:
     card = read_card(model_dir)
-    model = create_model(card.architecture, num_classes=card.num_classes,
-                         in_chans=card.input.channels, seed=0, init="random")
+    model = create_model(
+        card.architecture,
+        num_classes=card.num_classes,
+        in_chans=card.input.channels,
+        seed=0,
+        init="random",
+    )
     checkpoint = find_checkpoint(model_dir, card.provenance.checkpoint)
     weights = "random"
     if checkpoint is not None:
@@ -64,8 +69,9 @@ def create_app(model_dir: Path) -> FastAPI:
         return {"ready": True}
 
     @app.post("/classify")
-    def classify(images: Annotated[UploadFile, File()],
-                 top_k: Annotated[int, Query(ge=1)] = 5) -> dict:
+    def classify(
+        images: Annotated[UploadFile, File()], top_k: Annotated[int, Query(ge=1)] = 5
+    ) -> dict:
         data = images.file.read()
         try:
             arr = load_array(data, spec)
@@ -77,10 +83,19 @@ def create_app(model_dir: Path) -> FastAPI:
         with torch.inference_mode():
             probs = torch.softmax(model(x), dim=1)[0]
         scores, ids = probs.topk(min(top_k, card.num_classes))
-        return {"model": card.name, "model_version": card.version, "results": [{
-            "filename": images.filename or "", "predictions": [
-                {"label": card.labels[i], "class_id": int(i), "score": float(s)}
-                for s, i in zip(scores.tolist(), ids.tolist(), strict=True)]}]}
+        return {
+            "model": card.name,
+            "model_version": card.version,
+            "results": [
+                {
+                    "filename": images.filename or "",
+                    "predictions": [
+                        {"label": card.labels[i], "class_id": int(i), "score": float(s)}
+                        for s, i in zip(scores.tolist(), ids.tolist(), strict=True)
+                    ],
+                }
+            ],
+        }
 
     return app
 
@@ -96,20 +111,28 @@ class _Server(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.naive_server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.naive_server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model-dir", type=Path, default=Path("models/fashion-seresnet"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (default: torch's own choice)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     app = create_app(args.model_dir)
     print(f'{{"event": "weights", "source": "{app.state.weights}"}}', flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
-                            log_level="warning")
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, access_log=False, log_level="warning"
+    )
     _Server(config).run()
     return 0
 

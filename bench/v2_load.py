@@ -75,8 +75,14 @@ def generated_photos(count: int, width: int, height: int) -> list[File]:
 
 
 def folder_files(folder: Path, count: int) -> list[File]:
-    types = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
-             ".webp": "image/webp", ".bmp": "image/bmp", ".gif": "image/gif"}
+    types = {
+        ".jpg": "image/jpeg",
+        ".jpeg": "image/jpeg",
+        ".png": "image/png",
+        ".webp": "image/webp",
+        ".bmp": "image/bmp",
+        ".gif": "image/gif",
+    }
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in types)[:count]
     if not paths:
         raise SystemExit(f"no image files under {folder}")
@@ -102,8 +108,9 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-async def closed_loop(path: str, senders: Sequence[Send], warmup_s: float,
-                      duration_s: float) -> Round:
+async def closed_loop(
+    path: str, senders: Sequence[Send], warmup_s: float, duration_s: float
+) -> Round:
     """Each sender is one simulated user; only requests that start after the warm-up and
     finish before the end are counted."""
     start = time.perf_counter()
@@ -134,16 +141,33 @@ async def closed_loop(path: str, senders: Sequence[Send], warmup_s: float,
 
     await asyncio.gather(*(user(s) for s in senders))
     ms = [v * 1000 for v in latencies]
-    return Round(path, len(senders), duration_s, counts["requests"], counts["images"],
-                 counts["errors"], counts["images"] / duration_s, percentile(ms, 50),
-                 percentile(ms, 90), percentile(ms, 99), first_error[0] if first_error else None)
+    return Round(
+        path,
+        len(senders),
+        duration_s,
+        counts["requests"],
+        counts["images"],
+        counts["errors"],
+        counts["images"] / duration_s,
+        percentile(ms, 50),
+        percentile(ms, 90),
+        percentile(ms, 99),
+        first_error[0] if first_error else None,
+    )
 
 
 class Paths:
     """Per-user senders for each path; every user cycles through the same images."""
 
-    def __init__(self, url: str, model: str, card: ModelCard, files: list[File],
-                 per_request: int, api_key: str | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        card: ModelCard,
+        files: list[File],
+        per_request: int,
+        api_key: str | None,
+    ) -> None:
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
         self.host = parts.netloc
@@ -172,13 +196,17 @@ class Paths:
 
         async def send(n: int) -> int:
             batch = self.pixels[self._batch(n)]
-            tensor = InferInput(self.card.input.tensor, list(batch.shape),
-                                "UINT8" if batch.dtype == np.uint8 else "FP32")
+            tensor = InferInput(
+                self.card.input.tensor,
+                list(batch.shape),
+                "UINT8" if batch.dtype == np.uint8 else "FP32",
+            )
             tensor.set_data_from_numpy(batch, binary_data=True)
             # A copy: tritonclient writes Inference-Header-Content-Length (an int) into
             # the dict it is given, which would then break the next httpx client.
-            result = await client.infer(self.model, [tensor], outputs=outputs,
-                                        headers=dict(self.headers))
+            result = await client.infer(
+                self.model, [tensor], outputs=outputs, headers=dict(self.headers)
+            )
             return int(result.as_numpy(self.card.output.logits).shape[0])
 
         return send
@@ -193,15 +221,20 @@ class Paths:
             tensor.set_data_from_numpy(blobs, binary_data=True)
             # A copy: tritonclient writes Inference-Header-Content-Length (an int) into
             # the dict it is given, which would then break the next httpx client.
-            result = await client.infer(self.model, [tensor], outputs=outputs,
-                                        headers=dict(self.headers))
+            result = await client.infer(
+                self.model, [tensor], outputs=outputs, headers=dict(self.headers)
+            )
             return int(result.as_numpy(self.card.output.logits).shape[0])
 
         return send
 
     def classify(self) -> Send:
-        client = httpx.AsyncClient(base_url=self.url, timeout=120, headers=dict(self.headers),
-                                   limits=httpx.Limits(max_connections=1))
+        client = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=120,
+            headers=dict(self.headers),
+            limits=httpx.Limits(max_connections=1),
+        )
         self._closers.append(client.aclose)
 
         async def send(n: int) -> int:
@@ -232,8 +265,10 @@ async def check_server(paths: Paths) -> dict:
     expected = [-1, spec.channels, spec.height, spec.width]
     (inp,) = [i for i in metadata["inputs"] if i["name"] == spec.tensor] or [None]
     if inp is None or [int(d) for d in inp["shape"]] != expected:
-        raise SystemExit(f"the served model's input {inp} does not match the card's "
-                         f"{spec.tensor} {expected}: pass --model-dir of the served model")
+        raise SystemExit(
+            f"the served model's input {inp} does not match the card's "
+            f"{spec.tensor} {expected}: pass --model-dir of the served model"
+        )
     return {"server": server, "model": metadata}
 
 
@@ -242,24 +277,33 @@ def median_of(rounds: list[Round]) -> dict:
         values = [getattr(r, field) for r in rounds if getattr(r, field) is not None]
         return statistics.median(values) if values else None
 
-    return {"images_per_s": med("images_per_s"), "p50_ms": med("p50_ms"),
-            "p90_ms": med("p90_ms"), "p99_ms": med("p99_ms"),
-            "errors": sum(r.errors for r in rounds), "repeats": len(rounds)}
+    return {
+        "images_per_s": med("images_per_s"),
+        "p50_ms": med("p50_ms"),
+        "p90_ms": med("p90_ms"),
+        "p99_ms": med("p99_ms"),
+        "errors": sum(r.errors for r in rounds),
+        "repeats": len(rounds),
+    }
 
 
 async def run(args: argparse.Namespace) -> dict:
     card = read_card(args.model_dir)
-    files = folder_files(args.images, args.num_images) if args.images else generated_photos(
-        args.num_images, args.photo_width, args.photo_height)
-    paths = Paths(args.url, args.model or card.name, card, files, args.images_per_request,
-                  args.api_key)
+    files = (
+        folder_files(args.images, args.num_images)
+        if args.images
+        else generated_photos(args.num_images, args.photo_width, args.photo_height)
+    )
+    paths = Paths(
+        args.url, args.model or card.name, card, files, args.images_per_request, args.api_key
+    )
     server = await check_server(paths)
     levels = []
     for concurrency in args.concurrency:
         rounds: dict[str, list[Round]] = {p: [] for p in args.paths}
         for repeat in range(args.repeats):
             # Rotate the order so that no path always runs first (or after the same one).
-            order = args.paths[repeat % len(args.paths):] + args.paths[:repeat % len(args.paths)]
+            order = args.paths[repeat % len(args.paths) :] + args.paths[: repeat % len(args.paths)]
             for name in order:
                 senders = [getattr(paths, name)() for _ in range(concurrency)]
                 try:
@@ -267,32 +311,51 @@ async def run(args: argparse.Namespace) -> dict:
                 finally:
                     await paths.close()
                 rounds[name].append(result)
-                print(f"c={concurrency:<4} {name:<9} repeat {repeat + 1}/{args.repeats}: "
-                      f"{result.images_per_s:9.1f} img/s  p50 {result.p50_ms or 0:8.1f} ms  "
-                      f"p99 {result.p99_ms or 0:8.1f} ms  errors {result.errors}"
-                      + (f" (first: {result.first_error})" if result.first_error else ""),
-                      flush=True)
+                print(
+                    f"c={concurrency:<4} {name:<9} repeat {repeat + 1}/{args.repeats}: "
+                    f"{result.images_per_s:9.1f} img/s  p50 {result.p50_ms or 0:8.1f} ms  "
+                    f"p99 {result.p99_ms or 0:8.1f} ms  errors {result.errors}"
+                    + (f" (first: {result.first_error})" if result.first_error else ""),
+                    flush=True,
+                )
         medians = {name: median_of(rs) for name, rs in rounds.items()}
         base = medians.get("classify", {}).get("images_per_s")
-        ratios = {name: m["images_per_s"] / base for name, m in medians.items()
-                  if base and m["images_per_s"] is not None and name != "classify"}
-        levels.append({"concurrency": concurrency, "median": medians,
-                       "throughput_vs_classify": ratios,
-                       "rounds": {n: [asdict(r) for r in rs] for n, rs in rounds.items()}})
+        ratios = {
+            name: m["images_per_s"] / base
+            for name, m in medians.items()
+            if base and m["images_per_s"] is not None and name != "classify"
+        }
+        levels.append(
+            {
+                "concurrency": concurrency,
+                "median": medians,
+                "throughput_vs_classify": ratios,
+                "rounds": {n: [asdict(r) for r in rs] for n, rs in rounds.items()},
+            }
+        )
     return {
         "benchmark": "bench.v2_load",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "url": args.url,
         "machine": {"cpu": cpu_name(), "gpu": gpu_name(), "python": platform.python_version()},
         "server": server["server"],
-        "model": {"name": paths.model, "inputs": server["model"]["inputs"],
-                  "outputs": server["model"]["outputs"]},
-        "settings": {"paths": args.paths, "concurrency": args.concurrency,
-                     "repeats": args.repeats, "warmup_s": args.warmup,
-                     "duration_s": args.duration, "images_per_request": args.images_per_request,
-                     "images": str(args.images) if args.images else
-                     f"{len(files)} generated {args.photo_width}x{args.photo_height} JPEGs",
-                     "client": "tritonclient.http.aio (binary data) / httpx"},
+        "model": {
+            "name": paths.model,
+            "inputs": server["model"]["inputs"],
+            "outputs": server["model"]["outputs"],
+        },
+        "settings": {
+            "paths": args.paths,
+            "concurrency": args.concurrency,
+            "repeats": args.repeats,
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "images_per_request": args.images_per_request,
+            "images": str(args.images)
+            if args.images
+            else f"{len(files)} generated {args.photo_width}x{args.photo_height} JPEGs",
+            "client": "tritonclient.http.aio (binary data) / httpx",
+        },
         "levels": levels,
     }
 
@@ -313,17 +376,32 @@ def path_list(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.v2_load", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.v2_load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the running service")
     p.add_argument("--model", help="model name on the server (default: the card's name)")
-    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL,
-                   help="folder of the served model's card, for client-side preprocessing")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="folder of the served model's card, for client-side preprocessing",
+    )
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
-    p.add_argument("--concurrency", type=int_list, default=[1, 8, 32],
-                   help="comma-separated levels (default 1,8,32)")
-    p.add_argument("--paths", type=path_list, default=list(PATHS),
-                   help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument(
+        "--concurrency",
+        type=int_list,
+        default=[1, 8, 32],
+        help="comma-separated levels (default 1,8,32)",
+    )
+    p.add_argument(
+        "--paths",
+        type=path_list,
+        default=list(PATHS),
+        help=f"comma-separated subset of {','.join(PATHS)}",
+    )
     p.add_argument("--repeats", type=int, default=3, help="rounds per path and level")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per round")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per round")
@@ -335,8 +413,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.duration <= 0 or args.warmup < 0 or args.images_per_request < 1:
-        p.error("--repeats and --images-per-request must be >= 1, --duration > 0, "
-                "--warmup >= 0")
+        p.error("--repeats and --images-per-request must be >= 1, --duration > 0, --warmup >= 0")
     return args
 
 

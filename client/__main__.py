@@ -188,8 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = args.api_key
     if key and not (key.isascii() and key.isprintable()):
         # An HTTP header carries only visible ASCII; say so instead of failing mid-request.
-        print("error: the API key (--api-key or SERESNET_API_KEY) has characters an HTTP "
-              "header cannot carry: use printable ASCII only", file=sys.stderr)
+        print(
+            "error: the API key (--api-key or SERESNET_API_KEY) has characters an HTTP "
+            "header cannot carry: use printable ASCII only",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     out, fmt = _output(args)
     settings = Settings(

@@ -23,11 +23,19 @@ Run 'python -m export COMMAND --help' for each command's options and an example.
 def _cmd_train(args: argparse.Namespace) -> int:
     from export.train import TrainRecipe, train
 
-    recipe = TrainRecipe(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, threads=args.threads)
+    recipe = TrainRecipe(
+        arch=args.arch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+    )
     record = train(recipe, args.out, progress=not args.quiet)
-    print(f"{args.arch}: test top-1 {record.test_top1:.2%}, top-5 {record.test_top5:.2%} "
-          f"after {recipe.epochs} epochs in {record.seconds / 60:.1f} min -> {args.out}")
+    print(
+        f"{args.arch}: test top-1 {record.test_top1:.2%}, top-5 {record.test_top5:.2%} "
+        f"after {recipe.epochs} epochs in {record.seconds / 60:.1f} min -> {args.out}"
+    )
     return 0
 
 
@@ -35,11 +43,20 @@ def _options(args: argparse.Namespace, out: Path) -> ExportOptions:
     from export.pipeline import ExportOptions
 
     return ExportOptions(
-        arch=args.arch, out=out, checkpoint=args.checkpoint, seed=getattr(args, "seed", 0),
+        arch=args.arch,
+        out=out,
+        checkpoint=args.checkpoint,
+        seed=getattr(args, "seed", 0),
         name=args.name,
-        version=args.version, num_classes=args.num_classes, in_chans=args.in_chans,
-        labels=args.labels, mean=args.mean, std=args.std, opset=args.opset,
-        parity_images=args.parity_images, float16=args.float16,
+        version=args.version,
+        num_classes=args.num_classes,
+        in_chans=args.in_chans,
+        labels=args.labels,
+        mean=args.mean,
+        std=args.std,
+        opset=args.opset,
+        parity_images=args.parity_images,
+        float16=args.float16,
     )
 
 
@@ -71,8 +88,10 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
         if args.channels_last:
             model, forms = ops.to_channels_last(model), [*forms, "channels-last SE nodes"]
         onnx.save(model, str(args.output))
-    print(f"{args.input} -> {args.output}: {report.summary()}"
-          + (f"; {', '.join(forms)}" if forms else ""))
+    print(
+        f"{args.input} -> {args.output}: {report.summary()}"
+        + (f"; {', '.join(forms)}" if forms else "")
+    )
     return 0
 
 
@@ -92,8 +111,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         args.checkpoint = folder / CHECKPOINT_FILE
     if not args.checkpoint.is_file():
-        raise ExportError(f"no checkpoint at {args.checkpoint}: train one with 'python -m "
-                          "export train --out ...' or pass --checkpoint FILE")
+        raise ExportError(
+            f"no checkpoint at {args.checkpoint}: train one with 'python -m "
+            "export train --out ...' or pass --checkpoint FILE"
+        )
     train_record = record_path(args.checkpoint)
     if not train_record.is_file():
         train_record = folder / TRAIN_RECORD
@@ -106,22 +127,31 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_args(p: argparse.ArgumentParser, arch_default: str | None,
-                    random_init: bool) -> None:
+def _add_model_args(
+    p: argparse.ArgumentParser, arch_default: str | None, random_init: bool
+) -> None:
     from export.architectures import ARCHITECTURES
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default=arch_default, required=arch_default is None,
-                   choices=sorted(ARCHITECTURES), metavar="ARCH",
-                   help=f"architecture ({', '.join(sorted(ARCHITECTURES))})"
-                   + (" (default: %(default)s)" if arch_default else ""))
-    g.add_argument("--checkpoint", type=Path, help="state dict (.pt/.pth/.safetensors), "
-                   "timm key names")
+    g.add_argument(
+        "--arch",
+        default=arch_default,
+        required=arch_default is None,
+        choices=sorted(ARCHITECTURES),
+        metavar="ARCH",
+        help=f"architecture ({', '.join(sorted(ARCHITECTURES))})"
+        + (" (default: %(default)s)" if arch_default else ""),
+    )
+    g.add_argument(
+        "--checkpoint", type=Path, help="state dict (.pt/.pth/.safetensors), timm key names"
+    )
     g.add_argument("--num-classes", type=int, help="classes (default: the architecture's)")
-    g.add_argument("--in-chans", type=int, help="input channels, 1 or 3 (default: the "
-                   "architecture's)")
-    g.add_argument("--labels", help=f"labels file (one per line) or '{FASHION_MNIST}' "
-                   "(default: class_<i>)")
+    g.add_argument(
+        "--in-chans", type=int, help="input channels, 1 or 3 (default: the architecture's)"
+    )
+    g.add_argument(
+        "--labels", help=f"labels file (one per line) or '{FASHION_MNIST}' (default: class_<i>)"
+    )
     g.add_argument("--mean", type=float, nargs="+", help="per-channel mean of x/255")
     g.add_argument("--std", type=float, nargs="+", help="per-channel std of x/255")
     if random_init:  # only 'onnx' can start from random weights; a seed means nothing elsewhere
@@ -131,22 +161,32 @@ def _add_model_args(p: argparse.ArgumentParser, arch_default: str | None,
     o.add_argument("--name", help="model name in the card (default: the folder's name)")
     o.add_argument("--version", default="1", help="model version (default: %(default)s)")
     o.add_argument("--opset", type=int, default=20, help="ONNX opset, >= 18 (default: 20)")
-    o.add_argument("--parity-images", type=int, default=256,
-                   help="real test images for the parity checks (default: %(default)s)")
-    o.add_argument("--no-fp16", dest="float16", action="store_false",
-                   help="skip the float16 variant model.fp16.se.onnx (written by default when "
-                   "fusing, if it agrees with float32: top-5 on >= 99%% of the images)")
+    o.add_argument(
+        "--parity-images",
+        type=int,
+        default=256,
+        help="real test images for the parity checks (default: %(default)s)",
+    )
+    o.add_argument(
+        "--no-fp16",
+        dest="float16",
+        action="store_false",
+        help="skip the float16 variant model.fp16.se.onnx (written by default when "
+        "fusing, if it agrees with float32: top-5 on >= 99%% of the images)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m export", description=DESCRIPTION,
+        prog="python -m export",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
-        "train", help="train the embedded default on Fashion-MNIST",
+        "train",
+        help="train the embedded default on Fashion-MNIST",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a small SE-ResNet on Fashion-MNIST on the CPU, reproducibly.\n\n"
         "Writes CHECKPOINT (a timm-style state dict) and CHECKPOINT's .train.json record "
@@ -156,21 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
         "models/fashion-seresnet/checkpoint.pt\n  python -m export train --arch resnet14_cifar "
         "--out build/baseline/checkpoint.pt   # no-SE twin",
     )
-    p.add_argument("--arch", default="seresnet14_cifar",
-                   help="architecture to train (default: %(default)s; resnet14_cifar is the "
-                   "same net without SE)")
+    p.add_argument(
+        "--arch",
+        default="seresnet14_cifar",
+        help="architecture to train (default: %(default)s; resnet14_cifar is the "
+        "same net without SE)",
+    )
     p.add_argument("--out", type=Path, required=True, help="checkpoint path to write (.pt)")
     p.add_argument("--epochs", type=int, default=30, help="epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=0.1,
-                   help="peak learning rate (default: %(default)s)")
+    p.add_argument(
+        "--lr", type=float, default=0.1, help="peak learning rate (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
-        "onnx", help="checkpoint -> model folder with model.onnx, model.se.onnx and model.json",
+        "onnx",
+        help="checkpoint -> model folder with model.onnx, model.se.onnx and model.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export a checkpoint (or random weights) to a model folder.\n\n"
         "The graph takes uint8 pixels [batch, C, H, W] (dynamic batch) and normalises inside;\n"
@@ -189,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_onnx)
 
     p = sub.add_parser(
-        "fuse", help="fuse every SE block of IN.onnx into one node, write OUT.onnx",
+        "fuse",
+        help="fuse every SE block of IN.onnx into one node, write OUT.onnx",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Rewrite each Squeeze-and-Excitation subgraph (pool -> FC/1x1 conv -> ReLU ->\n"
         "FC/1x1 conv -> sigmoid -> Mul, with the residual Add and ReLU after it) into one\n"
@@ -200,15 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", type=Path, metavar="IN.onnx")
     p.add_argument("output", type=Path, metavar="OUT.onnx")
-    p.add_argument("--fp16", dest="float16", action="store_true",
-                   help="write the float16 variant (uint8/float32 boundary kept)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="SE nodes on [N,H,W,C] between Transposes, for ORT's CUDA provider with "
-                   "prefer_nhwc=1, which cancels them against its own (ops/layout.py)")
+    p.add_argument(
+        "--fp16",
+        dest="float16",
+        action="store_true",
+        help="write the float16 variant (uint8/float32 boundary kept)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="SE nodes on [N,H,W,C] between Transposes, for ORT's CUDA provider with "
+        "prefer_nhwc=1, which cancels them against its own (ops/layout.py)",
+    )
     p.set_defaults(func=_cmd_fuse)
 
     p = sub.add_parser(
-        "verify", help="re-check a model folder against PyTorch and itself",
+        "verify",
+        help="re-check a model folder against PyTorch and itself",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="PyTorch vs model.onnx (when checkpoint.pt is in the folder), model.onnx vs\n"
         "model.se.onnx, model.se.onnx vs model.fp16.se.onnx when present (top-5 agreement\n"
@@ -220,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser(
-        "build", help="the whole chain for a model folder that holds checkpoint.pt",
+        "build",
+        help="the whole chain for a model folder that holds checkpoint.pt",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Rebuild FOLDER from FOLDER/checkpoint.pt: ONNX export and parity, fusion\n"
         "and parity, test accuracy, model card. The training record beside the checkpoint\n"
@@ -231,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("folder", type=Path)
     _add_model_args(p, "seresnet14_cifar", random_init=False)
-    p.add_argument("--baseline-record", type=Path,
-                   help="training record of the no-SE twin (default: FOLDER/baseline.train.json)")
+    p.add_argument(
+        "--baseline-record",
+        type=Path,
+        help="training record of the no-SE twin (default: FOLDER/baseline.train.json)",
+    )
     p.set_defaults(func=_cmd_build)
     return parser
 

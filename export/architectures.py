@@ -361,4 +361,3 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         for h in hooks:
             h.remove()
     return total
-

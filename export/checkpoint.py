@@ -31,8 +31,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as e:
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as e:
         raise CheckpointError(
             f"cannot read checkpoint {path}: {e.__class__.__name__}: {str(e).splitlines()[0]}. "
             "Is it a complete PyTorch (.pt/.pth) or .safetensors file?"
@@ -59,13 +65,17 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str, sourc
     ]
     if missing or unexpected or misshaped:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("wrong shape (checkpoint vs model)", misshaped)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape (checkpoint vs model)", misshaped),
+        ):
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
         raise CheckpointError(
-            f"checkpoint {source} does not fit architecture {arch!r}: " + "; ".join(parts)
+            f"checkpoint {source} does not fit architecture {arch!r}: "
+            + "; ".join(parts)
             + ". Pick the architecture it was trained as (--arch), and --num-classes / "
             "--in-chans if they differ from the defaults."
         )

@@ -56,19 +56,25 @@ class _SqueezeExcitationFusion(Fusion, ABC):
             └── squeeze ─ excitation ──┘
     """
 
-    def __init__(self, model: OnnxModel, shapes: dict[str, list[int | str | None]],
-                 description: str) -> None:
+    def __init__(
+        self, model: OnnxModel, shapes: dict[str, list[int | str | None]], description: str
+    ) -> None:
         super().__init__(model, OP_TYPE, "Mul", description)
         self.graph_outputs = {o.name for o in model.model.graph.output}
         self.shapes = shapes
 
     @abstractmethod
-    def match_excitation(self, x: str, gate: str, output_name_to_node: dict[str, NodeProto]
-                         ) -> Excitation | None:
+    def match_excitation(
+        self, x: str, gate: str, output_name_to_node: dict[str, NodeProto]
+    ) -> Excitation | None:
         """Match ``gate`` (the Mul's other input) back through the excitation to its pool."""
 
-    def fuse(self, node: NodeProto, input_name_to_nodes: dict[str, list[NodeProto]],
-             output_name_to_node: dict[str, NodeProto]) -> None:
+    def fuse(
+        self,
+        node: NodeProto,
+        input_name_to_nodes: dict[str, list[NodeProto]],
+        output_name_to_node: dict[str, NodeProto],
+    ) -> None:
         if len(node.input) != 2:
             return
         for x, gate in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
@@ -77,8 +83,9 @@ class _SqueezeExcitationFusion(Fusion, ABC):
                 self._fuse_block(node, found, input_name_to_nodes)
                 return
 
-    def _fuse_block(self, mul: NodeProto, se: Excitation,
-                    input_name_to_nodes: dict[str, list[NodeProto]]) -> None:
+    def _fuse_block(
+        self, mul: NodeProto, se: Excitation, input_name_to_nodes: dict[str, list[NodeProto]]
+    ) -> None:
         chain = [*se.nodes, mul]
         inner = {o for n in se.nodes for o in n.output}
         if inner & self.graph_outputs:
@@ -102,12 +109,14 @@ class _SqueezeExcitationFusion(Fusion, ABC):
         name = self.model.create_node_name(OP_TYPE, "SE_")
         weights = []
         for suffix, value in (("w1", se.w1), ("b1", se.b1), ("w2", se.w2), ("b2", se.b2)):
-            tensor = numpy_helper.from_array(np.ascontiguousarray(value, np.float32),
-                                             f"{name}.{suffix}")
+            tensor = numpy_helper.from_array(
+                np.ascontiguousarray(value, np.float32), f"{name}.{suffix}"
+            )
             self.model.add_initializer(tensor, self.this_graph_name)
             weights.append(tensor.name)
-        fused = make_node(se.pool_input, *weights, output=output, residual=residual,
-                          relu=bool(relu), name=name)
+        fused = make_node(
+            se.pool_input, *weights, output=output, residual=residual, relu=bool(relu), name=name
+        )
         self.nodes_to_remove.extend(chain)
         self.nodes_to_add.append(fused)
         self.node_name_to_graph_name[name] = self.this_graph_name
@@ -125,8 +134,9 @@ class _SqueezeExcitationFusion(Fusion, ABC):
     def constant(self, name: str) -> np.ndarray | None:
         return self.model.get_constant_value(name)
 
-    def match_pool(self, name: str, output_name_to_node: dict[str, NodeProto], keepdims: bool
-                   ) -> NodeProto | None:
+    def match_pool(
+        self, name: str, output_name_to_node: dict[str, NodeProto], keepdims: bool
+    ) -> NodeProto | None:
         """A global average pool over H and W of a 4-D tensor: ``GlobalAveragePool`` or
         ``ReduceMean(axes={2,3} or {-1,-2}, keepdims)`` with axes as attribute or constant."""
         node = output_name_to_node.get(name)
@@ -147,8 +157,9 @@ class _SqueezeExcitationFusion(Fusion, ABC):
         if not axes or rank not in (4, None):
             return None
         normalized = {a % 4 if a < 0 else a for a in axes}
-        if normalized != {2, 3} or (rank is None and any(a < 0 for a in axes) and
-                                     any(a >= 0 for a in axes)):
+        if normalized != {2, 3} or (
+            rank is None and any(a < 0 for a in axes) and any(a >= 0 for a in axes)
+        ):
             return None
         return node
 
@@ -160,15 +171,16 @@ class _SqueezeExcitationFusion(Fusion, ABC):
 class FusionSqueezeExcitationConv(_SqueezeExcitationFusion):
     """SE with 1x1-convolution excitation (timm ``SEModule``, both PyTorch exporters)::
 
-        x ─▶ GlobalAveragePool | ReduceMean(axes=[2,3], keepdims=1)
-          ─▶ Conv 1x1 (w1, b1) ─▶ Relu ─▶ Conv 1x1 (w2, b2) ─▶ Sigmoid ─▶ Mul(x, ·)
+    x ─▶ GlobalAveragePool | ReduceMean(axes=[2,3], keepdims=1)
+      ─▶ Conv 1x1 (w1, b1) ─▶ Relu ─▶ Conv 1x1 (w2, b2) ─▶ Sigmoid ─▶ Mul(x, ·)
     """
 
     def __init__(self, model: OnnxModel, shapes: dict[str, list[int | str | None]]) -> None:
         super().__init__(model, shapes, "conv excitation")
 
-    def match_excitation(self, x: str, gate: str, output_name_to_node: dict[str, NodeProto]
-                         ) -> Excitation | None:
+    def match_excitation(
+        self, x: str, gate: str, output_name_to_node: dict[str, NodeProto]
+    ) -> Excitation | None:
         sigmoid = output_name_to_node.get(gate)
         if sigmoid is None or sigmoid.op_type != "Sigmoid":
             return None
@@ -202,7 +214,8 @@ class FusionSqueezeExcitationConv(_SqueezeExcitationFusion):
         if attrs.get("group", 1) != 1 or any(p != 0 for p in attrs.get("pads", [])):
             return None
         if any(s != 1 for s in attrs.get("strides", [])) or any(
-                d != 1 for d in attrs.get("dilations", [])):
+            d != 1 for d in attrs.get("dilations", [])
+        ):
             return None
         if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
             return None
@@ -216,17 +229,18 @@ class FusionSqueezeExcitationConv(_SqueezeExcitationFusion):
 class FusionSqueezeExcitationLinear(_SqueezeExcitationFusion):
     """SE with fully-connected excitation (``nn.Linear``, the paper's original form)::
 
-        x ─▶ GlobalAveragePool | ReduceMean(axes=[2,3], keepdims=0|1)
-          ─▶ [Reshape | Flatten to (N, C)]
-          ─▶ Gemm | MatMul+Add (w1, b1) ─▶ Relu ─▶ Gemm | MatMul+Add (w2, b2) ─▶ Sigmoid
-          ─▶ Reshape to (N, C, 1, 1) ─▶ [Expand to x's shape] ─▶ Mul(x, ·)
+    x ─▶ GlobalAveragePool | ReduceMean(axes=[2,3], keepdims=0|1)
+      ─▶ [Reshape | Flatten to (N, C)]
+      ─▶ Gemm | MatMul+Add (w1, b1) ─▶ Relu ─▶ Gemm | MatMul+Add (w2, b2) ─▶ Sigmoid
+      ─▶ Reshape to (N, C, 1, 1) ─▶ [Expand to x's shape] ─▶ Mul(x, ·)
     """
 
     def __init__(self, model: OnnxModel, shapes: dict[str, list[int | str | None]]) -> None:
         super().__init__(model, shapes, "linear excitation")
 
-    def match_excitation(self, x: str, gate: str, output_name_to_node: dict[str, NodeProto]
-                         ) -> Excitation | None:
+    def match_excitation(
+        self, x: str, gate: str, output_name_to_node: dict[str, NodeProto]
+    ) -> Excitation | None:
         nodes: list[NodeProto] = []
         node = output_name_to_node.get(gate)
         if node is not None and node.op_type == "Expand":
@@ -266,8 +280,9 @@ class FusionSqueezeExcitationLinear(_SqueezeExcitationFusion):
         chain = [pool, *flat_nodes, *nodes1, relu, *nodes2, sigmoid, *reversed(nodes)]
         return Excitation(pool.input[0], chain, w1, b1, w2, b2)
 
-    def _dense(self, name: str, output_name_to_node: dict[str, NodeProto]
-               ) -> tuple[list[NodeProto], np.ndarray, np.ndarray] | None:
+    def _dense(
+        self, name: str, output_name_to_node: dict[str, NodeProto]
+    ) -> tuple[list[NodeProto], np.ndarray, np.ndarray] | None:
         """``y = x·Wᵀ + b`` as ``Gemm`` or ``MatMul`` + ``Add``: returns (nodes in order, W as
         [out, in], b)."""
         node = output_name_to_node.get(name)
@@ -302,8 +317,9 @@ class FusionSqueezeExcitationLinear(_SqueezeExcitationFusion):
 
     def _is_flatten(self, node: NodeProto) -> bool:
         if node.op_type == "Flatten":
-            axis = next((helper.get_attribute_value(a) for a in node.attribute
-                         if a.name == "axis"), 1)
+            axis = next(
+                (helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1
+            )
             return axis == 1
         shape = self.shapes.get(node.output[0])
         return shape is not None and len(shape) == 2
@@ -335,16 +351,16 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]
         if not tt.HasField("shape"):
             continue
         shapes[vi.name] = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in tt.shape.dim
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
         ]
     for init in graph.initializer:
         shapes[init.name] = list(init.dims)
     return shapes
 
 
-def _only_child(output: str, op_type: str, input_name_to_nodes: dict[str, list[NodeProto]]
-                ) -> NodeProto | None:
+def _only_child(
+    output: str, op_type: str, input_name_to_nodes: dict[str, list[NodeProto]]
+) -> NodeProto | None:
     children = input_name_to_nodes.get(output, [])
     if len(children) == 1 and children[0].op_type == op_type:
         return children[0]
@@ -359,9 +375,11 @@ class FusionReport:
     nodes_after: int
 
     def summary(self) -> str:
-        return (f"fused {self.fused} SE block{'s' if self.fused != 1 else ''} "
-                f"({self.with_residual} with residual Add+ReLU absorbed); "
-                f"{self.nodes_before} -> {self.nodes_after} nodes")
+        return (
+            f"fused {self.fused} SE block{'s' if self.fused != 1 else ''} "
+            f"({self.with_residual} with residual Add+ReLU absorbed); "
+            f"{self.nodes_before} -> {self.nodes_after} nodes"
+        )
 
 
 FUSIONS: Sequence[type[_SqueezeExcitationFusion]] = (

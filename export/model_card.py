@@ -19,8 +19,12 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 FASHION_MNIST = "fashion-mnist"
 
 
-def input_spec_for(arch: str, in_chans: int | None = None, mean: list[float] | None = None,
-                   std: list[float] | None = None) -> InputSpec:
+def input_spec_for(
+    arch: str,
+    in_chans: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> InputSpec:
     """The input rule for ``arch``: 28x28 stretch for the CIFAR-style nets, the ImageNet rule
     (shorter side 256, centre crop 224) otherwise."""
     spec = arch_spec(arch)
@@ -28,14 +32,17 @@ def input_spec_for(arch: str, in_chans: int | None = None, mean: list[float] | N
     size = spec.defaults["img_size"]
     if channels not in (1, 3):
         raise ExportError(f"only 1- or 3-channel inputs can be served, not {channels}")
-    default_mean, default_std = ((IMAGENET_MEAN, IMAGENET_STD) if channels == 3
-                                 else ([0.5], [0.5]))
+    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ([0.5], [0.5])
     small = spec.stem == "cifar"
     return InputSpec(
-        channels=channels, height=size, width=size, color="L" if channels == 1 else "RGB",
+        channels=channels,
+        height=size,
+        width=size,
+        color="L" if channels == 1 else "RGB",
         resize="stretch" if small else "shorter-side-crop",
         resize_shorter=None if small else round(size / 0.875),
-        mean=mean or default_mean, std=std or default_std,
+        mean=mean or default_mean,
+        std=std or default_std,
     )
 
 
@@ -48,12 +55,14 @@ def read_labels(source: str | None, num_classes: int) -> list[str]:
     else:
         path = Path(source)
         if not path.is_file():
-            raise ExportError(f"labels file {path} not found (one label per line, or "
-                              f"'{FASHION_MNIST}')")
+            raise ExportError(
+                f"labels file {path} not found (one label per line, or '{FASHION_MNIST}')"
+            )
         labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if len(labels) != num_classes:
-        raise ExportError(f"{source} has {len(labels)} labels but the model has "
-                          f"{num_classes} classes")
+        raise ExportError(
+            f"{source} has {len(labels)} labels but the model has {num_classes} classes"
+        )
     return labels
 
 
@@ -69,8 +78,16 @@ def read_record(path: Path | None) -> dict | None:
 
 def tool_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for dist in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime", "numpy",
-                 "pillow", "seresnet-serve"):
+    for dist in (
+        "torch",
+        "onnx",
+        "onnxscript",
+        "onnxruntime-gpu",
+        "onnxruntime",
+        "numpy",
+        "pillow",
+        "seresnet-serve",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -70,9 +70,14 @@ def export_onnx(model: nn.Module, spec: InputSpec, path: Path, opset: int = DEFA
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            wrapped.eval(), (example,), dynamo=True, opset_version=opset,
-            input_names=[spec.tensor], output_names=["logits"],
-            dynamic_shapes=({0: batch},), verbose=False,
+            wrapped.eval(),
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[spec.tensor],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
         )
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
@@ -88,14 +93,17 @@ def parity_images(spec: InputSpec, count: int) -> np.ndarray:
     return np.stack([to_array(Image.fromarray(img, "L"), uint8_spec) for img in images[:count]])
 
 
-def session(path: Path, providers: list[str] | None = None,
-            so: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), sess_options=so,
-                                providers=providers or ["CPUExecutionProvider"])
+def session(
+    path: Path, providers: list[str] | None = None, so: ort.SessionOptions | None = None
+) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"]
+    )
 
 
-def run_onnx(sess: ort.InferenceSession, pixels: np.ndarray, spec: InputSpec,
-             batch_size: int = 256) -> np.ndarray:
+def run_onnx(
+    sess: ort.InferenceSession, pixels: np.ndarray, spec: InputSpec, batch_size: int = 256
+) -> np.ndarray:
     """Logits of ``pixels`` (uint8 [N,C,H,W]) through ``sess``, batch by batch."""
     name = sess.get_inputs()[0].name
     out = []
@@ -106,8 +114,9 @@ def run_onnx(sess: ort.InferenceSession, pixels: np.ndarray, spec: InputSpec,
     return np.concatenate(out)
 
 
-def run_torch(model: nn.Module, pixels: np.ndarray, spec: InputSpec,
-              batch_size: int = 256) -> np.ndarray:
+def run_torch(
+    model: nn.Module, pixels: np.ndarray, spec: InputSpec, batch_size: int = 256
+) -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(pixels), batch_size):
@@ -137,8 +146,13 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
     )
 
 
-def check_parity(model: nn.Module, onnx_path: Path, spec: InputSpec, count: int = 256,
-                 tolerance: float = MAX_LOGIT_DIFF) -> Comparison:
+def check_parity(
+    model: nn.Module,
+    onnx_path: Path,
+    spec: InputSpec,
+    count: int = 256,
+    tolerance: float = MAX_LOGIT_DIFF,
+) -> Comparison:
     """PyTorch vs ONNX Runtime on real images; raise :class:`ParityError` when they differ."""
     pixels = parity_images(spec, count)
     result = compare(run_torch(model, pixels, spec), run_onnx(session(onnx_path), pixels, spec))

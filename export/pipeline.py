@@ -77,12 +77,22 @@ class ExportOptions:
     baseline_record: Path | None = None
 
 
-def load_model(arch: str, checkpoint: Path | None, num_classes: int | None = None,
-               in_chans: int | None = None, seed: int = 0) -> nn.Module:
+def load_model(
+    arch: str,
+    checkpoint: Path | None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
     """``arch`` with the checkpoint's weights, or random weights (seeded) without one; the
     random net's BN statistics come from real images so its outputs depend on its input."""
-    model = create_model(arch, num_classes=num_classes, in_chans=in_chans, seed=seed,
-                         init="train" if checkpoint else "random")
+    model = create_model(
+        arch,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        seed=seed,
+        init="train" if checkpoint else "random",
+    )
     if checkpoint is not None:
         load_into(model, read_state_dict(checkpoint), arch, str(checkpoint))
     else:  # statistics of real photos-to-be and of noise, the inputs tests and benches use
@@ -126,8 +136,9 @@ def fused_session(path: Path) -> ort.InferenceSession:
 
 def check_fused(unfused: Path, fused: Path, spec: InputSpec, pixels: np.ndarray) -> Comparison:
     """Unfused vs fused ONNX Runtime on ``pixels``; raise :class:`ParityError` if they differ."""
-    result = compare(run_onnx(session(unfused), pixels, spec),
-                     run_onnx(fused_session(fused), pixels, spec))
+    result = compare(
+        run_onnx(session(unfused), pixels, spec), run_onnx(fused_session(fused), pixels, spec)
+    )
     if not result.ok(MAX_FUSED_DIFF):
         raise ParityError(
             f"fused model {fused} disagrees with {unfused} on {result.images} images: max "
@@ -140,13 +151,18 @@ def check_fused(unfused: Path, fused: Path, spec: InputSpec, pixels: np.ndarray)
 def fused_logits(path: Path, pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Logits of a fused model (float32 or float16 inside) on the CPU, 1000 images per run."""
     sess = fused_session(path)
-    return np.concatenate([run_onnx(sess, pixels[i : i + 1000], spec)
-                           for i in range(0, len(pixels), 1000)])
+    return np.concatenate(
+        [run_onnx(sess, pixels[i : i + 1000], spec) for i in range(0, len(pixels), 1000)]
+    )
 
 
-def float16_variant(folder: Path, spec: InputSpec, pixels: np.ndarray,
-                    test: tuple[np.ndarray, np.ndarray, float] | None, say=print
-                    ) -> Float16 | None:
+def float16_variant(
+    folder: Path,
+    spec: InputSpec,
+    pixels: np.ndarray,
+    test: tuple[np.ndarray, np.ndarray, float] | None,
+    say=print,
+) -> Float16 | None:
     """Write ``folder/model.fp16.se.onnx`` from ``folder/model.se.onnx`` and measure it against
     float32 on ``pixels`` (or on the test set ``(pixels, labels, float32 top-1)`` when given).
     Returns its card entry, or None (and removes the file) when it misses the bars above.
@@ -163,14 +179,19 @@ def float16_variant(folder: Path, spec: InputSpec, pixels: np.ndarray,
     fp16_logits = fused_logits(fp16_path, images, spec)
     result = compare(reference, fp16_logits)
     entry = Float16(
-        converter=CONVERTER, images=result.images, max_abs_logit_diff_vs_fp32=result.max_abs_diff,
+        converter=CONVERTER,
+        images=result.images,
+        max_abs_logit_diff_vs_fp32=result.max_abs_diff,
         top5_agreement_vs_fp32=result.top5_agreement,
-        top1_agreement_vs_fp32=float((fp16_logits.argmax(axis=1) == reference.argmax(axis=1))
-                                     .mean()),
+        top1_agreement_vs_fp32=float(
+            (fp16_logits.argmax(axis=1) == reference.argmax(axis=1)).mean()
+        ),
         evaluated_with="onnxruntime, CPUExecutionProvider (float16 tensors, float arithmetic)",
     )
-    say(f"float16 variant vs float32 fused on {result.images} real images: max |logit diff| "
-        f"{result.max_abs_diff:.2e}, top-5 agreement {result.top5_agreement:.2%}")
+    say(
+        f"float16 variant vs float32 fused on {result.images} real images: max |logit diff| "
+        f"{result.max_abs_diff:.2e}, top-5 agreement {result.top5_agreement:.2%}"
+    )
     problem = None
     if result.top5_agreement < MIN_FP16_TOP5_AGREEMENT:
         problem = f"top-5 agreement {result.top5_agreement:.2%} < {MIN_FP16_TOP5_AGREEMENT:.0%}"
@@ -178,10 +199,13 @@ def float16_variant(folder: Path, spec: InputSpec, pixels: np.ndarray,
         _, labels, fp32_top1 = test
         top1, top5 = accuracy(fp16_logits, labels)
         delta = top1 - fp32_top1
-        entry = entry.model_copy(update={"test_top1": top1, "test_top5": top5,
-                                         "test_top1_delta_vs_fp32": delta})
-        say(f"test accuracy of {FP16_FUSED_FILE}: top-1 {top1:.2%} ({delta:+.2%} vs float32), "
-            f"top-5 {top5:.2%}")
+        entry = entry.model_copy(
+            update={"test_top1": top1, "test_top5": top5, "test_top1_delta_vs_fp32": delta}
+        )
+        say(
+            f"test accuracy of {FP16_FUSED_FILE}: top-1 {top1:.2%} ({delta:+.2%} vs float32), "
+            f"top-5 {top5:.2%}"
+        )
         if abs(delta) > MAX_FP16_TOP1_DELTA:
             problem = f"test top-1 {delta:+.2%} vs float32 (limit {MAX_FP16_TOP1_DELTA:.1%})"
     if problem is not None:
@@ -210,13 +234,16 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
                 if rec is not None and rec.is_file():
                     name = TRAIN_RECORD if rec == opts.train_record else BASELINE_RECORD
                     shutil.copyfile(rec, tmp / name)
-        say(f"exporting {opts.arch} to ONNX (opset {opts.opset}, dynamic batch, {spec.dtype} "
-            "input)")
+        say(
+            f"exporting {opts.arch} to ONNX (opset {opts.opset}, dynamic batch, {spec.dtype} input)"
+        )
         export_onnx(model, spec, tmp / UNFUSED_FILE, opts.opset)
         torch_vs_onnx = check_parity(model, tmp / UNFUSED_FILE, spec, opts.parity_images)
-        say(f"parity PyTorch vs ONNX Runtime on {torch_vs_onnx.images} real images: max |logit "
+        say(
+            f"parity PyTorch vs ONNX Runtime on {torch_vs_onnx.images} real images: max |logit "
             f"diff| {torch_vs_onnx.max_abs_diff:.2e}, top-5 agreement "
-            f"{torch_vs_onnx.top5_agreement:.0%}")
+            f"{torch_vs_onnx.top5_agreement:.0%}"
+        )
 
         fusion = Fusion()
         onnx_vs_fused: Comparison | None = None
@@ -225,9 +252,11 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
             say(f"fusion: {report.summary()}")
             pixels = parity_images(spec, opts.parity_images)
             onnx_vs_fused = check_fused(tmp / UNFUSED_FILE, tmp / FUSED_FILE, spec, pixels)
-            say(f"parity ONNX vs fused on {onnx_vs_fused.images} real images: max |logit diff| "
+            say(
+                f"parity ONNX vs fused on {onnx_vs_fused.images} real images: max |logit diff| "
                 f"{onnx_vs_fused.max_abs_diff:.2e}, top-5 agreement "
-                f"{onnx_vs_fused.top5_agreement:.0%}")
+                f"{onnx_vs_fused.top5_agreement:.0%}"
+            )
             import ops
 
             fusion = Fusion(se_blocks=report.fused, fused=report.fused, op_domain=ops.OP_DOMAIN)
@@ -237,16 +266,23 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
         if evaluate:
             images, labels_true = fashion_mnist.load("test")
             test_pixels = np.stack([img[None] for img in images])
-            top1, top5 = accuracy(run_onnx(session(tmp / UNFUSED_FILE), test_pixels, spec),
-                                  labels_true)
+            top1, top5 = accuracy(
+                run_onnx(session(tmp / UNFUSED_FILE), test_pixels, spec), labels_true
+            )
             test = (test_pixels, labels_true, top1)
-            say(f"test accuracy of model.onnx on {len(images)} Fashion-MNIST test images: "
-                f"top-1 {top1:.2%}, top-5 {top5:.2%}")
+            say(
+                f"test accuracy of model.onnx on {len(images)} Fashion-MNIST test images: "
+                f"top-1 {top1:.2%}, top-5 {top5:.2%}"
+            )
             baseline = read_record(opts.baseline_record)
             metrics = Metrics(
-                test_top1=top1, test_top5=top5, test_images=len(images),
+                test_top1=top1,
+                test_top5=top5,
+                test_images=len(images),
                 evaluated_with="onnxruntime, model.onnx, CPUExecutionProvider",
-                baseline_without_se=None if baseline is None else {
+                baseline_without_se=None
+                if baseline is None
+                else {
                     "architecture": baseline["recipe"]["arch"],
                     "parameters": baseline["parameters"],
                     "test_top1": baseline["test_top1"],
@@ -257,8 +293,7 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
 
         float16 = None
         if opts.fuse and opts.float16:
-            float16 = float16_variant(tmp, spec, parity_images(spec, opts.parity_images), test,
-                                      say)
+            float16 = float16_variant(tmp, spec, parity_images(spec, opts.parity_images), test, say)
 
         card = ModelCard(
             name=opts.name or opts.out.name,
@@ -273,9 +308,13 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
                 checkpoint=CHECKPOINT_FILE if opts.checkpoint else None,
                 checkpoint_sha256=sha256_of(opts.checkpoint) if opts.checkpoint else None,
                 dataset=record.get("dataset") if record else None,
-                training=None if record is None else {
-                    "recipe": record["recipe"], "seconds": record["seconds"],
-                    "test_top1_pytorch": record["test_top1"], "epochs": record["epochs"],
+                training=None
+                if record is None
+                else {
+                    "recipe": record["recipe"],
+                    "seconds": record["seconds"],
+                    "test_top1_pytorch": record["test_top1"],
+                    "epochs": record["epochs"],
                     "torch_version": record.get("torch_version"),
                 },
             ),
@@ -310,33 +349,42 @@ def verify_folder(folder: Path, images: int = 1000, say=print) -> bool:
         model = load_model(card.architecture, ckpt, card.num_classes, spec.channels)
         try:
             r = check_parity(model, folder / UNFUSED_FILE, spec, images)
-            say(f"PyTorch vs model.onnx: max |diff| {r.max_abs_diff:.2e}, top-5 "
-                f"{r.top5_agreement:.2%} on {r.images} images")
+            say(
+                f"PyTorch vs model.onnx: max |diff| {r.max_abs_diff:.2e}, top-5 "
+                f"{r.top5_agreement:.2%} on {r.images} images"
+            )
         except ParityError as e:
             say(f"FAIL {e}")
             ok = False
     if (folder / FUSED_FILE).is_file():
         try:
             r = check_fused(folder / UNFUSED_FILE, folder / FUSED_FILE, spec, pixels)
-            say(f"model.onnx vs model.se.onnx: max |diff| {r.max_abs_diff:.2e}, top-5 "
-                f"{r.top5_agreement:.2%} on {r.images} images")
+            say(
+                f"model.onnx vs model.se.onnx: max |diff| {r.max_abs_diff:.2e}, top-5 "
+                f"{r.top5_agreement:.2%} on {r.images} images"
+            )
         except ParityError as e:
             say(f"FAIL {e}")
             ok = False
     if card.float16 is not None and (folder / card.float16.file).is_file():
-        fp16 = compare(fused_logits(folder / FUSED_FILE, pixels, spec),
-                       fused_logits(folder / card.float16.file, pixels, spec))
+        fp16 = compare(
+            fused_logits(folder / FUSED_FILE, pixels, spec),
+            fused_logits(folder / card.float16.file, pixels, spec),
+        )
         good = fp16.top5_agreement >= MIN_FP16_TOP5_AGREEMENT
         ok &= good
-        say(f"{'ok' if good else 'FAIL'} model.se.onnx vs {card.float16.file}: max |diff| "
-            f"{fp16.max_abs_diff:.2e}, top-5 {fp16.top5_agreement:.2%} on {fp16.images} images")
+        say(
+            f"{'ok' if good else 'FAIL'} model.se.onnx vs {card.float16.file}: max |diff| "
+            f"{fp16.max_abs_diff:.2e}, top-5 {fp16.top5_agreement:.2%} on {fp16.images} images"
+        )
     if card.metrics.test_top1 is not None and card.labels == fashion_mnist.LABELS:
         test_x, test_y = fashion_mnist.load("test")
         top1, _ = accuracy(run_onnx(session(folder / UNFUSED_FILE), test_x[:, None], spec), test_y)
         same = abs(top1 - card.metrics.test_top1) <= 0.001
         ok &= same
-        say(f"{'ok' if same else 'FAIL'} test top-1 {top1:.2%} (card: "
-            f"{card.metrics.test_top1:.2%})")
+        say(
+            f"{'ok' if same else 'FAIL'} test top-1 {top1:.2%} (card: {card.metrics.test_top1:.2%})"
+        )
     return ok
 
 

@@ -67,8 +67,9 @@ def normalize(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return ((images_u8.float() / 255.0 - mean) / std).unsqueeze(1)
 
 
-def _augment(batch: torch.Tensor, shift: int, hflip: bool, fill: float,
-             gen: torch.Generator) -> torch.Tensor:
+def _augment(
+    batch: torch.Tensor, shift: int, hflip: bool, fill: float, gen: torch.Generator
+) -> torch.Tensor:
     """Random shifts of up to ``shift`` pixels (background fill) and horizontal flips."""
     n, c, h, w = batch.shape
     if shift:
@@ -92,8 +93,9 @@ def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+) -> tuple[float, float]:
     """Top-1 and top-5 accuracy of ``model`` on normalised ``images``."""
     model.eval()
     top1 = top5 = 0
@@ -131,23 +133,37 @@ def train(recipe: TrainRecipe, checkpoint: Path, progress: bool = True) -> Train
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": recipe.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
+        [
+            {"params": decay, "weight_decay": recipe.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=True,
     )
     steps_per_epoch = math.ceil(len(xs) / recipe.batch_size)
     total = steps_per_epoch * recipe.epochs
     warmup = int(recipe.warmup_epochs * steps_per_epoch)
 
-    record = TrainRecord(recipe=recipe, dataset="Fashion-MNIST (Debian dataset-fashion-mnist)",
-                         mean=mean, std=std, parameters=count_parameters(model))
+    record = TrainRecord(
+        recipe=recipe,
+        dataset="Fashion-MNIST (Debian dataset-fashion-mnist)",
+        mean=mean,
+        std=std,
+        parameters=count_parameters(model),
+    )
     start = time.perf_counter()
     step = 0
     for epoch in range(recipe.epochs):
         model.train()
         order = torch.randperm(len(xs), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"{recipe.arch} epoch {epoch + 1}/{recipe.epochs}",
-                   disable=not progress, unit="batch", leave=False)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"{recipe.arch} epoch {epoch + 1}/{recipe.epochs}",
+            disable=not progress,
+            unit="batch",
+            leave=False,
+        )
         running = 0.0
         for i in bar:
             idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
@@ -164,10 +180,19 @@ def train(recipe: TrainRecipe, checkpoint: Path, progress: bool = True) -> Train
             bar.set_postfix(loss=f"{running:.3f}")
         top1, top5 = evaluate(model, xt, yt)
         elapsed = time.perf_counter() - start
-        record.epochs.append({"epoch": epoch + 1, "loss": round(running, 4), "test_top1": top1,
-                              "test_top5": top5, "seconds": round(elapsed, 1)})
-        tqdm.write(f"{recipe.arch} epoch {epoch + 1:2d}/{recipe.epochs}: loss {running:.4f}  "
-                   f"test top-1 {top1:.2%}  top-5 {top5:.2%}  ({elapsed:.0f} s)")
+        record.epochs.append(
+            {
+                "epoch": epoch + 1,
+                "loss": round(running, 4),
+                "test_top1": top1,
+                "test_top5": top5,
+                "seconds": round(elapsed, 1),
+            }
+        )
+        tqdm.write(
+            f"{recipe.arch} epoch {epoch + 1:2d}/{recipe.epochs}: loss {running:.4f}  "
+            f"test top-1 {top1:.2%}  top-5 {top5:.2%}  ({elapsed:.0f} s)"
+        )
 
     record.test_top1 = record.epochs[-1]["test_top1"]
     record.test_top5 = record.epochs[-1]["test_top5"]

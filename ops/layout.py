@@ -54,8 +54,11 @@ def to_channels_last(model: Any) -> Any:
     def last(name: str, before: list[Any]) -> str:
         if name not in twins:
             twins[name] = f"{name}__nhwc"
-            before.append(helper.make_node("Transpose", [name], [twins[name]], perm=TO_LAST,
-                                           name=f"{name}__to_nhwc"))
+            before.append(
+                helper.make_node(
+                    "Transpose", [name], [twins[name]], perm=TO_LAST, name=f"{name}__to_nhwc"
+                )
+            )
         return twins[name]
 
     for node in nodes:
@@ -75,8 +78,9 @@ def to_channels_last(model: Any) -> Any:
         se.output[0] = f"{output}__nhwc"
         se.attribute.append(helper.make_attribute("channels_last", 1))
         twins[output] = se.output[0]
-        after = helper.make_node("Transpose", [se.output[0]], [output], perm=TO_FIRST,
-                                 name=f"{output}__to_nchw")
+        after = helper.make_node(
+            "Transpose", [se.output[0]], [output], perm=TO_FIRST, name=f"{output}__to_nchw"
+        )
         rewritten.extend([*before, se, after])
     del graph.node[:]
     graph.node.extend(rewritten)

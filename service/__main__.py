@@ -57,10 +57,12 @@ def _default(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    env_only = "\n".join(f"  {env_name(n):<28} {Settings.model_fields[n].description}"
-                         for n in sorted(_ENV_ONLY))
+    env_only = "\n".join(
+        f"  {env_name(n):<28} {Settings.model_fields[n].description}" for n in sorted(_ENV_ONLY)
+    )
     parser = argparse.ArgumentParser(
-        prog="python -m service", description=DESCRIPTION,
+        prog="python -m service",
+        description=DESCRIPTION,
         epilog=f"environment only:\n{env_only}\n  SERESNET_OPS_LIBRARY         path of the "
         f"op library (default: found beside the ops package)\n\n{EXAMPLES}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -71,10 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         choices = getattr(field.annotation, "__args__", None)
         literal = choices if choices and all(isinstance(c, str) for c in choices) else None
-        parser.add_argument(flag, dest=name, metavar=name.upper() if not literal else None,
-                            choices=literal, default=None,
-                            help=f"{field.description or name} [{env_name(name)}, "
-                            f"default {_default(name)}]")
+        parser.add_argument(
+            flag,
+            dest=name,
+            metavar=name.upper() if not literal else None,
+            choices=literal,
+            default=None,
+            help=f"{field.description or name} [{env_name(name)}, default {_default(name)}]",
+        )
     return parser
 
 

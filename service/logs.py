@@ -14,8 +14,12 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request
 _process = {"name": ""}
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is logged.
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName",
-                                                       "color_message"}
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
@@ -48,9 +52,12 @@ class TextFormatter(logging.Formatter):
         rid = request_id.get()
         fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
         who = f"{_process['name']}[{record.process}] " if _process["name"] else ""
-        line = (f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {who}{record.name}: "
-                f"{record.getMessage()}" + (f" [{rid}]" if rid else "") + (f" {fields}" if fields
-                                                                           else ""))
+        line = (
+            f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {who}{record.name}: "
+            f"{record.getMessage()}"
+            + (f" [{rid}]" if rid else "")
+            + (f" {fields}" if fields else "")
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

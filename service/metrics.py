@@ -38,8 +38,23 @@ from prometheus_client.metrics_core import Metric
 
 LABELS = ("model", "version", "provider", "graph", "opt_level")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
-                    5.0, 10.0, 30.0)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+)
 
 __all__ = ["CONTENT_TYPE_LATEST", "EngineMetrics", "IngressMetrics", "collect", "exposition"]
 
@@ -90,54 +105,99 @@ class EngineMetrics(_Labelled):
     def __init__(self, labels: dict[str, str], max_batch_size: int, reason: str) -> None:
         super().__init__(labels)
         lv = self._labels
-        info = Gauge("seresnet_model_info", "The served model and how it is run (value 1)",
-                     [*LABELS, "reason"], registry=None, multiprocess_mode="livemax")
+        info = Gauge(
+            "seresnet_model_info",
+            "The served model and how it is run (value 1)",
+            [*LABELS, "reason"],
+            registry=None,
+            multiprocess_mode="livemax",
+        )
         info.labels(*lv, reason).set(1)
-        self.ready = Gauge("seresnet_ready", "1 once warm-up finished and not draining",
-                           LABELS, registry=None, multiprocess_mode="livemax").labels(*lv)
+        self.ready = Gauge(
+            "seresnet_ready",
+            "1 once warm-up finished and not draining",
+            LABELS,
+            registry=None,
+            multiprocess_mode="livemax",
+        ).labels(*lv)
         self.inference_count = Counter(
-            "seresnet_inference_count", "Images run by the model (Triton's inference count)",
-            LABELS, registry=None).labels(*lv)
+            "seresnet_inference_count",
+            "Images run by the model (Triton's inference count)",
+            LABELS,
+            registry=None,
+        ).labels(*lv)
         self.exec_count = Counter(
             "seresnet_inference_exec_count",
             "Model runs, i.e. batches (Triton's execution count); inference/exec = mean batch",
-            LABELS, registry=None).labels(*lv)
+            LABELS,
+            registry=None,
+        ).labels(*lv)
         self.batch_size = Histogram(
-            "seresnet_batch_size", "Images per model run", LABELS,
-            buckets=batch_buckets(max_batch_size), registry=None).labels(*lv)
+            "seresnet_batch_size",
+            "Images per model run",
+            LABELS,
+            buckets=batch_buckets(max_batch_size),
+            registry=None,
+        ).labels(*lv)
         # Exact sizes (at most max_batch_size series) for Triton's per-batch-size statistics.
         self._runs_by_size = Counter(
-            "seresnet_batch_runs", "Model runs by exact batch size", [*LABELS, "batch_size"],
-            registry=None)
+            "seresnet_batch_runs",
+            "Model runs by exact batch size",
+            [*LABELS, "batch_size"],
+            registry=None,
+        )
         self._seconds_by_size = Counter(
-            "seresnet_batch_compute_seconds", "Time in ONNX Runtime by exact batch size",
-            [*LABELS, "batch_size"], registry=None)
+            "seresnet_batch_compute_seconds",
+            "Time in ONNX Runtime by exact batch size",
+            [*LABELS, "batch_size"],
+            registry=None,
+        )
         self.queue_duration = Histogram(
-            "seresnet_queue_duration_seconds", "Per image: time from queued to its batch start",
-            LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
+            "seresnet_queue_duration_seconds",
+            "Per image: time from queued to its batch start",
+            LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        ).labels(*lv)
         self.compute_duration = Histogram(
-            "seresnet_compute_duration_seconds", "Per model run: time in ONNX Runtime",
-            LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
-        self.queue_depth = Gauge("seresnet_queue_depth", "Images waiting for a model run",
-                                 LABELS, registry=None,
-                                 multiprocess_mode="livesum").labels(*lv)
+            "seresnet_compute_duration_seconds",
+            "Per model run: time in ONNX Runtime",
+            LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        ).labels(*lv)
+        self.queue_depth = Gauge(
+            "seresnet_queue_depth",
+            "Images waiting for a model run",
+            LABELS,
+            registry=None,
+            multiprocess_mode="livesum",
+        ).labels(*lv)
         self.admitted = Gauge(
             "seresnet_admitted_images",
             "Images holding a slot: being decoded by a worker, queued or running",
-            LABELS, registry=None, multiprocess_mode="livesum").labels(*lv)
+            LABELS,
+            registry=None,
+            multiprocess_mode="livesum",
+        ).labels(*lv)
         self._dropped = Counter(
-            "seresnet_dropped_images", "Images admitted but never run, by reason",
-            [*LABELS, "reason"], registry=None)
+            "seresnet_dropped_images",
+            "Images admitted but never run, by reason",
+            [*LABELS, "reason"],
+            registry=None,
+        )
         self._failed_batches = Counter(
-            "seresnet_failed_batches", "Model runs that raised", LABELS,
-            registry=None).labels(*lv)
-        self.restarts = Counter("seresnet_engine_starts", "Engine processes started",
-                                LABELS, registry=None).labels(*lv)
+            "seresnet_failed_batches", "Model runs that raised", LABELS, registry=None
+        ).labels(*lv)
+        self.restarts = Counter(
+            "seresnet_engine_starts", "Engine processes started", LABELS, registry=None
+        ).labels(*lv)
 
     # BatchObserver ------------------------------------------------------------------
 
-    def on_batch(self, size: int, queue_waits: Sequence[float], compute_s: float,
-                 failed: bool) -> None:
+    def on_batch(
+        self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool
+    ) -> None:
         self.compute_duration.observe(compute_s)
         for wait in queue_waits:
             self.queue_duration.observe(wait)
@@ -165,35 +225,58 @@ class IngressMetrics(_Labelled):
         lv = self._labels
         self.request_success = Counter(
             "seresnet_inference_request_success",
-            "Requests answered 200 by /classify or /v2 .../infer", LABELS,
-            registry=None).labels(*lv)
+            "Requests answered 200 by /classify or /v2 .../infer",
+            LABELS,
+            registry=None,
+        ).labels(*lv)
         self._request_failure = Counter(
             "seresnet_inference_request_failure",
             "Requests to /classify or /v2 .../infer that failed, by code",
-            [*LABELS, "code"], registry=None)
+            [*LABELS, "code"],
+            registry=None,
+        )
         # Triton's statistics sum the time of successful and failed requests apart; the
         # duration histogram below mixes both, so the sums are kept by outcome as well.
         self._request_seconds = Counter(
             "seresnet_inference_request_seconds",
             "Time spent answering inference requests, by outcome (success, failure)",
-            [*LABELS, "outcome"], registry=None)
+            [*LABELS, "outcome"],
+            registry=None,
+        )
         self.last_success = Gauge(
             "seresnet_last_inference_timestamp_seconds",
             "Unix time of the last successful inference request (all workers: the latest)",
-            LABELS, registry=None, multiprocess_mode="max").labels(*lv)
+            LABELS,
+            registry=None,
+            multiprocess_mode="max",
+        ).labels(*lv)
         self._image_failure = Counter(
-            "seresnet_image_failure", "Images answered with a per-image error, by code",
-            [*LABELS, "code"], registry=None)
+            "seresnet_image_failure",
+            "Images answered with a per-image error, by code",
+            [*LABELS, "code"],
+            registry=None,
+        )
         self.request_duration = Histogram(
             "seresnet_request_duration_seconds",
             "Per inference request (/classify, /v2 infer): arrival to response",
-            LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
+            LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        ).labels(*lv)
         self.preprocess_duration = Histogram(
-            "seresnet_preprocess_duration_seconds", "Per image: header, decode and preprocess",
-            LABELS, buckets=_LATENCY_BUCKETS, registry=None).labels(*lv)
+            "seresnet_preprocess_duration_seconds",
+            "Per image: header, decode and preprocess",
+            LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        ).labels(*lv)
         self.preprocess_backlog = Gauge(
-            "seresnet_preprocess_backlog", "Images admitted and being decoded, all workers",
-            LABELS, registry=None, multiprocess_mode="livesum").labels(*lv)
+            "seresnet_preprocess_backlog",
+            "Images admitted and being decoded, all workers",
+            LABELS,
+            registry=None,
+            multiprocess_mode="livesum",
+        ).labels(*lv)
 
     def request_finished(self, seconds: float, ok: bool) -> None:
         """Every inference request ends here once, whatever its outcome."""
@@ -217,11 +300,17 @@ class HttpMetrics:
     def __init__(self) -> None:
         disable_created_metrics()
         self._refused = Counter(
-            "seresnet_http_refused", "Connections or requests refused by the HTTP limits",
-            ["reason"], registry=None)
-        self._gone = Counter("seresnet_client_gone",
-                             "Requests whose client disconnected before the answer (499)",
-                             ["path"], registry=None)
+            "seresnet_http_refused",
+            "Connections or requests refused by the HTTP limits",
+            ["reason"],
+            registry=None,
+        )
+        self._gone = Counter(
+            "seresnet_client_gone",
+            "Requests whose client disconnected before the answer (499)",
+            ["path"],
+            registry=None,
+        )
 
     def refused(self, reason: str) -> None:
         self._refused.labels(reason).inc()

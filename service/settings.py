@@ -61,9 +61,12 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to bind")
     workers: int = Field(
-        0, ge=0, le=256,
+        0,
+        ge=0,
+        le=256,
         description="ingress worker processes (HTTP, decode, preprocess); 0 = one per core this "
-        "process may use, less one for the engine (cgroup quota counted); 2 on 2 cores, 1 on 1")
+        "process may use, less one for the engine (cgroup quota counted); 2 on 2 cores, 1 on 1",
+    )
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
     model_dir: Path = Field(default_factory=default_model_dir, description="model folder")
     provider: Literal["auto", "cuda", "cpu"] = Field(
@@ -89,29 +92,44 @@ class Settings(BaseSettings):
         40_000_000, ge=1, description="largest width*height, checked before decoding (413)"
     )
     max_images_per_request: int = Field(
-        256, ge=1, description="most images in one request (413; 400 on /v2 infer)")
+        256, ge=1, description="most images in one request (413; 400 on /v2 infer)"
+    )
     api_key: SecretStr | None = Field(
-        None, description="if set, required as 'Authorization: Bearer KEY' on every route but "
-        "the health checks and the page's static files"
+        None,
+        description="if set, required as 'Authorization: Bearer KEY' on every route but "
+        "the health checks and the page's static files",
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT CPU threads; 0 = one per core")
     preprocess_threads: int = Field(
-        0, ge=0, description="decode/resize threads per worker; 0 = two")
+        0, ge=0, description="decode/resize threads per worker; 0 = two"
+    )
     decode_memory_mb: int = Field(
-        1024, ge=16, description="per worker: memory concurrent decodes may use (estimated from "
-        "each header: pixels, mode conversions, EXIF transposes); an image that cannot fit is 413")
+        1024,
+        ge=16,
+        description="per worker: memory concurrent decodes may use (estimated from "
+        "each header: pixels, mode conversions, EXIF transposes); an image that cannot fit is 413",
+    )
     max_inflight_body_mb: int = Field(
-        0, ge=0, description="per worker: request body bytes held at once, beyond it 503; "
-        "0 = max(256, 2 x max body)")
+        0,
+        ge=0,
+        description="per worker: request body bytes held at once, beyond it 503; "
+        "0 = max(256, 2 x max body)",
+    )
     max_header_bytes: int = Field(
-        32 * 1024, ge=1024, le=2**24, description="request line + headers, beyond it 431")
+        32 * 1024, ge=1024, le=2**24, description="request line + headers, beyond it 431"
+    )
     header_timeout_s: float = Field(
-        10.0, gt=0, le=3600, description="time to send a request's headers, beyond it 408")
+        10.0, gt=0, le=3600, description="time to send a request's headers, beyond it 408"
+    )
     keepalive_timeout_s: float = Field(
-        5.0, gt=0, le=3600, description="idle keep-alive connections are closed after this")
+        5.0, gt=0, le=3600, description="idle keep-alive connections are closed after this"
+    )
     max_connections: int = Field(
-        1000, ge=1, description="per worker: open connections; beyond it idle ones are closed "
-        "first, then new ones refused")
+        1000,
+        ge=1,
+        description="per worker: open connections; beyond it idle ones are closed "
+        "first, then new ones refused",
+    )
     batch_buckets: Annotated[tuple[int, ...], NoDecode] = Field(
         (), description="CUDA batch shapes, e.g. 1,2,4,8 (empty: powers of two to max batch)"
     )
@@ -119,17 +137,24 @@ class Settings(BaseSettings):
         "EXHAUSTIVE", description="cuDNN algorithm search (paid once per bucket at warm-up)"
     )
     cuda_tf32: bool = Field(
-        True, description="TF32 convolutions on CUDA (ONNX Runtime's default, ~2x fp32 on "
-        "Ampere/Hopper); 0 keeps exact fp32")
+        True,
+        description="TF32 convolutions on CUDA (ONNX Runtime's default, ~2x fp32 on "
+        "Ampere/Hopper); 0 keeps exact fp32",
+    )
     precision: Literal["auto", "fp32", "fp16"] = Field(
-        "auto", description="fp16 = model.fp16.se.onnx on CUDA; auto = fp16 when the folder "
-        "has it and the op library has the float16 CUDA kernel, else fp32")
+        "auto",
+        description="fp16 = model.fp16.se.onnx on CUDA; auto = fp16 when the folder "
+        "has it and the op library has the float16 CUDA kernel, else fp32",
+    )
     cuda_graphs: Literal["auto", "on", "off"] = Field(
-        "auto", description="capture one CUDA graph per batch bucket at warm-up; auto = on "
-        "for CUDA")
-    warmup_rounds: int = Field(3, ge=1, le=100_000,
-                               description="warm-up runs per batch shape (CUDA graphs are "
-                               "captured on the second)")
+        "auto", description="capture one CUDA graph per batch bucket at warm-up; auto = on for CUDA"
+    )
+    warmup_rounds: int = Field(
+        3,
+        ge=1,
+        le=100_000,
+        description="warm-up runs per batch shape (CUDA graphs are captured on the second)",
+    )
     drain_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
     )
@@ -140,8 +165,9 @@ class Settings(BaseSettings):
     @classmethod
     def _model_dir_exists(cls, value: Path) -> Path:
         if not value.is_dir():
-            raise ValueError(f"{str(value)!r} is not a directory (a model folder, "
-                             "docs/design.md §3)")
+            raise ValueError(
+                f"{str(value)!r} is not a directory (a model folder, docs/design.md §3)"
+            )
         return value
 
     @field_validator("api_key")
@@ -152,12 +178,19 @@ class Settings(BaseSettings):
         if value is not None:
             secret = value.get_secret_value()
             if not secret.isascii() or not secret.isprintable() or secret != secret.strip():
-                raise ValueError("must be printable ASCII without surrounding spaces (it is "
-                                 "sent in an HTTP header)")
+                raise ValueError(
+                    "must be printable ASCII without surrounding spaces (it is "
+                    "sent in an HTTP header)"
+                )
         return value
 
-    @field_validator("max_queue_delay_ms", "request_timeout_s", "drain_timeout_s",
-                     "header_timeout_s", "keepalive_timeout_s")
+    @field_validator(
+        "max_queue_delay_ms",
+        "request_timeout_s",
+        "drain_timeout_s",
+        "header_timeout_s",
+        "keepalive_timeout_s",
+    )
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -180,11 +213,13 @@ class Settings(BaseSettings):
         if self.max_images_per_request > self.max_queue_size:
             raise ValueError(
                 f"max_images_per_request: {self.max_images_per_request} exceeds max_queue_size="
-                f"{self.max_queue_size}, so such a request could never be admitted")
+                f"{self.max_queue_size}, so such a request could never be admitted"
+            )
         if self.max_inflight_body_mb and self.max_inflight_body_mb * 2**20 < self.max_body_bytes:
             raise ValueError(
                 f"max_inflight_body_mb: {self.max_inflight_body_mb} MiB is less than one "
-                f"request body may be (max_body_bytes={self.max_body_bytes})")
+                f"request body may be (max_body_bytes={self.max_body_bytes})"
+            )
         if any(b < 1 for b in self.batch_buckets):
             raise ValueError("batch_buckets: sizes must be positive")
         if any(b > self.max_batch_size for b in self.batch_buckets):
@@ -221,27 +256,35 @@ class Settings(BaseSettings):
         return self.workers or min(cores, max(2, cores - 1))
 
     def inflight_body_bytes(self) -> int:
-        return (self.max_inflight_body_mb * 2**20
-                or max(256 * 2**20, 2 * self.max_body_bytes))
+        return self.max_inflight_body_mb * 2**20 or max(256 * 2**20, 2 * self.max_body_bytes)
 
     def engine_config(self) -> EngineConfig:
         """What the engine process needs of these settings (it never sees the rest)."""
         from service.engine.config import EngineConfig
 
         return EngineConfig(
-            model_dir=self.model_dir, provider=self.provider, graph=self.graph,
-            opt_level=self.opt_level, device_id=self.device_id, batch_buckets=self.buckets(),
+            model_dir=self.model_dir,
+            provider=self.provider,
+            graph=self.graph,
+            opt_level=self.opt_level,
+            device_id=self.device_id,
+            batch_buckets=self.buckets(),
             intra_op_threads=self.intra_threads(),
-            cudnn_conv_algo_search=self.cudnn_conv_algo_search, cuda_tf32=self.cuda_tf32,
-            precision=self.precision, cuda_graphs=self.cuda_graphs)
+            cudnn_conv_algo_search=self.cudnn_conv_algo_search,
+            cuda_tf32=self.cuda_tf32,
+            precision=self.precision,
+            cuda_graphs=self.cuda_graphs,
+        )
 
 
 def env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
 
-def load_settings(overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None,
-                  ) -> Settings:
+def load_settings(
+    overrides: dict[str, Any] | None = None,
+    flags: dict[str, str] | None = None,
+) -> Settings:
     """Environment plus ``overrides`` (which win). ``flags`` maps a field to the flag that set
     it, so an error names what the user actually typed. Raises :class:`SettingsError`."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}

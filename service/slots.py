@@ -40,8 +40,9 @@ def choose_path(tag: str, nbytes: int, fallback_dir: Path) -> Path:
 class SlotArena:
     """``count`` slots of ``shape``/``dtype`` in one mapped file."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype | str, count: int,
-                 *, create: bool) -> None:
+    def __init__(
+        self, path: Path, shape: tuple[int, ...], dtype: np.dtype | str, count: int, *, create: bool
+    ) -> None:
         self.path = Path(path)
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
@@ -62,7 +63,8 @@ class SlotArena:
                     raise SlotArenaError(
                         f"cannot reserve {size / 2**20:.0f} MiB of shared memory at {self.path} "
                         f"({e.strerror}); lower SERESNET_MAX_QUEUE_SIZE or give the container "
-                        f"more /dev/shm (docker: shm_size)") from e
+                        f"more /dev/shm (docker: shm_size)"
+                    ) from e
             elif os.fstat(fd).st_size < size:
                 raise SlotArenaError(f"{self.path} is smaller than {count} slots")
             self._map = mmap.mmap(fd, size)

@@ -108,17 +108,24 @@ class EngineSupervisor:
         from service.engine.server import EngineProcessConfig  # dataclass only; no ORT import
 
         self.generation += 1
-        shm_path = choose_path(f"{os.getpid()}-{self.generation}", self._slots_bytes,
-                               self.run_dir)
+        shm_path = choose_path(f"{os.getpid()}-{self.generation}", self._slots_bytes, self.run_dir)
         s = self.settings
         config = EngineProcessConfig(
-            engine=self.engine_config, socket_path=self.socket_path, shm_path=shm_path,
-            generation=self.generation, max_queue_size=s.max_queue_size,
-            max_queue_delay_ms=s.max_queue_delay_ms, warmup_rounds=s.warmup_rounds,
-            drain_timeout_s=s.drain_timeout_s, log_level=s.log_level, log_format=s.log_format)
+            engine=self.engine_config,
+            socket_path=self.socket_path,
+            shm_path=shm_path,
+            generation=self.generation,
+            max_queue_size=s.max_queue_size,
+            max_queue_delay_ms=s.max_queue_delay_ms,
+            warmup_rounds=s.warmup_rounds,
+            drain_timeout_s=s.drain_timeout_s,
+            log_level=s.log_level,
+            log_format=s.log_format,
+        )
         parent, child = _spawn.Pipe(duplex=False)
-        process = _spawn.Process(target=_engine_main, args=(config, child), name="engine",
-                                 daemon=False)
+        process = _spawn.Process(
+            target=_engine_main, args=(config, child), name="engine", daemon=False
+        )
         process.start()
         child.close()
         return _EngineHandle(process, parent, shm_path, self.generation, time.monotonic())
@@ -144,8 +151,10 @@ class EngineSupervisor:
             if not handle.process.is_alive():
                 break
         handle.process.join(1)
-        raise StartupError(f"the engine process exited during start-up (exit code "
-                           f"{handle.process.exitcode}); its log lines above say why")
+        raise StartupError(
+            f"the engine process exited during start-up (exit code "
+            f"{handle.process.exitcode}); its log lines above say why"
+        )
 
     def begin_drain(self) -> None:
         """Tell the engine that shutdown has begun: run queued images now."""
@@ -160,8 +169,10 @@ class EngineSupervisor:
             if self._restart_at is not None and time.monotonic() >= self._restart_at:
                 self._restart_at = None
                 self.handle = self._spawn()
-                log.info("engine restarted", extra={"engine_pid": self.handle.process.pid,
-                                                    "generation": self.generation})
+                log.info(
+                    "engine restarted",
+                    extra={"engine_pid": self.handle.process.pid, "generation": self.generation},
+                )
             return True
         for kind, payload in _drain_pipe(handle.pipe):
             if kind in ("fatal", "error"):
@@ -182,8 +193,10 @@ class EngineSupervisor:
         delay = ENGINE_RESTART_BACKOFF_S[min(self._failures, len(ENGINE_RESTART_BACKOFF_S) - 1)]
         self._failures += 1
         self._restart_at = time.monotonic() + delay
-        log.error("engine process died; restarting it", extra={
-            "exit_code": code, "restart_in_s": delay, "generation": handle.generation})
+        log.error(
+            "engine process died; restarting it",
+            extra={"exit_code": code, "restart_in_s": delay, "generation": handle.generation},
+        )
         return True
 
     def stop(self, timeout_s: float) -> None:
@@ -208,8 +221,9 @@ class WorkerSupervisor(Multiprocess):
     """uvicorn's multiprocess supervisor, which also keeps the engine alive and cleans up
     after a worker it replaces."""
 
-    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket],
-                 engine: EngineSupervisor) -> None:
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket.socket], engine: EngineSupervisor
+    ) -> None:
         super().__init__(config, sockets)
         self.engine = engine
 
@@ -245,10 +259,17 @@ def raise_open_file_limit() -> None:
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
-        "service.ingress.app:create_app", factory=True, host=settings.host,
-        port=settings.port, workers=settings.worker_count(),
-        http="service.ingress.http_protocol:GuardedHttpToolsProtocol", loop="uvloop",
-        log_config=None, access_log=False, server_header=False, lifespan="on",
+        "service.ingress.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.worker_count(),
+        http="service.ingress.http_protocol:GuardedHttpToolsProtocol",
+        loop="uvloop",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        lifespan="on",
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
         timeout_keep_alive=max(1, round(settings.keepalive_timeout_s)),
         # uvicorn kills a worker that misses a 5 s ping and with it every request it holds; a
@@ -280,10 +301,14 @@ def serve(settings: Settings) -> int:
             return 1
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        log.info("listening", extra={"url": f"http://{shown}:{port}",
-                                     "workers": config.workers,
-                                     "engine_pid": engine.handle.process.pid
-                                     if engine.handle else None})
+        log.info(
+            "listening",
+            extra={
+                "url": f"http://{shown}:{port}",
+                "workers": config.workers,
+                "engine_pid": engine.handle.process.pid if engine.handle else None,
+            },
+        )
         supervisor = WorkerSupervisor(config, [sock], engine)
         supervisor.run()
         t0 = time.monotonic()

@@ -33,8 +33,7 @@ def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
 def animated_gif(values: tuple[int, ...] = (50, 200, 120), size: int = 28) -> bytes:
     frames = [Image.new("L", (size, size), v) for v in values]
     buf = io.BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50,
-                   loop=0)
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
     return buf.getvalue()
 
 
@@ -51,12 +50,20 @@ def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height``."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(
-            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def gif_claiming(width: int, height: int) -> bytes:
@@ -66,8 +73,10 @@ def gif_claiming(width: int, height: int) -> bytes:
     return b"GIF89a" + screen + frame + b"\x3b"
 
 
-SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" width="28" height="28">'
-       b'<rect width="28" height="28"/></svg>')
+SVG = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="28" height="28">'
+    b'<rect width="28" height="28"/></svg>'
+)
 TEXT = b"this is a text file, not a JPEG\n"
 
 

@@ -12,10 +12,19 @@ import torch
 from torch import nn
 
 Form = Literal[
-    "conv", "conv_gap", "linear_mean", "linear_gap_flatten", "linear_expand", "gate_first",
+    "conv",
+    "conv_gap",
+    "linear_mean",
+    "linear_gap_flatten",
+    "linear_expand",
+    "gate_first",
     "matmul",
     # near-misses
-    "conv3x3", "hardsigmoid", "gate_reused", "gate_is_output", "no_residual_shape",
+    "conv3x3",
+    "hardsigmoid",
+    "gate_reused",
+    "gate_is_output",
+    "no_residual_shape",
 ]
 
 
@@ -28,8 +37,15 @@ class SEBlockNet(nn.Module):
         self.stem = nn.Conv2d(3, channels, 3, padding=1)
         self.branch = nn.Conv2d(channels, channels, 3, padding=1)
         c, r = channels, reduced
-        if form in ("conv", "conv_gap", "gate_first", "hardsigmoid", "gate_reused",
-                    "gate_is_output", "no_residual_shape"):
+        if form in (
+            "conv",
+            "conv_gap",
+            "gate_first",
+            "hardsigmoid",
+            "gate_reused",
+            "gate_is_output",
+            "no_residual_shape",
+        ):
             self.fc1 = nn.Conv2d(c, r, 1)
             self.fc2 = nn.Conv2d(r, c, 1)
         elif form == "conv3x3":
@@ -48,8 +64,15 @@ class SEBlockNet(nn.Module):
     def se(self, x: torch.Tensor) -> torch.Tensor:
         f = self.form
         b, c = x.shape[:2]
-        if f in ("conv", "gate_first", "hardsigmoid", "gate_reused", "gate_is_output",
-                 "no_residual_shape", "conv3x3"):
+        if f in (
+            "conv",
+            "gate_first",
+            "hardsigmoid",
+            "gate_reused",
+            "gate_is_output",
+            "no_residual_shape",
+            "conv3x3",
+        ):
             s = x.mean((2, 3), keepdim=True)
             s = self.fc2(torch.relu(self.fc1(s)))
             if f == "hardsigmoid":
@@ -89,9 +112,9 @@ class SEBlockNet(nn.Module):
         return out
 
 
-def export(model: nn.Module, exporter: Literal["dynamo", "torchscript", "torchscript18"],
-           size: int = 12
-           ) -> onnx.ModelProto:
+def export(
+    model: nn.Module, exporter: Literal["dynamo", "torchscript", "torchscript18"], size: int = 12
+) -> onnx.ModelProto:
     """Export ``model`` with a dynamic batch axis; returns the ONNX model."""
     model.eval()
     example = (torch.randn(2, 3, size, size),)
@@ -101,12 +124,25 @@ def export(model: nn.Module, exporter: Literal["dynamo", "torchscript", "torchsc
             import logging
 
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            prog = torch.onnx.export(model, example, dynamo=True, opset_version=20,
-                                     input_names=["image"], verbose=False,
-                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
+            prog = torch.onnx.export(
+                model,
+                example,
+                dynamo=True,
+                opset_version=20,
+                input_names=["image"],
+                verbose=False,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            )
             return prog.model_proto
         f = io.BytesIO()
         opset = 18 if exporter == "torchscript18" else 17  # 18: ReduceMean axes as an input
-        torch.onnx.export(model, example, f, dynamo=False, opset_version=opset,
-                          input_names=["image"], dynamic_axes={"image": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            example,
+            f,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            dynamic_axes={"image": {0: "batch"}},
+        )
         return onnx.load_from_string(f.getvalue())

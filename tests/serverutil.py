@@ -69,8 +69,12 @@ class ServiceProcess:
         r.raise_for_status()
         return r.text
 
-    def metric(self, name: str, headers: Mapping[str, str] | None = None, **labels: str,
-               ) -> float:
+    def metric(
+        self,
+        name: str,
+        headers: Mapping[str, str] | None = None,
+        **labels: str,
+    ) -> float:
         """The sum of the samples of ``name`` whose labels include ``labels``."""
         return metric_value(self.metrics_text(headers), name, **labels)
 
@@ -181,7 +185,6 @@ def running_service(
     """Start ``python -m service`` for ``model_dir`` (None: the service's default model) with
     extra environment ``env`` and CLI ``args``, wait until ``/v2/health/ready`` answers 200,
     yield the :class:`ServiceProcess`, and shut it down with SIGTERM on exit."""
-    with start_service(model_dir, env=env, args=args, log_dir=log_dir,
-                       command=command) as service:
+    with start_service(model_dir, env=env, args=args, log_dir=log_dir, command=command) as service:
         wait_until(service, "/v2/health/ready", time.monotonic() + ready_timeout)
         yield service

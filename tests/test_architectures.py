@@ -62,9 +62,16 @@ def test_se_sits_before_the_residual_add() -> None:
 
 
 TIMM_KEYS = [  # names as timm's seresnet50 state dict has them
-    "conv1.weight", "bn1.running_var", "layer1.0.conv3.weight", "layer1.0.se.fc1.weight",
-    "layer1.0.se.fc1.bias", "layer1.0.se.fc2.weight", "layer1.0.downsample.0.weight",
-    "layer1.0.downsample.1.num_batches_tracked", "layer4.2.se.fc2.bias", "fc.weight",
+    "conv1.weight",
+    "bn1.running_var",
+    "layer1.0.conv3.weight",
+    "layer1.0.se.fc1.weight",
+    "layer1.0.se.fc1.bias",
+    "layer1.0.se.fc2.weight",
+    "layer1.0.downsample.0.weight",
+    "layer1.0.downsample.1.num_batches_tracked",
+    "layer4.2.se.fc2.bias",
+    "fc.weight",
 ]
 
 
@@ -72,7 +79,11 @@ def test_state_dict_uses_timm_names() -> None:
     keys = set(create_model("seresnet50").state_dict())
     assert set(TIMM_KEYS) <= keys
     assert tuple(create_model("seresnet50").state_dict()["layer1.0.se.fc1.weight"].shape) == (
-        16, 256, 1, 1)
+        16,
+        256,
+        1,
+        1,
+    )
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

@@ -100,8 +100,17 @@ def test_a_service_that_is_down_leaves_earlier_results_as_they_were(
 ) -> None:
     out = tmp_path / "r.csv"
     out.write_text("path,true_label,status\nold.png,,ok\n")
-    result = run_client("score", str(images), "--url", f"http://127.0.0.1:{closed_port}",
-                        "--out", str(out), "--retries", "0", "--overwrite")
+    result = run_client(
+        "score",
+        str(images),
+        "--url",
+        f"http://127.0.0.1:{closed_port}",
+        "--out",
+        str(out),
+        "--retries",
+        "0",
+        "--overwrite",
+    )
     assert result.returncode == 3
     assert out.read_text() == "path,true_label,status\nold.png,,ok\n"
 
@@ -115,7 +124,10 @@ def test_the_url_can_come_from_the_environment(images: Path, closed_port: int) -
     url = f"http://127.0.0.1:{closed_port}"
     result = subprocess.run(
         [sys.executable, "-m", "client", "score", str(images), "--out", "-", "--retries", "0"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=client_env() | {"SERESNET_URL": url},
     )
     assert result.returncode == 3
@@ -128,19 +140,30 @@ def test_a_non_ascii_api_key_is_refused_in_one_line(
 ) -> None:
     key = "clé-secrète"
     out = tmp_path / "r.jsonl"
-    cmd = [sys.executable, "-m", "client", "score", str(images), "--out", str(out),
-           "--url", f"http://127.0.0.1:{closed_port}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "client",
+        "score",
+        str(images),
+        "--out",
+        str(out),
+        "--url",
+        f"http://127.0.0.1:{closed_port}",
+    ]
     env = client_env()
     if where == "option":
         cmd += ["--api-key", key]
     else:
         env["SERESNET_API_KEY"] = key
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-                            env=env)
+    result = subprocess.run(
+        cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: the API key (--api-key or SERESNET_API_KEY) has characters an HTTP header "
-        "cannot carry: use printable ASCII only"]
+        "cannot carry: use printable ASCII only"
+    ]
     assert not out.exists()
 
 

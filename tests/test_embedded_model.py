@@ -26,10 +26,12 @@ def _logits(filename: str, pixels: np.ndarray, fused: bool) -> np.ndarray:
     so = ort.SessionOptions()
     if fused:
         ops.register(so)
-    sess = ort.InferenceSession(str(EMBEDDED_MODEL / filename), so,
-                                providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"image": pixels[i : i + 1000]})[0]
-                           for i in range(0, len(pixels), 1000)])
+    sess = ort.InferenceSession(
+        str(EMBEDDED_MODEL / filename), so, providers=["CPUExecutionProvider"]
+    )
+    return np.concatenate(
+        [sess.run(None, {"image": pixels[i : i + 1000]})[0] for i in range(0, len(pixels), 1000)]
+    )
 
 
 def test_card_is_complete() -> None:
@@ -65,11 +67,13 @@ def test_onnx_reproduces_the_card_accuracy(test_set: tuple[np.ndarray, np.ndarra
     assert abs(top5 - card.metrics.test_top5) <= 0.001
 
 
-def test_fused_equals_unfused_on_the_whole_test_set(test_set: tuple[np.ndarray, np.ndarray]
-                                                    ) -> None:
+def test_fused_equals_unfused_on_the_whole_test_set(
+    test_set: tuple[np.ndarray, np.ndarray],
+) -> None:
     pixels, _ = test_set
-    result = compare(_logits("model.onnx", pixels, fused=False),
-                     _logits("model.se.onnx", pixels, fused=True))
+    result = compare(
+        _logits("model.onnx", pixels, fused=False), _logits("model.se.onnx", pixels, fused=True)
+    )
     assert result.images == 10_000
     assert result.max_abs_diff <= 1e-5
     assert result.top5_agreement == 1.0
@@ -107,8 +111,12 @@ def test_build_reproduces_the_folder_from_its_checkpoint(tmp_path) -> None:
     folder.mkdir()
     for name in ("checkpoint.pt", "checkpoint.train.json", "baseline.train.json"):
         shutil.copy(EMBEDDED_MODEL / name, folder / name)
-    proc = subprocess.run([sys.executable, "-m", "export", "build", str(folder)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "build", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     rebuilt, committed = read_card(folder), read_card(EMBEDDED_MODEL)
     assert rebuilt.metrics == committed.metrics
@@ -117,12 +125,14 @@ def test_build_reproduces_the_folder_from_its_checkpoint(tmp_path) -> None:
     assert rebuilt.float16 == committed.float16
     images, _ = fashion_mnist.load("test")
     pixels = images[:500, None]
-    for filename, fused in (("model.onnx", False), ("model.se.onnx", True),
-                            ("model.fp16.se.onnx", True)):
+    for filename, fused in (
+        ("model.onnx", False),
+        ("model.se.onnx", True),
+        ("model.fp16.se.onnx", True),
+    ):
         so = ort.SessionOptions()
         if fused:
             ops.register(so)
         want = _logits(filename, pixels, fused)
-        sess = ort.InferenceSession(str(folder / filename), so,
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(folder / filename), so, providers=["CPUExecutionProvider"])
         np.testing.assert_array_equal(sess.run(None, {"image": pixels})[0], want)

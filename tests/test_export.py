@@ -28,8 +28,13 @@ from modelcard import read_card
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "export", *args], capture_output=True,
-                          text=True, check=False, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_graph_has_dynamic_batch_and_uint8_input(random_seresnet14: Path) -> None:
@@ -71,8 +76,16 @@ def test_parity_on_real_images(tmp_path: Path, arch: str) -> None:
 
 def test_onnx_cli_writes_a_complete_folder(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
-    proc = _cli("onnx", "--arch", "seresnet14_cifar", "--random-init", "--labels",
-                "fashion-mnist", "--out", str(out))
+    proc = _cli(
+        "onnx",
+        "--arch",
+        "seresnet14_cifar",
+        "--random-init",
+        "--labels",
+        "fashion-mnist",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "parity PyTorch vs ONNX Runtime on 256 real images" in proc.stdout
     card = read_card(out)
@@ -95,8 +108,9 @@ def test_onnx_cli_writes_a_complete_folder(tmp_path: Path) -> None:
         (["--arch", "seresnet14_cifar", "--checkpoint", "PLAIN"], "does not fit architecture"),
     ],
 )
-def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, args: list[str],
-                                                     message: str) -> None:
+def test_bad_input_fails_clearly_and_writes_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x80\x02 not a checkpoint")
     plain = tmp_path / "plain.pt"
@@ -112,15 +126,22 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, args: list[s
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path: Path) -> None:
-    proc = _cli("train", "--out", str(tmp_path / "c.pt"), "--epochs", "1",
-                env={"FASHION_MNIST_DIR": str(tmp_path / "nowhere")})
+    proc = _cli(
+        "train",
+        "--out",
+        str(tmp_path / "c.pt"),
+        "--epochs",
+        "1",
+        env={"FASHION_MNIST_DIR": str(tmp_path / "nowhere")},
+    )
     assert proc.returncode != 0
     assert "apt-get install dataset-fashion-mnist" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_failed_parity_keeps_the_old_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                            ) -> None:
+def test_failed_parity_keeps_the_old_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A rebuild that fails leaves the existing folder as it was."""
     from export import pipeline
     from export.onnx_export import ParityError

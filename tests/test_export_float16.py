@@ -21,8 +21,7 @@ from export.onnx_export import compare, parity_images
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     so = ort.SessionOptions()
     ops.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _se_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -70,8 +69,7 @@ def test_float16_runs_and_agrees_on_real_images(seresnet50) -> None:
 
 
 def test_float16_conversion_is_deterministic(seresnet50) -> None:
-    assert to_float16(seresnet50).SerializeToString() == to_float16(
-        seresnet50).SerializeToString()
+    assert to_float16(seresnet50).SerializeToString() == to_float16(seresnet50).SerializeToString()
 
 
 @pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16"])
@@ -107,16 +105,29 @@ def test_fuse_cli_writes_the_float16_channels_last_form(tmp_path) -> None:
     from conftest import EMBEDDED_MODEL
 
     out = tmp_path / "m.onnx"
-    proc = subprocess.run([sys.executable, "-m", "export", "fuse", "--fp16", "--channels-last",
-                           str(EMBEDDED_MODEL / "model.onnx"), str(out)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            "fuse",
+            "--fp16",
+            "--channels-last",
+            str(EMBEDDED_MODEL / "model.onnx"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "fused 6 SE blocks" in proc.stdout and "float16, channels-last" in proc.stdout
     model = onnx.load(str(out))
     assert len(_se_nodes(model)) == 6
     pixels = parity_images(input_spec_for("seresnet14_cifar"), 64)
-    want = _session(onnx.load(str(EMBEDDED_MODEL / "model.se.onnx"))).run(None,
-                                                                          {"image": pixels})[0]
+    want = _session(onnx.load(str(EMBEDDED_MODEL / "model.se.onnx"))).run(None, {"image": pixels})[
+        0
+    ]
     got = _session(model).run(None, {"image": pixels})[0]
     assert (got.argmax(1) == want.argmax(1)).all()
     assert np.abs(got - want).max() < 0.05

@@ -18,8 +18,15 @@ from se_forms import SEBlockNet, export
 import ops
 from export.fusion import OP_DOMAIN, OP_TYPE, fuse_file, fuse_model
 
-FUSABLE = ["conv", "conv_gap", "linear_mean", "linear_gap_flatten", "linear_expand",
-           "gate_first", "matmul"]
+FUSABLE = [
+    "conv",
+    "conv_gap",
+    "linear_mean",
+    "linear_gap_flatten",
+    "linear_expand",
+    "gate_first",
+    "matmul",
+]
 EXPORTERS = ["dynamo", "torchscript", "torchscript18"]
 
 
@@ -45,8 +52,9 @@ def test_every_exported_form_fuses_and_computes_the_same(form: str, exporter: st
     counts = _fused_ops(fused)
     assert counts[OP_TYPE] == 1
     assert counts["Sigmoid"] == 0 and counts["Mul"] == 0
-    assert not any(n.op_type in ("Add", "MatMul") for n in fused.graph.node
-                   if n.domain == "")  # residual Add (and MatMul+Add FCs) were absorbed
+    assert not any(
+        n.op_type in ("Add", "MatMul") for n in fused.graph.node if n.domain == ""
+    )  # residual Add (and MatMul+Add FCs) were absorbed
     node = next(n for n in fused.graph.node if n.op_type == OP_TYPE)
     assert node.domain == OP_DOMAIN
     assert next(a.i for a in node.attribute if a.name == "relu") == 1
@@ -94,8 +102,9 @@ def test_model_without_se_is_copied_byte_for_byte(tmp_path: Path) -> None:
     from export.onnx_export import export_onnx
 
     src = tmp_path / "plain.onnx"
-    export_onnx(create_model("resnet14_cifar", init="random"), input_spec_for("resnet14_cifar"),
-                src)
+    export_onnx(
+        create_model("resnet14_cifar", init="random"), input_spec_for("resnet14_cifar"), src
+    )
     dst = tmp_path / "plain.se.onnx"
     report = fuse_file(src, dst)
     assert report.fused == 0
@@ -104,8 +113,12 @@ def test_model_without_se_is_copied_byte_for_byte(tmp_path: Path) -> None:
 
 def test_fuse_cli_reports_the_count(random_seresnet14: Path, tmp_path: Path) -> None:
     out = tmp_path / "fused.onnx"
-    proc = subprocess.run([sys.executable, "-m", "export", "fuse", str(random_seresnet14),
-                           str(out)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "fuse", str(random_seresnet14), str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "fused 6 SE blocks" in proc.stdout
     assert out.is_file()
@@ -114,9 +127,12 @@ def test_fuse_cli_reports_the_count(random_seresnet14: Path, tmp_path: Path) -> 
 def test_fuse_cli_names_an_unparsable_model(tmp_path: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf")
-    proc = subprocess.run([sys.executable, "-m", "export", "fuse", str(bad),
-                           str(tmp_path / "out.onnx")], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "fuse", str(bad), str(tmp_path / "out.onnx")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "cannot parse" in proc.stderr and str(bad) in proc.stderr
     assert not (tmp_path / "out.onnx").exists()

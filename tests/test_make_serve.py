@@ -39,10 +39,22 @@ def make_serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, 
     out = tmp_path / "make.log"
     with open(out, "wb") as log:
         proc = subprocess.Popen(
-            ["make", "-s", "-o", f"{venv}/.runtime", "serve", f"VENV={venv}",
-             f"PY={sys.executable}", "PORT=0"],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_as_from_a_terminal,
+            [
+                "make",
+                "-s",
+                "-o",
+                f"{venv}/.runtime",
+                "serve",
+                f"VENV={venv}",
+                f"PY={sys.executable}",
+                "PORT=0",
+            ],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_as_from_a_terminal,
         )
     try:
         url = ""
@@ -89,8 +101,10 @@ def test_stopping_make_serve_is_not_reported_as_a_failure(
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            raise AssertionError("make serve did not stop in 90 s; its output:\n"
-                                 + out.read_text(errors="replace")[-6000:]) from None
+            raise AssertionError(
+                "make serve did not stop in 90 s; its output:\n"
+                + out.read_text(errors="replace")[-6000:]
+            ) from None
         text = out.read_text(errors="replace")
         assert "make: ***" not in text, text
         assert "Traceback" not in text, text

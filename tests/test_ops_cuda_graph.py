@@ -37,8 +37,9 @@ def _session(model_bytes: bytes, graphs: bool) -> ort.InferenceSession:
 class Bound:
     """x, residual and y bound to fixed device buffers; run with ``gpu_graph_id``."""
 
-    def __init__(self, sess: ort.InferenceSession, shape: tuple[int, ...], dtype: type,
-                 graph_id: int) -> None:
+    def __init__(
+        self, sess: ort.InferenceSession, shape: tuple[int, ...], dtype: type, graph_id: int
+    ) -> None:
         self.sess = sess
         self.binding = sess.io_binding()
         self.inputs = {}
@@ -63,32 +64,50 @@ class Bound:
 def test_graph_replays_equal_plain_runs_on_fresh_inputs(dtype: str, channels_last: bool) -> None:
     channels, reduced, height, width = 64, 16, 14, 14
     rng = np.random.default_rng(53)
-    weights = {k: v.astype(NP_TYPES[dtype])
-               for k, v in random_weights(rng, channels, reduced).items()}
-    model = se_model(channels, reduced, height, width, weights, "residual", relu=True,
-                     dtype=dtype, channels_last=channels_last).SerializeToString()
+    weights = {
+        k: v.astype(NP_TYPES[dtype]) for k, v in random_weights(rng, channels, reduced).items()
+    }
+    model = se_model(
+        channels,
+        reduced,
+        height,
+        width,
+        weights,
+        "residual",
+        relu=True,
+        dtype=dtype,
+        channels_last=channels_last,
+    ).SerializeToString()
     graphed, plain = _session(model, graphs=True), _session(model, graphs=False)
     np_type = NP_TYPES[dtype]
-    shapes = {b: (b, height, width, channels) if channels_last else (b, channels, height, width)
-              for b in BATCHES}
+    shapes = {
+        b: (b, height, width, channels) if channels_last else (b, channels, height, width)
+        for b in BATCHES
+    }
     bound = {b: Bound(graphed, shapes[b], np_type, graph_id=i) for i, b in enumerate(BATCHES)}
     first_outputs: dict[int, tuple[dict, np.ndarray]] = {}
     # warm-up and capture each graph, then interleave replays of both on fresh inputs
     for round_ in range(4):
         for b in BATCHES:
-            feeds = {name: rng.standard_normal(shapes[b]).astype(np_type)
-                     for name in ("x", "residual")}
+            feeds = {
+                name: rng.standard_normal(shapes[b]).astype(np_type) for name in ("x", "residual")
+            }
             got = bound[b].run(feeds)
             (want,) = plain.run(None, feeds)
-            reference = ops.numpy_reference(feeds["x"], **weights, residual=feeds["residual"],
-                                            relu=True, channels_last=channels_last)
+            reference = ops.numpy_reference(
+                feeds["x"],
+                **weights,
+                residual=feeds["residual"],
+                relu=True,
+                channels_last=channels_last,
+            )
             tolerance = FP16_TOLERANCE if dtype == "float16" else TOLERANCE
             # (not bit-equal by necessity: the plain session's buffers may take the other of
             # the vectorised/scalar paths, which sums in another order)
-            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
-                                       **tolerance)
-            np.testing.assert_allclose(got.astype(np.float32), reference.astype(np.float32),
-                                       **tolerance)
+            np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), **tolerance)
+            np.testing.assert_allclose(
+                got.astype(np.float32), reference.astype(np.float32), **tolerance
+            )
             first_outputs.setdefault(b, (feeds, got))
             assert round_ == 0 or not np.array_equal(got, first_outputs[b][1])
     # the first inputs again, after the other graph ran: the same bits as the first time (a

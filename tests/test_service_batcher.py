@@ -55,8 +55,7 @@ def img(v: float) -> np.ndarray:
 
 
 def make(rec: Recorder, **kw: object) -> Batcher:
-    args: dict[str, object] = {"max_batch_size": 4, "max_queue_delay_s": 0.05,
-                               "max_queue_size": 64}
+    args: dict[str, object] = {"max_batch_size": 4, "max_queue_delay_s": 0.05, "max_queue_size": 64}
     args.update(kw)
     return Batcher(rec, **args)  # type: ignore[arg-type]
 
@@ -101,8 +100,9 @@ def test_one_request_is_split_over_batches_and_reassembled() -> None:
         rec = Recorder()
         b = make(rec)
         b.start()
-        a, c = await asyncio.gather(b.submit([img(i) for i in range(10)]),
-                                    b.submit([img(100 + i) for i in range(3)]))
+        a, c = await asyncio.gather(
+            b.submit([img(i) for i in range(10)]), b.submit([img(100 + i) for i in range(3)])
+        )
         await b.close()
         assert all(len(x) <= 4 for x in rec.batches)
         assert any(100.0 in batch and batch[0] < 100 for batch in rec.batches)  # mixed batch
@@ -117,8 +117,9 @@ def test_a_failed_batch_fails_each_of_its_callers_and_the_batcher_goes_on() -> N
         rec = Recorder(fail_on=5.0)
         b = make(rec)
         b.start()
-        results = await asyncio.gather(*(b.submit([img(i)]) for i in range(8)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(b.submit([img(i)]) for i in range(8)), return_exceptions=True
+        )
         failed = [r for r in results if isinstance(r, BaseException)]
         assert rec.batches[1] == [4.0, 5.0, 6.0, 7.0]
         assert len(failed) == 4 and all(isinstance(r, BatchFailedError) for r in failed)
@@ -134,8 +135,12 @@ def test_a_failed_batch_fails_each_of_its_callers_and_the_batcher_goes_on() -> N
 
 def test_a_wrongly_shaped_result_is_a_failure_not_a_mix_up() -> None:
     async def main() -> None:
-        b = Batcher(lambda images: np.zeros((len(images) + 1, 2)), max_batch_size=4,
-                    max_queue_delay_s=0, max_queue_size=8)
+        b = Batcher(
+            lambda images: np.zeros((len(images) + 1, 2)),
+            max_batch_size=4,
+            max_queue_delay_s=0,
+            max_queue_size=8,
+        )
         b.start()
         with pytest.raises(BatchFailedError, match="returned"):
             await b.submit([img(1), img(2)])
@@ -256,8 +261,7 @@ def test_close_drains_queued_work_without_waiting_for_a_full_batch() -> None:
     ],
 )
 def test_arguments_are_validated(kwargs: dict, error: str) -> None:
-    args: dict[str, object] = {"max_batch_size": 4, "max_queue_delay_s": 0.0,
-                               "max_queue_size": 8}
+    args: dict[str, object] = {"max_batch_size": 4, "max_queue_delay_s": 0.0, "max_queue_size": 8}
     args.update(kwargs)
     with pytest.raises(ValueError, match=error):
         Batcher(Recorder(), **args)  # type: ignore[arg-type]
@@ -265,8 +269,12 @@ def test_arguments_are_validated(kwargs: dict, error: str) -> None:
 
 def test_run_batch_must_be_callable_and_submit_validates() -> None:
     with pytest.raises(TypeError, match="callable"):
-        Batcher("not a function", max_batch_size=1, max_queue_delay_s=0,  # type: ignore[arg-type]
-                max_queue_size=1)
+        Batcher(
+            "not a function",
+            max_batch_size=1,
+            max_queue_delay_s=0,  # type: ignore[arg-type]
+            max_queue_size=1,
+        )
 
     async def main() -> None:
         b = make(Recorder())
@@ -286,18 +294,20 @@ def test_with_the_real_engine_results_equal_direct_runs() -> None:
     from service.engine.model import Engine
     from service.settings import load_settings
 
-    embedded_engine = Engine.load(load_settings({"model_dir": EMBEDDED_MODEL, "provider": "cpu"})
-                                  .engine_config())
+    embedded_engine = Engine.load(
+        load_settings({"model_dir": EMBEDDED_MODEL, "provider": "cpu"}).engine_config()
+    )
     rng = np.random.default_rng(1)
     shape = embedded_engine.sample_shape
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(19)]
     direct = embedded_engine.run(images)
 
     async def main() -> list[np.ndarray]:
-        b = Batcher(embedded_engine.run, max_batch_size=8, max_queue_delay_s=0.01,
-                    max_queue_size=64)
+        b = Batcher(
+            embedded_engine.run, max_batch_size=8, max_queue_delay_s=0.01, max_queue_size=64
+        )
         b.start()
-        outs = await asyncio.gather(*(b.submit(images[i:i + 3]) for i in range(0, 19, 3)))
+        outs = await asyncio.gather(*(b.submit(images[i : i + 3]) for i in range(0, 19, 3)))
         await b.close()
         return outs
 

@@ -69,16 +69,18 @@ def test_provider_policy(requested: str, gpus: int, eps: list[str], want: str) -
     assert choice.reason
 
 
-@pytest.mark.parametrize(("gpus", "eps", "why"), [(0, [CUDA_EP, CPU_EP], "no GPU"),
-                                                  (1, [CPU_EP], "no CUDA provider")])
+@pytest.mark.parametrize(
+    ("gpus", "eps", "why"), [(0, [CUDA_EP, CPU_EP], "no GPU"), (1, [CPU_EP], "no CUDA provider")]
+)
 def test_explicit_cuda_that_cannot_work_is_an_error(gpus: int, eps: list[str], why: str) -> None:
     with pytest.raises(EngineError, match=f"SERESNET_PROVIDER=cuda.*{why}"):
         choose_provider("cuda", gpus, eps)
 
 
 def test_auto_picks_what_this_machine_really_has() -> None:
-    e = Engine.load(load_settings({"model_dir": EMBEDDED_MODEL, "provider": "auto"})
-                    .engine_config())
+    e = Engine.load(
+        load_settings({"model_dir": EMBEDDED_MODEL, "provider": "auto"}).engine_config()
+    )
     has_gpu = cuda_device_count() > 0 and CUDA_EP in ort.get_available_providers()
     assert e.info.provider == ("cuda" if has_gpu else "cpu")
     assert e.info.session_providers[0] == (CUDA_EP if has_gpu else CPU_EP)
@@ -134,8 +136,10 @@ def test_unloadable_library_falls_back_to_the_unfused_graph(monkeypatch, tmp_pat
 def test_fused_and_unfused_graphs_agree(engine: Engine) -> None:
     status = probe_ops()
     if not ((EMBEDDED_MODEL / FUSED_FILE).is_file() and CPU_EP in status.providers):
-        pytest.fail(f"the embedded model must ship {FUSED_FILE} and the op library must build "
-                    f"with a CPU kernel: {status}")
+        pytest.fail(
+            f"the embedded model must ship {FUSED_FILE} and the op library must build "
+            f"with a CPU kernel: {status}"
+        )
     fused = Engine.load(_settings(graph="fused"))
     unfused = Engine.load(_settings(graph="unfused"))
     assert (fused.info.graph, unfused.info.graph) == ("fused", "unfused")
@@ -148,8 +152,11 @@ def test_fused_and_unfused_graphs_agree(engine: Engine) -> None:
 
 def test_engine_equals_a_direct_onnxruntime_run(engine: Engine) -> None:
     images = _images(7, engine, seed=2)
-    session = ort.InferenceSession(str(EMBEDDED_MODEL / engine.info.graph_file),
-                                   providers=[CPU_EP]) if engine.info.graph == "unfused" else None
+    session = (
+        ort.InferenceSession(str(EMBEDDED_MODEL / engine.info.graph_file), providers=[CPU_EP])
+        if engine.info.graph == "unfused"
+        else None
+    )
     if session is None:  # the fused graph needs the op library registered
         import ops
 
@@ -166,8 +173,16 @@ def test_engine_equals_a_direct_onnxruntime_run(engine: Engine) -> None:
 def test_bucket_runner_pads_and_binds_correctly_on_cpu(engine: Engine) -> None:
     card = engine.card
     session = ort.InferenceSession(str(EMBEDDED_MODEL / UNFUSED_FILE), providers=[CPU_EP])
-    runner = BucketRunner(session, card.input.tensor, card.output.logits, engine.sample_shape,
-                          np.dtype(card.input.dtype), card.num_classes, (1, 4, 8), device="cpu")
+    runner = BucketRunner(
+        session,
+        card.input.tensor,
+        card.output.logits,
+        engine.sample_shape,
+        np.dtype(card.input.dtype),
+        card.num_classes,
+        (1, 4, 8),
+        device="cpu",
+    )
     images = _images(8, engine, seed=3)
     plain = session.run([card.output.logits], {card.input.tensor: np.stack(images)})[0]
     for n in (8, 4, 3, 1, 5, 2):  # padded shapes after full ones: no stale rows may leak
@@ -188,8 +203,9 @@ def test_warm_up_runs_each_shape_and_records_it() -> None:
 
 
 def test_softmax_and_top_k_are_exact() -> None:
-    logits = np.array([[2.0, 1.0, 0.1, 2.0, -3.0], [1000.0, 0.0, -1000.0, 999.0, 5.0]],
-                      dtype=np.float32)
+    logits = np.array(
+        [[2.0, 1.0, 0.1, 2.0, -3.0], [1000.0, 0.0, -1000.0, 999.0, 5.0]], dtype=np.float32
+    )
     probs = softmax(logits)
     ref = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
     ref /= ref.sum(1, keepdims=True)
@@ -247,10 +263,11 @@ def test_precision_policy() -> None:
     auto = choose_precision("cuda", "auto", "fused", True, True)
     assert auto.precision == "fp16" and "model.fp16.se.onnx" in auto.reason
     for provider, graph, present, kernel, why in (
-            ("cpu", "fused", True, True, "CUDA only"),
-            ("cuda", "unfused", True, True, "unfused"),
-            ("cuda", "fused", False, True, "no model.fp16.se.onnx"),
-            ("cuda", "fused", True, False, "no float16 CUDA kernel")):
+        ("cpu", "fused", True, True, "CUDA only"),
+        ("cuda", "unfused", True, True, "unfused"),
+        ("cuda", "fused", False, True, "no model.fp16.se.onnx"),
+        ("cuda", "fused", True, False, "no float16 CUDA kernel"),
+    ):
         fallback = choose_precision(provider, "auto", graph, present, kernel)
         assert fallback.precision == "fp32" and why in fallback.reason
         with pytest.raises(EngineError, match="SERESNET_PRECISION=fp16"):

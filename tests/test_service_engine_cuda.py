@@ -35,8 +35,7 @@ def reference() -> Engine:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_graph_replays_match_plain_runs_on_fresh_inputs(reference: Engine,
-                                                        precision: str) -> None:
+def test_graph_replays_match_plain_runs_on_fresh_inputs(reference: Engine, precision: str) -> None:
     graphs = _engine(provider="cuda", precision=precision, cuda_graphs="on")
     plain = _engine(provider="cuda", precision=precision, cuda_graphs="off")
     assert graphs.info.cuda_graphs and not plain.info.cuda_graphs
@@ -46,7 +45,7 @@ def test_graph_replays_match_plain_runs_on_fresh_inputs(reference: Engine,
     # Every bucket, replayed again and again on inputs it has never seen.
     start = 0
     for n in (1, 3, 8, 16, 2, 5, 1, 16):
-        batch = images[start:start + n]
+        batch = images[start : start + n]
         start += n
         replayed = graphs.run(batch)
         # Two sessions may pick different cuDNN algorithms: equal within the precision's

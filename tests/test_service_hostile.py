@@ -80,8 +80,10 @@ def closed_by_server(sock: socket.socket, timeout: float = 10) -> bool:
 
 def raw_post_head(svc: ServiceProcess, length: int, ctype: str = "image/png") -> bytes:
     host, port = addr(svc)
-    return (f"POST /classify HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /classify HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def health_latency(svc: ServiceProcess) -> float:
@@ -92,17 +94,23 @@ def health_latency(svc: ServiceProcess) -> float:
 
 @pytest.fixture(scope="module")
 def svc() -> Iterator[ServiceProcess]:
-    env = {"SERESNET_WORKERS": "1", "SERESNET_HEADER_TIMEOUT_S": "1",
-           "SERESNET_REQUEST_TIMEOUT_S": "4", "SERESNET_MAX_HEADER_BYTES": "8192",
-           "SERESNET_DECODE_MEMORY_MB": "256", "SERESNET_MAX_BODY_BYTES": str(40 * 2**20),
-           "SERESNET_MAX_INFLIGHT_BODY_MB": "64"}
+    env = {
+        "SERESNET_WORKERS": "1",
+        "SERESNET_HEADER_TIMEOUT_S": "1",
+        "SERESNET_REQUEST_TIMEOUT_S": "4",
+        "SERESNET_MAX_HEADER_BYTES": "8192",
+        "SERESNET_DECODE_MEMORY_MB": "256",
+        "SERESNET_MAX_BODY_BYTES": str(40 * 2**20),
+        "SERESNET_MAX_INFLIGHT_BODY_MB": "64",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as s:
         yield s
 
 
 def assert_serving(svc: ServiceProcess) -> None:
-    r = httpx.post(f"{svc.url}/classify", files=[("images", ("ok.png", small_png(),
-                                                             "image/png"))], timeout=30)
+    r = httpx.post(
+        f"{svc.url}/classify", files=[("images", ("ok.png", small_png(), "image/png"))], timeout=30
+    )
     assert r.status_code == 200, r.text
 
 
@@ -123,18 +131,23 @@ def chunky_png(chunks: int) -> bytes:
     return real[:ihdr_end] + empty * chunks + real[ihdr_end:]
 
 
-@pytest.mark.parametrize("make", [lambda: stuffed_jpeg(7_500_000), lambda: chunky_png(2_500_000)],
-                         ids=["jpeg-7.5M-markers", "png-2.5M-chunks"])
-def test_header_walk_bombs_are_refused_fast_and_stall_nothing(svc: ServiceProcess,
-                                                              make) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    "make",
+    [lambda: stuffed_jpeg(7_500_000), lambda: chunky_png(2_500_000)],
+    ids=["jpeg-7.5M-markers", "png-2.5M-chunks"],
+)
+def test_header_walk_bombs_are_refused_fast_and_stall_nothing(svc: ServiceProcess, make) -> None:  # type: ignore[no-untyped-def]
     body = make()
     assert len(body) > 14 * 2**20
     result: dict[str, httpx.Response] = {}
 
     def send() -> None:
-        result["r"] = httpx.post(f"{svc.url}/classify", content=body,
-                                 headers={"Content-Type": "application/octet-stream"},
-                                 timeout=60)
+        result["r"] = httpx.post(
+            f"{svc.url}/classify",
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=60,
+        )
 
     t = threading.Thread(target=send)
     t0 = time.monotonic()
@@ -165,15 +178,17 @@ def webp_bomb() -> bytes:
 
 def png16_rgba(width: int, height: int) -> bytes:
     """A 16-bit RGBA PNG of zeros, compressed row by row (never held whole in memory)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data)))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
     z = zlib.compressobj(9)
     row = b"\x00" * (1 + width * 8)
     idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 6, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def worker_peak_rss_mb(svc: ServiceProcess) -> float:
@@ -201,8 +216,9 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def test_tiny_files_that_decode_huge_are_refused_with_413(svc: ServiceProcess,
-                                                          webp_bomb: bytes) -> None:
+def test_tiny_files_that_decode_huge_are_refused_with_413(
+    svc: ServiceProcess, webp_bomb: bytes
+) -> None:
     assert len(webp_bomb) < 4096
     files = [("images", (f"bomb{i}.webp", webp_bomb, "image/webp")) for i in range(4)]
     files.append(("images", ("ok.png", small_png(), "image/png")))
@@ -214,8 +230,9 @@ def test_tiny_files_that_decode_huge_are_refused_with_413(svc: ServiceProcess,
     assert results[4]["predictions"]
     png16 = png16_rgba(6000, 6000)
     assert len(png16) < 1_000_000
-    r = httpx.post(f"{svc.url}/classify", content=png16, headers={"Content-Type": "image/png"},
-                   timeout=60)
+    r = httpx.post(
+        f"{svc.url}/classify", content=png16, headers={"Content-Type": "image/png"}, timeout=60
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large", r.text
     assert worker_peak_rss_mb(svc) < 600
 
@@ -224,8 +241,12 @@ def test_a_bomb_that_fits_the_budget_is_decoded_one_at_a_time() -> None:
     """With room for one (default budget), four WebP bombs are decoded in turn: the worker's
     peak stays near one decode, far below the 4.5 GB four at once took."""
     bomb = encode(Image.new("RGBA", (6300, 6300), (10, 200, 30, 128)), "WEBP", lossless=True)
-    env = {"SERESNET_WORKERS": "1", "SERESNET_DECODE_MEMORY_MB": "1024",
-           "SERESNET_PREPROCESS_THREADS": "4", "SERESNET_REQUEST_TIMEOUT_S": "300"}
+    env = {
+        "SERESNET_WORKERS": "1",
+        "SERESNET_DECODE_MEMORY_MB": "1024",
+        "SERESNET_PREPROCESS_THREADS": "4",
+        "SERESNET_REQUEST_TIMEOUT_S": "300",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as s:
         files = [("images", (f"bomb{i}.webp", bomb, "image/webp")) for i in range(4)]
         with httpx.Client(timeout=300) as client:
@@ -295,8 +316,10 @@ def test_a_trickled_body_gets_408_within_the_request_timeout(svc: ServiceProcess
 
 def test_malformed_http_gets_json_400(svc: ServiceProcess) -> None:
     host, port = addr(svc)
-    for raw in (b"GARBAGE\x01 / HTTP/1.1\r\n\r\n",
-                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"):
+    for raw in (
+        b"GARBAGE\x01 / HTTP/1.1\r\n\r\n",
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    ):
         with socket.create_connection((host, port)) as sock:
             sock.sendall(raw)
             status, headers, body = read_response(sock)
@@ -334,8 +357,7 @@ def test_bytes_in_flight_are_bounded(svc: ServiceProcess) -> None:
 # ----------------------------------------------------------------------------- clients gone
 
 
-def test_a_client_gone_mid_upload_is_a_counted_499_without_tracebacks(
-        svc: ServiceProcess) -> None:
+def test_a_client_gone_mid_upload_is_a_counted_499_without_tracebacks(svc: ServiceProcess) -> None:
     before = svc.metric("seresnet_client_gone_total", path="/classify")
     host, port = addr(svc)
     with socket.create_connection((host, port)) as sock:
@@ -348,13 +370,17 @@ def test_a_client_gone_mid_upload_is_a_counted_499_without_tracebacks(
     records = svc.log_records()
     gone = [r for r in records if r.get("event") == "request" and r.get("status") == 499]
     assert gone and gone[-1].get("code") == "client_gone"
-    assert not any("exception" in r or r.get("level") == "error" for r in records), \
-        svc.log_text()[-3000:]
+    assert not any("exception" in r or r.get("level") == "error" for r in records), svc.log_text()[
+        -3000:
+    ]
 
 
 def test_a_client_that_half_closes_is_client_gone() -> None:
-    env = {"SERESNET_WORKERS": "1", "SERESNET_MAX_BATCH_SIZE": "64",
-           "SERESNET_MAX_QUEUE_DELAY_MS": "3000"}
+    env = {
+        "SERESNET_WORKERS": "1",
+        "SERESNET_MAX_BATCH_SIZE": "64",
+        "SERESNET_MAX_QUEUE_DELAY_MS": "3000",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as s:
         body = small_png()
         with socket.create_connection(addr(s)) as sock:
@@ -368,24 +394,28 @@ def test_a_client_that_half_closes_is_client_gone() -> None:
         # Gone before its image was run (uvicorn reports the disconnect even before the
         # buffered body is read, so it may not even have been admitted): nothing ran for it.
         assert s.metric("seresnet_inference_count_total") == 0
-        assert any(r.get("status") == 499 for r in s.log_records()
-                   if r.get("event") == "request")
+        assert any(r.get("status") == 499 for r in s.log_records() if r.get("event") == "request")
 
 
 # ----------------------------------------------------------------------------- connections
 
 
 def test_a_flood_of_idle_connections_does_not_starve_clients() -> None:
-    env = {"SERESNET_WORKERS": "1", "SERESNET_MAX_CONNECTIONS": "50",
-           "SERESNET_HEADER_TIMEOUT_S": "60"}
+    env = {
+        "SERESNET_WORKERS": "1",
+        "SERESNET_MAX_CONNECTIONS": "50",
+        "SERESNET_HEADER_TIMEOUT_S": "60",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as s:
         idle = [socket.create_connection(addr(s)) for _ in range(300)]
         try:
             t0 = time.monotonic()
             for i in range(5):
-                r = httpx.post(f"{s.url}/classify",
-                               files=[("images", ("ok.png", small_png(i), "image/png"))],
-                               timeout=10)
+                r = httpx.post(
+                    f"{s.url}/classify",
+                    files=[("images", ("ok.png", small_png(i), "image/png"))],
+                    timeout=10,
+                )
                 assert r.status_code == 200
             assert time.monotonic() - t0 < 5
             closed = sum(closed_by_server(sock, timeout=0.01) for sock in idle)
@@ -400,8 +430,11 @@ def test_a_flood_of_idle_connections_does_not_starve_clients() -> None:
 
 
 def test_a_drain_that_runs_out_of_time_answers_json_503() -> None:
-    env = {"SERESNET_WORKERS": "1", "SERESNET_DRAIN_TIMEOUT_S": "1",
-           "SERESNET_REQUEST_TIMEOUT_S": "60"}
+    env = {
+        "SERESNET_WORKERS": "1",
+        "SERESNET_DRAIN_TIMEOUT_S": "1",
+        "SERESNET_REQUEST_TIMEOUT_S": "60",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as s:
         with socket.create_connection(addr(s)) as sock:
             sock.sendall(raw_post_head(s, 1000) + b"\0" * 10)  # the body never completes
@@ -421,8 +454,15 @@ def test_a_drain_that_runs_out_of_time_answers_json_503() -> None:
 def test_the_api_key_guards_everything_but_health_and_the_page() -> None:
     env = {"SERESNET_WORKERS": "1", "SERESNET_API_KEY": "k3y-for-tests"}
     with running_service(EMBEDDED_MODEL, env=env) as s:
-        for path in ("/docs", "/redoc", "/openapi.json", "/v2", f"/v2/models/{CARD.name}",
-                     "/metrics", "/v2/models"):
+        for path in (
+            "/docs",
+            "/redoc",
+            "/openapi.json",
+            "/v2",
+            f"/v2/models/{CARD.name}",
+            "/metrics",
+            "/v2/models",
+        ):
             r = httpx.get(f"{s.url}{path}", timeout=10)
             assert r.status_code == 401, path
             assert r.headers["www-authenticate"] == "Bearer"
@@ -435,8 +475,14 @@ def test_the_api_key_guards_everything_but_health_and_the_page() -> None:
 
 def test_a_non_ascii_api_key_is_refused_at_start_up() -> None:
     env = {**os.environ, "SERESNET_API_KEY": "clé-secrète"}
-    proc = subprocess.run([sys.executable, "-m", "service", "--port", "0"], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "SERESNET_API_KEY" in lines[0] and "ASCII" in lines[0]

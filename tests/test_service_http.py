@@ -39,8 +39,10 @@ CARD = read_card(EMBEDDED_MODEL)
 
 @pytest.fixture(scope="module")
 def svc() -> Iterator[ServiceProcess]:
-    env = {"SERESNET_MAX_BODY_BYTES": str(MAX_BODY),
-           "SERESNET_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES)}
+    env = {
+        "SERESNET_MAX_BODY_BYTES": str(MAX_BODY),
+        "SERESNET_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
+    }
     with running_service(EMBEDDED_MODEL, env=env) as service:
         yield service
 
@@ -66,8 +68,11 @@ def fm_jpeg224(pixels: np.ndarray) -> bytes:
     return encode(big.convert("RGB"), "JPEG", quality=90)
 
 
-def classify(client: httpx.Client, files: list[tuple[str, bytes]], **params: object,
-             ) -> httpx.Response:
+def classify(
+    client: httpx.Client,
+    files: list[tuple[str, bytes]],
+    **params: object,
+) -> httpx.Response:
     parts = [("images", (name, data, "application/octet-stream")) for name, data in files]
     return client.post("/classify", files=parts, params=params)
 
@@ -79,8 +84,11 @@ def error_of(r: httpx.Response) -> tuple[int, str]:
     return r.status_code, body["error"]["code"]
 
 
-def direct_top_k(session: ort.InferenceSession, datas: list[bytes], k: int,
-                 ) -> list[list[tuple[int, float]]]:
+def direct_top_k(
+    session: ort.InferenceSession,
+    datas: list[bytes],
+    k: int,
+) -> list[list[tuple[int, float]]]:
     """What the model says, without the service: export's preprocessing + one ORT run."""
     batch = np.stack([load_array(d, CARD.input) for d in datas])
     logits = session.run([CARD.output.logits], {CARD.input.tensor: batch})[0].astype(np.float64)
@@ -151,8 +159,11 @@ def test_raw_body(client: httpx.Client, fashion, direct_session) -> None:
     assert res["filename"] == "body"
     want = direct_top_k(direct_session, [data], 5)[0]
     assert [p["class_id"] for p in res["predictions"]] == [c for c, _ in want]
-    named = client.post("/classify", content=data, headers={
-        "Content-Type": "image/png", "Content-Disposition": 'inline; filename="x.png"'})
+    named = client.post(
+        "/classify",
+        content=data,
+        headers={"Content-Type": "image/png", "Content-Disposition": 'inline; filename="x.png"'},
+    )
     assert named.json()["results"][0]["filename"] == "x.png"
 
 
@@ -170,20 +181,34 @@ def test_missing_top_k_means_five(client: httpx.Client, fashion) -> None:
 
 def test_a_corrupt_image_costs_only_itself(client: httpx.Client, fashion) -> None:
     good = [fm_png(fashion[0][i]) for i in range(3)]
-    files = [("g0.png", good[0]), ("trunc.jpg", truncated_jpeg()), ("g1.png", good[1]),
-             ("text.jpg", TEXT), ("empty.png", b""), ("huge.png", png_claiming(30000, 30000)),
-             ("g2.png", good[2])]
+    files = [
+        ("g0.png", good[0]),
+        ("trunc.jpg", truncated_jpeg()),
+        ("g1.png", good[1]),
+        ("text.jpg", TEXT),
+        ("empty.png", b""),
+        ("huge.png", png_claiming(30000, 30000)),
+        ("g2.png", good[2]),
+    ]
     r = classify(client, files, top_k=3)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [res["filename"] for res in results] == [n for n, _ in files]
     codes = [res.get("error", {}).get("code") for res in results]
-    assert codes == [None, "corrupt_image", None, "unsupported_format", "empty_image",
-                     "image_too_large", None]
+    assert codes == [
+        None,
+        "corrupt_image",
+        None,
+        "unsupported_format",
+        "empty_image",
+        "image_too_large",
+        None,
+    ]
     alone = classify(client, [(f"g{i}.png", g) for i, g in enumerate(good)], top_k=3).json()
     good_results = [res for res in results if "predictions" in res]
-    assert [res["predictions"] for res in good_results] == \
-        [res["predictions"] for res in alone["results"]]
+    assert [res["predictions"] for res in good_results] == [
+        res["predictions"] for res in alone["results"]
+    ]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -202,21 +227,26 @@ def test_bad_input_statuses_and_the_server_keeps_serving(client: httpx.Client, f
         "30000x30000 PNG": classify(client, [("bomb.png", png_claiming(30000, 30000))]),
         "30000x30000 GIF": classify(client, [("bomb.gif", gif_claiming(30000, 30000))]),
         "SVG": post("/classify", content=SVG, headers={"Content-Type": "image/svg+xml"}),
-        "wrong content type": post("/classify", content=b"{}",
-                                   headers={"Content-Type": "application/json"}),
+        "wrong content type": post(
+            "/classify", content=b"{}", headers={"Content-Type": "application/json"}
+        ),
         "form-urlencoded": post("/classify", data={"images": "x"}),
         "top_k=abc": classify(client, [("a.png", fm_png(fashion[0][0]))], top_k="abc"),
         "top_k=0": classify(client, [("a.png", fm_png(fashion[0][0]))], top_k=0),
         "top_k=-2": classify(client, [("a.png", fm_png(fashion[0][0]))], top_k=-2),
-        "top_k=": client.post("/classify?top_k=", content=fm_png(fashion[0][0]),
-                              headers={"Content-Type": "image/png"}),
+        "top_k=": client.post(
+            "/classify?top_k=", content=fm_png(fashion[0][0]), headers={"Content-Type": "image/png"}
+        ),
         "top_k=2.5": classify(client, [("a.png", fm_png(fashion[0][0]))], top_k=2.5),
         "10,000 tiny parts": classify(client, [(f"{i}.png", b"x") for i in range(10_000)]),
-        "body too large": post("/classify", content=b"\xff" * (MAX_BODY + 1),
-                               headers={"Content-Type": "image/jpeg"}),
-        "unclosed multipart": post("/classify", content=b"--xyz\r\nContent-Disposition: "
-                                   b"form-data; name=\"images\"\r\n\r\nabc",
-                                   headers={"Content-Type": "multipart/form-data; boundary=xyz"}),
+        "body too large": post(
+            "/classify", content=b"\xff" * (MAX_BODY + 1), headers={"Content-Type": "image/jpeg"}
+        ),
+        "unclosed multipart": post(
+            "/classify",
+            content=b'--xyz\r\nContent-Disposition: form-data; name="images"\r\n\r\nabc',
+            headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+        ),
     }
     expected = {
         "empty body": (400, "no_image"),
@@ -249,12 +279,17 @@ def test_bad_input_statuses_and_the_server_keeps_serving(client: httpx.Client, f
 
 
 def test_odd_but_valid_images_are_classified(client: httpx.Client) -> None:
-    files = [("one.png", encode(Image.new("L", (1, 1), 200), "PNG")),
-             ("anim.gif", animated_gif()), ("deep.png", png16()), ("cmyk.jpg", cmyk_jpeg()),
-             ("big.jpg", encode(photo(1600, 1200), "JPEG", quality=90)),
-             ("pal.png", encode(photo(64, 64).convert("P"), "PNG", transparency=0)),
-             ("x.webp", encode(photo(50, 70), "WEBP")), ("x.bmp", encode(photo(30, 30), "BMP")),
-             ("x.tif", encode(photo(40, 40), "TIFF"))]
+    files = [
+        ("one.png", encode(Image.new("L", (1, 1), 200), "PNG")),
+        ("anim.gif", animated_gif()),
+        ("deep.png", png16()),
+        ("cmyk.jpg", cmyk_jpeg()),
+        ("big.jpg", encode(photo(1600, 1200), "JPEG", quality=90)),
+        ("pal.png", encode(photo(64, 64).convert("P"), "PNG", transparency=0)),
+        ("x.webp", encode(photo(50, 70), "WEBP")),
+        ("x.bmp", encode(photo(30, 30), "BMP")),
+        ("x.tif", encode(photo(40, 40), "TIFF")),
+    ]
     for name, data in files:
         r = classify(client, [(name, data)])
         assert r.status_code == 200, (name, r.text)
@@ -288,13 +323,15 @@ def test_health_and_model_metadata(client: httpx.Client) -> None:
     assert client.get("/v2/health/ready").json() == {"ready": True}
     meta = client.get(f"/v2/models/{CARD.name}").json()
     assert meta["name"] == CARD.name and meta["versions"] == [CARD.version]
-    assert meta["inputs"][0] == {"name": CARD.input.tensor, "datatype": "UINT8",
-                                 "shape": [-1, 1, 28, 28]}
+    assert meta["inputs"][0] == {
+        "name": CARD.input.tensor,
+        "datatype": "UINT8",
+        "shape": [-1, 1, 28, 28],
+    }
     assert meta["outputs"][0]["shape"] == [-1, CARD.num_classes]
     assert meta["card"]["labels"] == CARD.labels
     engine = meta["engine"]
-    assert engine["provider"] == "cpu" and engine["session_providers"][0] == \
-        "CPUExecutionProvider"
+    assert engine["provider"] == "cpu" and engine["session_providers"][0] == "CPUExecutionProvider"
     assert engine["graph"] in ("fused", "unfused") and engine["reason"]
     assert engine["graph_file"] == (FUSED_FILE if engine["graph"] == "fused" else "model.onnx")
     assert engine["warm_shapes"] and engine["warmup_seconds"] is not None
@@ -302,21 +339,27 @@ def test_health_and_model_metadata(client: httpx.Client) -> None:
     assert "/classify" in client.get("/openapi.json").json()["paths"]
 
 
-def test_request_ids_and_structured_logs(svc: ServiceProcess, client: httpx.Client,
-                                         fashion) -> None:
+def test_request_ids_and_structured_logs(
+    svc: ServiceProcess, client: httpx.Client, fashion
+) -> None:
     data = fm_png(fashion[0][0])
-    mine = client.post("/classify", content=data, headers={"Content-Type": "image/png",
-                                                           "X-Request-ID": "trace-42.a"})
+    mine = client.post(
+        "/classify",
+        content=data,
+        headers={"Content-Type": "image/png", "X-Request-ID": "trace-42.a"},
+    )
     assert mine.headers["x-request-id"] == "trace-42.a"
-    other = client.post("/classify", content=data, headers={"Content-Type": "image/png",
-                                                            "X-Request-ID": "no spaces; allowed"})
+    other = client.post(
+        "/classify",
+        content=data,
+        headers={"Content-Type": "image/png", "X-Request-ID": "no spaces; allowed"},
+    )
     assert re.fullmatch(r"[0-9a-f]{32}", other.headers["x-request-id"])
     failing = client.post("/classify", content=TEXT, headers={"Content-Type": "image/jpeg"})
     assert failing.headers["x-request-id"]
     wanted = {"trace-42.a", failing.headers["x-request-id"]}
     for _ in range(500):  # the access line is written just after the response is sent
-        records = {r.get("request_id"): r for r in svc.log_records()
-                   if r.get("event") == "request"}
+        records = {r.get("request_id"): r for r in svc.log_records() if r.get("event") == "request"}
         if wanted <= set(records):
             break
         time.sleep(0.02)
@@ -326,8 +369,7 @@ def test_request_ids_and_structured_logs(svc: ServiceProcess, client: httpx.Clie
     assert records[failing.headers["x-request-id"]]["code"] == "unsupported_format"
 
 
-def test_metrics_have_tritons_meaning(svc: ServiceProcess, client: httpx.Client,
-                                      fashion) -> None:
+def test_metrics_have_tritons_meaning(svc: ServiceProcess, client: httpx.Client, fashion) -> None:
     before = svc.metrics_text()
     files = [(f"{i}.png", fm_png(fashion[0][i])) for i in range(6)]
     assert classify(client, files).status_code == 200
@@ -366,8 +408,12 @@ def test_large_photo_is_downscaled_from_the_jpeg_directly(client: httpx.Client) 
 
 def test_documented_statuses_are_ones_the_routes_can_return(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
-    with_422 = {(m, p) for p, ops in spec["paths"].items() for m, op in ops.items()
-                if "422" in op["responses"]}
+    with_422 = {
+        (m, p)
+        for p, ops in spec["paths"].items()
+        for m, op in ops.items()
+        if "422" in op["responses"]
+    }
     # Only /classify has a parameter FastAPI validates (top_k); path strings never fail.
     assert with_422 == {("post", "/classify")}
     assert "404" in spec["paths"]["/v2/models/{name}"]["get"]["responses"]

@@ -19,8 +19,16 @@ from modelcard.schema import InputSpec
 from service.ingress.imaging import ImageError, decode
 
 GRAY28 = InputSpec(channels=1, height=28, width=28, color="L", mean=[0.5], std=[0.5])
-RGB224 = InputSpec(channels=3, height=224, width=224, color="RGB", resize="shorter-side-crop",
-                   resize_shorter=256, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+RGB224 = InputSpec(
+    channels=3,
+    height=224,
+    width=224,
+    color="RGB",
+    resize="shorter-side-crop",
+    resize_shorter=256,
+    mean=[0.485, 0.456, 0.406],
+    std=[0.229, 0.224, 0.225],
+)
 RGB224_FLOAT = RGB224.model_copy(update={"dtype": "float32", "normalization": "caller"})
 LIMIT = 40_000_000
 
@@ -95,7 +103,7 @@ def test_animated_gif_uses_the_first_frame(tmp_path: Path) -> None:
 
 
 def test_sixteen_bit_png_maps_full_range_to_eight_bits(tmp_path: Path) -> None:
-    ramp = (np.arange(28 * 28, dtype=np.float64).reshape(28, 28) / (28 * 28 - 1) * 65535)
+    ramp = np.arange(28 * 28, dtype=np.float64).reshape(28, 28) / (28 * 28 - 1) * 65535
     ramp = ramp.astype(np.uint16)
     data = _save(tmp_path, "deep.png", Image.fromarray(ramp))
     with Image.open(io.BytesIO(data)) as check:
@@ -132,8 +140,12 @@ def test_exif_orientation_is_honoured(tmp_path: Path) -> None:
     data = _save(tmp_path, "rot.jpg", Image.fromarray(stored, "L"), exif=exif, quality=95)
     out = _check_same_as_export(data, GRAY28)[0].astype(int)
     assert out[:10].mean() < 60 and out[-10:].mean() > 190  # dark top, bright bottom
-    upright = np.asarray(Image.fromarray(stored, "L").transpose(Image.Transpose.ROTATE_270)
-                         .resize((28, 28), Image.Resampling.BILINEAR), dtype=int)
+    upright = np.asarray(
+        Image.fromarray(stored, "L")
+        .transpose(Image.Transpose.ROTATE_270)
+        .resize((28, 28), Image.Resampling.BILINEAR),
+        dtype=int,
+    )
     assert np.abs(out - upright).mean() < 4
 
 
@@ -143,8 +155,9 @@ def test_large_jpeg_uses_dct_downscaling_close_to_full_decode(tmp_path: Path) ->
     with Image.open(io.BytesIO(data)) as full:
         w, h = full.size
         scale = 256 / min(w, h)
-        resized = full.convert("RGB").resize((round(w * scale), round(h * scale)),
-                                             Image.Resampling.BILINEAR)
+        resized = full.convert("RGB").resize(
+            (round(w * scale), round(h * scale)), Image.Resampling.BILINEAR
+        )
         left, top = (resized.width - 224) // 2, (resized.height - 224) // 2
         plain = np.asarray(resized.crop((left, top, left + 224, top + 224))).transpose(2, 0, 1)
     assert np.abs(out.astype(int) - plain.astype(int)).mean() < 6

@@ -33,8 +33,9 @@ def png(seed: int) -> bytes:
     return encode(Image.fromarray(pixels, "L"), "PNG")
 
 
-def post_png(url: str, seed: int, headers: dict[str, str] | None = None,
-             count: int = 1) -> httpx.Response:
+def post_png(
+    url: str, seed: int, headers: dict[str, str] | None = None, count: int = 1
+) -> httpx.Response:
     files = [("images", (f"{seed}-{i}.png", png(seed + i), "image/png")) for i in range(count)]
     return httpx.post(f"{url}/classify", files=files, headers=headers or {}, timeout=120)
 
@@ -53,9 +54,13 @@ def eventually(check: Callable[[], bool], what: str, timeout: float = 60) -> Non
 @pytest.fixture(scope="module")
 def held() -> Iterator[ServiceProcess]:
     """Batches never fill (64) and wait 30 s: every image stays queued until its deadline."""
-    env = {"SERESNET_MAX_BATCH_SIZE": "64", "SERESNET_MAX_QUEUE_DELAY_MS": "30000",
-           "SERESNET_MAX_QUEUE_SIZE": "3", "SERESNET_MAX_IMAGES_PER_REQUEST": "3",
-           "SERESNET_REQUEST_TIMEOUT_S": "6"}
+    env = {
+        "SERESNET_MAX_BATCH_SIZE": "64",
+        "SERESNET_MAX_QUEUE_DELAY_MS": "30000",
+        "SERESNET_MAX_QUEUE_SIZE": "3",
+        "SERESNET_MAX_IMAGES_PER_REQUEST": "3",
+        "SERESNET_REQUEST_TIMEOUT_S": "6",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
         yield svc
 
@@ -76,22 +81,25 @@ def test_full_queue_is_503_with_retry_after_and_a_deadline_is_504(held: ServiceP
     assert held.metric("seresnet_queue_depth") == 0
     assert held.metric("seresnet_inference_count_total") == 0  # nothing was run for nobody
     assert held.metric("seresnet_inference_request_failure_total", code="queue_full") == 1
-    assert held.metric("seresnet_inference_request_failure_total",
-                  code="deadline_exceeded") == 1
+    assert held.metric("seresnet_inference_request_failure_total", code="deadline_exceeded") == 1
 
 
 def test_a_caller_that_hangs_up_costs_no_model_run(held: ServiceProcess) -> None:
     before = held.metric("seresnet_dropped_images_total", reason="cancelled")
     body = png(7)
     parts = urlsplit(held.url)
-    request = (f"POST /classify HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: image/png\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST /classify HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
         sock.sendall(request)
         eventually(lambda: held.metric("seresnet_queue_depth") == 1, "the image is queued")
     # the socket is closed: the service notices and withdraws the image
-    eventually(lambda: held.metric("seresnet_dropped_images_total", reason="cancelled")
-               == before + 1, "the queued image is dropped")
+    eventually(
+        lambda: held.metric("seresnet_dropped_images_total", reason="cancelled") == before + 1,
+        "the queued image is dropped",
+    )
     assert held.metric("seresnet_queue_depth") == 0
     assert held.metric("seresnet_inference_count_total") == 0
     assert held.metric("seresnet_inference_exec_count_total") == 0
@@ -155,8 +163,11 @@ def configured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
     bogus = tmp_path_factory.mktemp("ops") / "libseresnet_ops.so"
     bogus.write_bytes(b"not a shared object")
     key = "s3cret-key"
-    env = {"SERESNET_API_KEY": key, "SERESNET_WARMUP_ROUNDS": "300",
-           "SERESNET_OPS_LIBRARY": str(bogus)}
+    env = {
+        "SERESNET_API_KEY": key,
+        "SERESNET_WARMUP_ROUNDS": "300",
+        "SERESNET_OPS_LIBRARY": str(bogus),
+    }
     with start_service(EMBEDDED_MODEL, env=env) as svc:
         wait_until(svc, "/v2/health/live", time.monotonic() + 120)
         auth = {"Authorization": f"Bearer {key}"}
@@ -182,8 +193,12 @@ def test_not_ready_until_warmed_up(configured: Started) -> None:
 
 def test_api_key(configured: Started) -> None:
     url = configured.svc.url
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": configured.key},
-                    {"Authorization": f"Basic {configured.key}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": configured.key},
+        {"Authorization": f"Basic {configured.key}"},
+    ):
         r = post_png(url, 3, headers)
         assert r.status_code == 401, headers
         assert r.json()["error"]["code"] == "unauthorized"
@@ -199,13 +214,13 @@ def test_api_key(configured: Started) -> None:
 
 def test_an_op_library_that_cannot_load_means_the_unfused_graph(configured: Started) -> None:
     auth = {"Authorization": f"Bearer {configured.key}"}
-    engine = httpx.get(f"{configured.svc.url}/v2/models/{CARD.name}", headers=auth).json()[
-        "engine"]
+    engine = httpx.get(f"{configured.svc.url}/v2/models/{CARD.name}", headers=auth).json()["engine"]
     assert engine["graph"] == "unfused" and engine["graph_file"] == "model.onnx"
     assert "op library unavailable" in engine["reason"]
     assert engine["ops"]["loaded"] is False and "libseresnet_ops.so" in engine["ops"]["error"]
-    warnings = [r for r in configured.svc.log_records()
-                if r.get("event") == "serving the unfused graph"]
+    warnings = [
+        r for r in configured.svc.log_records() if r.get("event") == "serving the unfused graph"
+    ]
     assert warnings and "op library unavailable" in warnings[0]["reason"]
     text = configured.svc.metrics_text(auth)
     assert 'graph="unfused"' in text

@@ -71,8 +71,11 @@ def processes(svc: ServiceProcess) -> dict:
 
 @pytest.fixture(scope="module")
 def two_workers() -> Iterator[ServiceProcess]:
-    env = {"SERESNET_WORKERS": "2", "SERESNET_MAX_BATCH_SIZE": "64",
-           "SERESNET_MAX_QUEUE_DELAY_MS": "1500"}
+    env = {
+        "SERESNET_WORKERS": "2",
+        "SERESNET_MAX_BATCH_SIZE": "64",
+        "SERESNET_MAX_QUEUE_DELAY_MS": "1500",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
         yield svc
 
@@ -91,8 +94,11 @@ def test_two_workers_batch_together_and_count_together(two_workers: ServiceProce
         with ThreadPoolExecutor(n) as pool:
             responses = list(pool.map(lambda i: post(svc.url, 100 * i), range(n)))
         assert all(r.status_code == 200 for r in responses)
-        seen = {int(r["pid"]) for r in svc.log_records() if r.get("event") == "request"
-                and r.get("path") == "/classify"}
+        seen = {
+            int(r["pid"])
+            for r in svc.log_records()
+            if r.get("event") == "request" and r.get("path") == "/classify"
+        }
     assert seen == workers, "both workers answered requests"
     text = svc.metrics_text()
     assert metric_value(text, "seresnet_inference_count_total") == n * rounds
@@ -107,27 +113,35 @@ def test_a_worker_that_dies_is_replaced(two_workers: ServiceProcess) -> None:
     before = children(svc.proc.pid) - {engine_pid}
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
-    eventually(lambda: len(children(svc.proc.pid) - {engine_pid, victim}) == 2,
-               "a new worker replaces the killed one")
-    eventually(lambda: httpx.get(f"{svc.url}/v2/health/ready", timeout=5).status_code == 200,
-               "ready again")
+    eventually(
+        lambda: len(children(svc.proc.pid) - {engine_pid, victim}) == 2,
+        "a new worker replaces the killed one",
+    )
+    eventually(
+        lambda: httpx.get(f"{svc.url}/v2/health/ready", timeout=5).status_code == 200, "ready again"
+    )
     assert all(post(svc.url, i).status_code == 200 for i in range(6))
-    assert any(r.get("event") == "ingress worker died and was replaced"
-               and r.get("worker_pid") == victim for r in svc.log_records())
+    assert any(
+        r.get("event") == "ingress worker died and was replaced" and r.get("worker_pid") == victim
+        for r in svc.log_records()
+    )
 
 
 @pytest.fixture(scope="module")
 def held() -> Iterator[ServiceProcess]:
     """Images wait 30 s for a batch that never fills: they are still queued when the engine
     is killed."""
-    env = {"SERESNET_WORKERS": "1", "SERESNET_MAX_BATCH_SIZE": "64",
-           "SERESNET_MAX_QUEUE_DELAY_MS": "30000", "SERESNET_REQUEST_TIMEOUT_S": "60"}
+    env = {
+        "SERESNET_WORKERS": "1",
+        "SERESNET_MAX_BATCH_SIZE": "64",
+        "SERESNET_MAX_QUEUE_DELAY_MS": "30000",
+        "SERESNET_REQUEST_TIMEOUT_S": "60",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
         yield svc
 
 
-def test_an_engine_that_dies_fails_waiting_requests_and_is_restarted(
-        held: ServiceProcess) -> None:
+def test_an_engine_that_dies_fails_waiting_requests_and_is_restarted(held: ServiceProcess) -> None:
     svc = held
     first = processes(svc)
     with ThreadPoolExecutor(2) as pool:
@@ -140,9 +154,14 @@ def test_an_engine_that_dies_fails_waiting_requests_and_is_restarted(
         assert r.json()["error"]["code"] == "engine_unavailable"
         assert int(r.headers["retry-after"]) >= 1
     # Restarted: a new engine process, a new generation, ready again.
-    eventually(lambda: processes(svc)["engine_generation"] == first["engine_generation"] + 1
-               and httpx.get(f"{svc.url}/v2/health/ready", timeout=5).status_code == 200,
-               "the engine is restarted and the service is ready again", timeout=120)
+    eventually(
+        lambda: (
+            processes(svc)["engine_generation"] == first["engine_generation"] + 1
+            and httpx.get(f"{svc.url}/v2/health/ready", timeout=5).status_code == 200
+        ),
+        "the engine is restarted and the service is ready again",
+        timeout=120,
+    )
     after = processes(svc)
     assert after["engine_pid"] != first["engine_pid"]
     events = [r.get("event") for r in svc.log_records()]
@@ -156,16 +175,25 @@ def test_not_ready_while_the_engine_is_down() -> None:
         engine_pid = processes(svc)["engine_pid"]
         os.kill(engine_pid, signal.SIGSTOP)  # hung, then killed: the supervisor sees it die
         os.kill(engine_pid, signal.SIGKILL)
-        eventually(lambda: httpx.get(f"{svc.url}/v2/health/ready", timeout=5).status_code
-                   == 503, "not ready once the engine is gone", timeout=10)
-        eventually(lambda: httpx.get(f"{svc.url}/v2/health/ready", timeout=5).status_code
-                   == 200, "ready again after the restart", timeout=120)
+        eventually(
+            lambda: httpx.get(f"{svc.url}/v2/health/ready", timeout=5).status_code == 503,
+            "not ready once the engine is gone",
+            timeout=10,
+        )
+        eventually(
+            lambda: httpx.get(f"{svc.url}/v2/health/ready", timeout=5).status_code == 200,
+            "ready again after the restart",
+            timeout=120,
+        )
         assert post(svc.url, 1).status_code == 200
 
 
 def test_sigterm_drains_every_worker_and_the_engine() -> None:
-    env = {"SERESNET_WORKERS": "2", "SERESNET_MAX_BATCH_SIZE": "64",
-           "SERESNET_MAX_QUEUE_DELAY_MS": "5000"}
+    env = {
+        "SERESNET_WORKERS": "2",
+        "SERESNET_MAX_BATCH_SIZE": "64",
+        "SERESNET_MAX_QUEUE_DELAY_MS": "5000",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
         n = 10
         with ThreadPoolExecutor(n) as pool:
@@ -185,11 +213,15 @@ def test_sigterm_drains_every_worker_and_the_engine() -> None:
 def test_slots_come_back_whatever_happens_to_the_images() -> None:
     """Requests whose every image fails, single bad images, and deadlines: none may keep its
     slots, or a small queue bound would soon refuse everything."""
-    env = {"SERESNET_WORKERS": "1", "SERESNET_MAX_QUEUE_SIZE": "4",
-           "SERESNET_MAX_IMAGES_PER_REQUEST": "2"}
+    env = {
+        "SERESNET_WORKERS": "1",
+        "SERESNET_MAX_QUEUE_SIZE": "4",
+        "SERESNET_MAX_IMAGES_PER_REQUEST": "2",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
-        bad = [("images", (f"bad{i}.png", b"\x89PNG\r\n\x1a\nbroken", "image/png"))
-               for i in range(2)]
+        bad = [
+            ("images", (f"bad{i}.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")) for i in range(2)
+        ]
         for _ in range(6):
             r = httpx.post(f"{svc.url}/classify", files=bad, timeout=30)
             assert r.status_code == 200

@@ -34,8 +34,7 @@ def test_environment_is_read_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> N
     s = load_settings({"model_dir": EMBEDDED_MODEL})
     assert (s.max_batch_size, s.provider, s.buckets()) == (12, "cpu", (1, 3, 6, 12))
     assert s.api_key is not None and s.api_key.get_secret_value() == "k"
-    assert load_settings({"model_dir": EMBEDDED_MODEL, "max_batch_size": "20"}).max_batch_size \
-        == 20
+    assert load_settings({"model_dir": EMBEDDED_MODEL, "max_batch_size": "20"}).max_batch_size == 20
 
 
 @pytest.mark.parametrize(
@@ -67,8 +66,10 @@ def test_a_bad_value_names_its_variable(monkeypatch, env: str, value: str, fragm
 
 def test_a_bad_flag_is_named_as_typed() -> None:
     with pytest.raises(SettingsError, match=r"^--max-batch-size=-3: "):
-        load_settings({"model_dir": EMBEDDED_MODEL, "max_batch_size": "-3"},
-                      {"max_batch_size": "--max-batch-size"})
+        load_settings(
+            {"model_dir": EMBEDDED_MODEL, "max_batch_size": "-3"},
+            {"max_batch_size": "--max-batch-size"},
+        )
 
 
 def test_the_api_key_is_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,8 +79,14 @@ def test_the_api_key_is_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _run_service(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO_ROOT,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize(
@@ -103,17 +110,33 @@ def test_help_teaches_flags_variables_and_examples() -> None:
     proc = _run_service(["--help"], {})
     assert proc.returncode == 0
     out = proc.stdout
-    for needle in ("--model-dir", "SERESNET_MODEL_DIR", "SERESNET_PROVIDER", "SERESNET_GRAPH",
-                   "SERESNET_OPT_LEVEL", "SERESNET_MAX_BATCH_SIZE", "SERESNET_MAX_QUEUE_DELAY_MS",
-                   "SERESNET_MAX_QUEUE_SIZE", "SERESNET_REQUEST_TIMEOUT_S",
-                   "SERESNET_MAX_BODY_BYTES", "SERESNET_MAX_IMAGE_PIXELS",
-                   "SERESNET_MAX_IMAGES_PER_REQUEST", "SERESNET_API_KEY", "overrides",
-                   "examples:", "curl", "/classify", "/v2/health/ready"):
+    for needle in (
+        "--model-dir",
+        "SERESNET_MODEL_DIR",
+        "SERESNET_PROVIDER",
+        "SERESNET_GRAPH",
+        "SERESNET_OPT_LEVEL",
+        "SERESNET_MAX_BATCH_SIZE",
+        "SERESNET_MAX_QUEUE_DELAY_MS",
+        "SERESNET_MAX_QUEUE_SIZE",
+        "SERESNET_REQUEST_TIMEOUT_S",
+        "SERESNET_MAX_BODY_BYTES",
+        "SERESNET_MAX_IMAGE_PIXELS",
+        "SERESNET_MAX_IMAGES_PER_REQUEST",
+        "SERESNET_API_KEY",
+        "overrides",
+        "examples:",
+        "curl",
+        "/classify",
+        "/v2/health/ready",
+    ):
         assert needle in out, needle
 
 
-@pytest.mark.parametrize(("content", "want"), [("max 100000\n", None), ("150000 100000\n", 2),
-                                               ("50000 100000\n", 1), ("garbage", None)])
+@pytest.mark.parametrize(
+    ("content", "want"),
+    [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("garbage", None)],
+)
 def test_a_container_cpu_quota_caps_the_thread_counts(tmp_path, content: str, want) -> None:
     from service.settings import _cgroup_cpu_limit
 
@@ -145,5 +168,6 @@ def test_settings_that_could_never_work_stop_start_up() -> None:
     with pytest.raises(SettingsError, match=r"SERESNET_API_KEY.*ASCII"):
         load_settings({"model_dir": EMBEDDED_MODEL, "api_key": "clé"})
     with pytest.raises(SettingsError, match=r"max_inflight_body_mb|MAX_INFLIGHT"):
-        load_settings({"model_dir": EMBEDDED_MODEL, "max_inflight_body_mb": 1,
-                       "max_body_bytes": 8 * 2**20})
+        load_settings(
+            {"model_dir": EMBEDDED_MODEL, "max_inflight_body_mb": 1, "max_body_bytes": 8 * 2**20}
+        )

@@ -72,22 +72,29 @@ def files_input(sig: Signature, blobs: list[bytes], shape: list[int] | None = No
     return tensor.set_data_from_numpy(array, binary_data=True)
 
 
-def build(inputs: list[InferInput], outputs: list[InferRequestedOutput] | None = None,
-          **kwargs: object) -> tuple[bytes, int | None]:
+def build(
+    inputs: list[InferInput], outputs: list[InferRequestedOutput] | None = None, **kwargs: object
+) -> tuple[bytes, int | None]:
     """The exact body and header length tritonclient would send."""
     return triton.InferenceServerClient.generate_request_body(inputs, outputs=outputs, **kwargs)
 
 
-def decode(sig: Signature, body: bytes, header_length: int | None,
-           max_batch: int = MAX_BATCH) -> InferRequest:
+def decode(
+    sig: Signature, body: bytes, header_length: int | None, max_batch: int = MAX_BATCH
+) -> InferRequest:
     return decode_infer_request(body, header_length, sig, max_batch)
 
 
-def roundtrip(request: InferRequest, logits: np.ndarray, sig: Signature,
-              errors: dict[int, ImageRejected] | None = None) -> InferResult:
+def roundtrip(
+    request: InferRequest,
+    logits: np.ndarray,
+    sig: Signature,
+    errors: dict[int, ImageRejected] | None = None,
+) -> InferResult:
     encoded = encode_infer_response(request, logits, sig, errors)
-    assert encoded.content_type == ("application/json" if encoded.header_length is None
-                                    else "application/octet-stream")
+    assert encoded.content_type == (
+        "application/json" if encoded.header_length is None else "application/octet-stream"
+    )
     return InferResult.from_response_body(encoded.body, header_length=encoded.header_length)
 
 
@@ -122,15 +129,38 @@ def test_uint8_tensor_decodes_to_the_same_pixels(sig: Signature, binary: bool) -
 
 def test_nested_json_data_is_accepted_like_flat(sig: Signature) -> None:
     x = pixels(2, sig)
-    body = json.dumps({"inputs": [{"name": sig.input_name, "shape": list(x.shape),
-                                   "datatype": "UINT8", "data": x.tolist()}]}).encode()
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": sig.input_name,
+                    "shape": list(x.shape),
+                    "datatype": "UINT8",
+                    "data": x.tolist(),
+                }
+            ]
+        }
+    ).encode()
     np.testing.assert_array_equal(decode(sig, body, None).pixels, x)
 
 
 def test_null_parameters_read_as_none(sig: Signature) -> None:
-    body = json.dumps({"id": None, "parameters": None, "outputs": None,
-                       "inputs": [{"name": sig.input_name, "shape": [1], "datatype": "BYTES",
-                                   "parameters": None, "data": ["x"]}]}).encode()
+    body = json.dumps(
+        {
+            "id": None,
+            "parameters": None,
+            "outputs": None,
+            "inputs": [
+                {
+                    "name": sig.input_name,
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "parameters": None,
+                    "data": ["x"],
+                }
+            ],
+        }
+    ).encode()
     request = decode(sig, body, None)
     assert request.files == (b"x",) and request.id is None
 
@@ -140,18 +170,31 @@ def test_without_outputs_every_output_follows_binary_data_output(sig: Signature)
     # tritonclient asks for binary outputs (request-level binary_data_output) when none named
     request = decode(sig, *build([uint8_input(sig, x, True)]))
     assert [(o.name, o.binary, o.classification) for o in request.outputs] == [
-        (sig.output_name, True, 0)]
-    plain = json.dumps({"inputs": [{"name": sig.input_name, "shape": list(x.shape),
-                                    "datatype": "UINT8", "data": x.ravel().tolist()}]})
+        (sig.output_name, True, 0)
+    ]
+    plain = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": sig.input_name,
+                    "shape": list(x.shape),
+                    "datatype": "UINT8",
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
+    )
     assert decode(sig, plain.encode(), None).outputs[0].binary is False
 
 
 @pytest.mark.parametrize("binary_out", [True, False], ids=["binary", "json"])
 def test_logits_round_trip_through_tritonclient(sig: Signature, binary_out: bool) -> None:
     x = pixels(4, sig)
-    body, hl = build([uint8_input(sig, x, True)],
-                     [InferRequestedOutput(sig.output_name, binary_data=binary_out)],
-                     request_id="abc")
+    body, hl = build(
+        [uint8_input(sig, x, True)],
+        [InferRequestedOutput(sig.output_name, binary_data=binary_out)],
+        request_id="abc",
+    )
     request = decode(sig, body, hl)
     logits = logits_for(4, sig)
 
@@ -167,12 +210,12 @@ def test_logits_round_trip_through_tritonclient(sig: Signature, binary_out: bool
 
 
 @pytest.mark.parametrize("binary_out", [True, False], ids=["binary", "json"])
-def test_classification_extension_gives_triton_strings(sig: Signature,
-                                                       binary_out: bool) -> None:
+def test_classification_extension_gives_triton_strings(sig: Signature, binary_out: bool) -> None:
     x = pixels(3, sig)
-    body, hl = build([uint8_input(sig, x, True)],
-                     [InferRequestedOutput(sig.output_name, binary_data=binary_out,
-                                           class_count=3)])
+    body, hl = build(
+        [uint8_input(sig, x, True)],
+        [InferRequestedOutput(sig.output_name, binary_data=binary_out, class_count=3)],
+    )
     request = decode(sig, body, hl)
     assert request.outputs[0].classification == 3
     logits = logits_for(3, sig)
@@ -186,13 +229,15 @@ def test_classification_extension_gives_triton_strings(sig: Signature,
         assert [index for _, index, _ in parsed] == expected.tolist()
         assert [label for _, _, label in parsed] == [sig.labels[i] for i in expected]
         assert [score for score, _, _ in parsed] == pytest.approx(
-            logits[row, expected].tolist(), abs=1e-6)
+            logits[row, expected].tolist(), abs=1e-6
+        )
 
 
 def test_classification_breaks_ties_by_index_and_clamps_k(sig: Signature) -> None:
     x = pixels(1, sig)
-    body, hl = build([uint8_input(sig, x, True)],
-                     [InferRequestedOutput(sig.output_name, class_count=50)])
+    body, hl = build(
+        [uint8_input(sig, x, True)], [InferRequestedOutput(sig.output_name, class_count=50)]
+    )
     logits = np.zeros((1, sig.num_classes), np.float32)
     logits[0, 7] = 2.5
     logits[0, 2] = logits[0, 4] = 1.0
@@ -209,8 +254,11 @@ def test_classification_breaks_ties_by_index_and_clamps_k(sig: Signature) -> Non
 
 @pytest.mark.parametrize("shape", [[3], [3, 1]], ids=["N", "Nx1"])
 def test_bytes_input_carries_the_files_unchanged(sig: Signature, shape: list[int]) -> None:
-    blobs = [encode(photo(40, 30, seed=1), "PNG"), encode(photo(64, 64, seed=2), "JPEG"),
-             b"\x00\xff not an image \x00"]
+    blobs = [
+        encode(photo(40, 30, seed=1), "PNG"),
+        encode(photo(64, 64, seed=2), "JPEG"),
+        b"\x00\xff not an image \x00",
+    ]
     request = decode(sig, *build([files_input(sig, blobs, shape)]))
     assert request.pixels is None
     assert request.files == tuple(blobs)
@@ -218,8 +266,18 @@ def test_bytes_input_carries_the_files_unchanged(sig: Signature, shape: list[int
 
 
 def test_bytes_in_json_are_utf8_strings(sig: Signature) -> None:
-    body = json.dumps({"inputs": [{"name": sig.input_name, "shape": [2, 1], "datatype": "BYTES",
-                                   "data": [["é"], ["b"]]}]}).encode()
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": sig.input_name,
+                    "shape": [2, 1],
+                    "datatype": "BYTES",
+                    "data": [["é"], ["b"]],
+                }
+            ]
+        }
+    ).encode()
     assert decode(sig, body, None).files == ("é".encode(), b"b")
 
 
@@ -238,8 +296,7 @@ def test_a_failed_image_among_good_ones(sig: Signature, binary_out: bool) -> Non
     assert np.isnan(got[1]).all()
     messages = result.as_numpy(IMAGE_ERRORS_OUTPUT)
     assert messages.shape == (3,)
-    assert [text(m) for m in messages] == [
-        "", "not an image: cannot identify image file", ""]
+    assert [text(m) for m in messages] == ["", "not an image: cannot identify image file", ""]
 
 
 def test_a_failed_image_has_empty_classification_strings(sig: Signature) -> None:
@@ -254,8 +311,10 @@ def test_a_failed_image_has_empty_classification_strings(sig: Signature) -> None
 
 def test_when_every_image_fails_the_request_fails(sig: Signature) -> None:
     request = decode(sig, *build([files_input(sig, [b"x", b"y"])]))
-    errors = {0: ImageRejected("too many pixels", status=413),
-              1: ImageRejected("too many pixels", status=413)}
+    errors = {
+        0: ImageRejected("too many pixels", status=413),
+        1: ImageRejected("too many pixels", status=413),
+    }
     with pytest.raises(ImageRejected) as caught:
         encode_infer_response(request, logits_for(2, sig), sig, errors)
     assert caught.value.status == 413
@@ -288,8 +347,9 @@ def test_wrong_datatype(sig: Signature) -> None:
 
 
 def test_not_a_datatype_at_all(sig: Signature) -> None:
-    body = json.dumps({"inputs": [{"name": sig.input_name, "shape": [1], "datatype": "PIXELS",
-                                   "data": [1]}]}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": sig.input_name, "shape": [1], "datatype": "PIXELS", "data": [1]}]}
+    ).encode()
     with pytest.raises(DatatypeMismatch, match="not a datatype"):
         decode(sig, body, None)
 
@@ -309,15 +369,26 @@ def test_two_inputs(sig: Signature) -> None:
 
 def test_unknown_output_name(sig: Signature) -> None:
     with pytest.raises(UnknownTensor, match="'probabilities'"):
-        decode(sig, *build([uint8_input(sig, pixels(1, sig), True)],
-                           [InferRequestedOutput("probabilities")]))
+        decode(
+            sig,
+            *build(
+                [uint8_input(sig, pixels(1, sig), True)], [InferRequestedOutput("probabilities")]
+            ),
+        )
 
 
 def test_output_requested_twice(sig: Signature) -> None:
     with pytest.raises(InvalidRequest, match="more than once"):
-        decode(sig, *build([uint8_input(sig, pixels(1, sig), True)],
-                           [InferRequestedOutput(sig.output_name),
-                            InferRequestedOutput(sig.output_name, class_count=2)]))
+        decode(
+            sig,
+            *build(
+                [uint8_input(sig, pixels(1, sig), True)],
+                [
+                    InferRequestedOutput(sig.output_name),
+                    InferRequestedOutput(sig.output_name, class_count=2),
+                ],
+            ),
+        )
 
 
 def test_batch_over_the_maximum(sig: Signature) -> None:
@@ -384,7 +455,7 @@ def test_truncated_bytes_element(sig: Signature) -> None:
     header["inputs"][0]["parameters"]["binary_data_size"] = 7
     new_header = json.dumps(header).encode()
     with pytest.raises(BinaryDataError, match="declares 6 bytes but only 3 remain"):
-        decode(sig, new_header + body[hl:hl + 7], len(new_header))
+        decode(sig, new_header + body[hl : hl + 7], len(new_header))
 
 
 def test_bytes_count_disagrees_with_the_shape(sig: Signature) -> None:
@@ -399,20 +470,33 @@ def test_bytes_of_the_wrong_rank(sig: Signature) -> None:
         decode(sig, *build([files_input(sig, [b"a", b"b"], [1, 2])]))
 
 
-@pytest.mark.parametrize("body, match", [
-    (b"{not json", "not valid JSON"),
-    (b'{"inputs": "image"}', "inputs"),
-    (b'{"inputs": []}', "inputs"),
-    (b'{"outputs": []}', "inputs"),
-    (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "UINT8", "data": [1],'
-     b' "colour": "red"}]}', "colour"),
-    (b'{"inputs": [{"name": "image", "shape": ["1"], "datatype": "UINT8", "data": [1]}]}',
-     "shape"),
-    (b'{"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "UINT8"}]}',
-     "neither data nor"),
-    (b'{"id": 5, "inputs": [{"name": "image", "shape": [1], "datatype": "UINT8",'
-     b' "data": [1]}]}', "id"),
-])
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"inputs": "image"}', "inputs"),
+        (b'{"inputs": []}', "inputs"),
+        (b'{"outputs": []}', "inputs"),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1], "datatype": "UINT8", "data": [1],'
+            b' "colour": "red"}]}',
+            "colour",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": ["1"], "datatype": "UINT8", "data": [1]}]}',
+            "shape",
+        ),
+        (
+            b'{"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "UINT8"}]}',
+            "neither data nor",
+        ),
+        (
+            b'{"id": 5, "inputs": [{"name": "image", "shape": [1], "datatype": "UINT8",'
+            b' "data": [1]}]}',
+            "id",
+        ),
+    ],
+)
 def test_json_that_does_not_follow_the_schema(sig: Signature, body: bytes, match: str) -> None:
     with pytest.raises(SchemaError, match=match) as caught:
         decode(sig, body, None)
@@ -421,17 +505,40 @@ def test_json_that_does_not_follow_the_schema(sig: Signature, body: bytes, match
 
 def test_json_pixels_out_of_range_or_not_integers(sig: Signature) -> None:
     count = int(np.prod(sig.image_shape))
-    for data, match in (([256] * count, r"\[0, 255\]"), ([0.5] * count, "integers"),
-                        (["1"] * count, "integers")):
-        body = json.dumps({"inputs": [{"name": sig.input_name, "datatype": "UINT8",
-                                       "shape": [1, *sig.image_shape], "data": data}]})
+    for data, match in (
+        ([256] * count, r"\[0, 255\]"),
+        ([0.5] * count, "integers"),
+        (["1"] * count, "integers"),
+    ):
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": sig.input_name,
+                        "datatype": "UINT8",
+                        "shape": [1, *sig.image_shape],
+                        "data": data,
+                    }
+                ]
+            }
+        )
         with pytest.raises(DatatypeMismatch, match=match):
             decode(sig, body.encode(), None)
 
 
 def test_json_pixel_count_disagrees_with_the_shape(sig: Signature) -> None:
-    body = json.dumps({"inputs": [{"name": sig.input_name, "datatype": "UINT8",
-                                   "shape": [1, *sig.image_shape], "data": [1, 2, 3]}]})
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": sig.input_name,
+                    "datatype": "UINT8",
+                    "shape": [1, *sig.image_shape],
+                    "data": [1, 2, 3],
+                }
+            ]
+        }
+    )
     with pytest.raises(ShapeMismatch, match="needs 784 values, data has 3"):
         decode(sig, body.encode(), None)
 
@@ -445,8 +552,10 @@ def test_shared_memory_is_refused(sig: Signature) -> None:
 
 def test_sequence_requests_are_refused(sig: Signature) -> None:
     with pytest.raises(Unsupported, match="sequence"):
-        decode(sig, *build([uint8_input(sig, pixels(1, sig), True)], sequence_id=4,
-                           sequence_start=True))
+        decode(
+            sig,
+            *build([uint8_input(sig, pixels(1, sig), True)], sequence_id=4, sequence_start=True),
+        )
 
 
 def test_timeout_parameter_is_kept(sig: Signature) -> None:
@@ -456,27 +565,47 @@ def test_timeout_parameter_is_kept(sig: Signature) -> None:
 
 def test_bad_output_parameters(sig: Signature) -> None:
     for params in ({"classification": -1}, {"classification": "3"}, {"binary_data": 1}):
-        body = json.dumps({"inputs": [{"name": sig.input_name, "datatype": "BYTES",
-                                       "shape": [1], "data": ["x"]}],
-                           "outputs": [{"name": sig.output_name, "parameters": params}]})
+        body = json.dumps(
+            {
+                "inputs": [
+                    {"name": sig.input_name, "datatype": "BYTES", "shape": [1], "data": ["x"]}
+                ],
+                "outputs": [{"name": sig.output_name, "parameters": params}],
+            }
+        )
         with pytest.raises(SchemaError, match=r"classification|binary_data"):
             decode(sig, body.encode(), None)
 
 
 def test_a_three_channel_card(card: ModelCard) -> None:
-    rgb = Signature.from_card(card.model_copy(update={"input": card.input.model_copy(
-        update={"channels": 3, "color": "RGB", "height": 8, "width": 6,
-                "mean": [0.5] * 3, "std": [0.2] * 3})}))
+    rgb = Signature.from_card(
+        card.model_copy(
+            update={
+                "input": card.input.model_copy(
+                    update={
+                        "channels": 3,
+                        "color": "RGB",
+                        "height": 8,
+                        "width": 6,
+                        "mean": [0.5] * 3,
+                        "std": [0.2] * 3,
+                    }
+                )
+            }
+        )
+    )
     x = np.arange(2 * 3 * 8 * 6, dtype=np.int64).reshape(2, 3, 8, 6).astype(np.uint8)
     np.testing.assert_array_equal(decode(rgb, *build([uint8_input(rgb, x, True)])).pixels, x)
     with pytest.raises(ShapeMismatch, match=r"\[N, 3, 8, 6\]"):
         decode(rgb, *build([uint8_input(rgb, x.transpose(0, 2, 3, 1).copy(), True)]))
 
 
-@pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress),
-                                                ("deflate", zlib.compress)])
-def test_compressed_bodies(sig: Signature, encoding: str,
-                           compress: Callable[[bytes], bytes]) -> None:
+@pytest.mark.parametrize(
+    "encoding, compress", [("gzip", gzip.compress), ("deflate", zlib.compress)]
+)
+def test_compressed_bodies(
+    sig: Signature, encoding: str, compress: Callable[[bytes], bytes]
+) -> None:
     x = pixels(2, sig)
     body, hl = build([uint8_input(sig, x, True)])
     plain = decompress(compress(body), encoding, limit=len(body))
@@ -499,4 +628,5 @@ def test_error_body_is_the_protocols_string_form() -> None:
     assert error_body("plain") == {"error": "plain"}
     assert error.status == 400
     assert V2Error("queue full", status=503, headers={"Retry-After": "1"}).headers == {
-        "Retry-After": "1"}
+        "Retry-After": "1"
+    }

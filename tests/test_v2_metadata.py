@@ -50,8 +50,11 @@ def triton_protos() -> Iterator[tuple[ModuleType, ModuleType]]:
     http extra lacks, but its generated modules need only protobuf: load them by path under
     a stand-in package, and take the stand-in away afterwards."""
     folder = Path(tritonclient.__file__).parent / "grpc"
-    names = ("tritonclient.grpc", "tritonclient.grpc.model_config_pb2",
-             "tritonclient.grpc.service_pb2")
+    names = (
+        "tritonclient.grpc",
+        "tritonclient.grpc.model_config_pb2",
+        "tritonclient.grpc.service_pb2",
+    )
     saved = {name: sys.modules.get(name) for name in names}
     package = ModuleType("tritonclient.grpc")
     package.__path__ = []
@@ -80,8 +83,11 @@ def service_pb2(triton_protos: tuple[ModuleType, ModuleType]) -> ModuleType:
 
 def test_server_metadata_lists_the_given_extensions(service_pb2: ModuleType) -> None:
     body = server_metadata("seresnet-serve", "0.1.0", ["binary_tensor_data", "classification"])
-    assert body == {"name": "seresnet-serve", "version": "0.1.0",
-                    "extensions": ["binary_tensor_data", "classification"]}
+    assert body == {
+        "name": "seresnet-serve",
+        "version": "0.1.0",
+        "extensions": ["binary_tensor_data", "classification"],
+    }
     json_format.ParseDict(body, service_pb2.ServerMetadataResponse())
 
 
@@ -106,8 +112,13 @@ def test_check_model_knows_the_served_name_and_version() -> None:
 
 
 def test_model_config_follows_tritons_schema(model_config_pb2: ModuleType) -> None:
-    batching = Batching(max_batch_size=32, max_queue_delay_us=2000,
-                        preferred_batch_sizes=[8, 16, 32], instance_kind="KIND_GPU", gpus=[0])
+    batching = Batching(
+        max_batch_size=32,
+        max_queue_delay_us=2000,
+        preferred_batch_sizes=[8, 16, 32],
+        instance_kind="KIND_GPU",
+        gpus=[0],
+    )
     body = model_config(SIG, batching)
 
     parsed = json_format.ParseDict(body, model_config_pb2.ModelConfig())
@@ -132,8 +143,7 @@ def test_model_config_follows_tritons_schema(model_config_pb2: ModuleType) -> No
     assert body["input"][0]["dims"] == [1, 28, 28] and body["max_batch_size"] == 32
 
 
-def test_model_config_for_a_cpu_model_with_a_named_version(model_config_pb2: ModuleType
-                                                           ) -> None:
+def test_model_config_for_a_cpu_model_with_a_named_version(model_config_pb2: ModuleType) -> None:
     sig = Signature.from_card(read_card(EMBEDDED_MODEL).model_copy(update={"version": "2026a"}))
     body = model_config(sig, Batching(max_batch_size=8, max_queue_delay_us=0))
     parsed = json_format.ParseDict(body, model_config_pb2.ModelConfig())
@@ -142,9 +152,15 @@ def test_model_config_for_a_cpu_model_with_a_named_version(model_config_pb2: Mod
 
 
 def test_statistics(service_pb2: ModuleType) -> None:
-    counters = ModelCounters(inference_count=12, execution_count=5, last_inference_ms=1700,
-                             success=Duration(4, 9_000), fail=Duration(1, 300),
-                             queue=Duration(4, 1_000), compute_infer=Duration(4, 6_000))
+    counters = ModelCounters(
+        inference_count=12,
+        execution_count=5,
+        last_inference_ms=1700,
+        success=Duration(4, 9_000),
+        fail=Duration(1, 300),
+        queue=Duration(4, 1_000),
+        compute_infer=Duration(4, 6_000),
+    )
     counters.compute_input.add(200)
     counters.batches[4] = BatchDurations(compute_infer=Duration(2, 4_000))
     counters.batches[1] = BatchDurations(compute_infer=Duration(3, 2_000))

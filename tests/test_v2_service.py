@@ -44,8 +44,11 @@ UNFUSED_ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def svc() -> Iterator[ServiceProcess]:
-    env = {"SERESNET_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
-           "SERESNET_MAX_BODY_BYTES": str(MAX_BODY), "SERESNET_WORKERS": "1"}
+    env = {
+        "SERESNET_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
+        "SERESNET_MAX_BODY_BYTES": str(MAX_BODY),
+        "SERESNET_WORKERS": "1",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as service:
         yield service
 
@@ -72,14 +75,16 @@ def served_session(svc: ServiceProcess) -> ort.InferenceSession:
         import ops
 
         ops.register(so)
-    return ort.InferenceSession(str(EMBEDDED_MODEL / engine["graph_file"]), so,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(EMBEDDED_MODEL / engine["graph_file"]), so, providers=["CPUExecutionProvider"]
+    )
 
 
 @pytest.fixture(scope="module")
 def unfused_session() -> ort.InferenceSession:
-    return ort.InferenceSession(str(EMBEDDED_MODEL / UNFUSED_FILE),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(EMBEDDED_MODEL / UNFUSED_FILE), providers=["CPUExecutionProvider"]
+    )
 
 
 def direct(session: ort.InferenceSession, pixels: np.ndarray) -> np.ndarray:
@@ -123,8 +128,12 @@ def test_health_and_server_metadata(client: triton.InferenceServerClient) -> Non
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata()
     assert meta["name"] == "seresnet-serve"
-    assert set(meta["extensions"]) == {"binary_tensor_data", "classification",
-                                       "model_configuration", "statistics"}
+    assert set(meta["extensions"]) == {
+        "binary_tensor_data",
+        "classification",
+        "model_configuration",
+        "statistics",
+    }
 
 
 def test_model_ready_with_and_without_version(client: triton.InferenceServerClient) -> None:
@@ -139,8 +148,9 @@ def test_model_metadata_with_and_without_version(client: triton.InferenceServerC
         assert meta["name"] == NAME and meta["versions"] == [VERSION]
         assert meta["platform"] == "onnxruntime_onnx"
         assert meta["inputs"] == [{"name": INPUT, "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
-        assert meta["outputs"] == [{"name": OUTPUT, "datatype": "FP32",
-                                    "shape": [-1, CARD.num_classes]}]
+        assert meta["outputs"] == [
+            {"name": OUTPUT, "datatype": "FP32", "shape": [-1, CARD.num_classes]}
+        ]
         assert "engine" in meta and "card" in meta  # the service's extra fields stay
     e = fails(client.get_model_metadata, NAME, "7")
     assert e.status() == "404" and "'7'" in e.message() and "{" not in e.message()
@@ -162,7 +172,8 @@ def test_model_config(client: triton.InferenceServerClient) -> None:
 
 def test_repository_index(client: triton.InferenceServerClient) -> None:
     assert client.get_model_repository_index() == [
-        {"name": NAME, "version": VERSION, "state": "READY", "reason": ""}]
+        {"name": NAME, "version": VERSION, "state": "READY", "reason": ""}
+    ]
 
 
 # ----------------------------------------------------------------------------- infer
@@ -170,49 +181,64 @@ def test_repository_index(client: triton.InferenceServerClient) -> None:
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_infer_uint8_tensor_equals_direct_onnxruntime(
-        client: triton.InferenceServerClient, fashion: np.ndarray, binary: bool,
-        served_session: ort.InferenceSession, unfused_session: ort.InferenceSession) -> None:
+    client: triton.InferenceServerClient,
+    fashion: np.ndarray,
+    binary: bool,
+    served_session: ort.InferenceSession,
+    unfused_session: ort.InferenceSession,
+) -> None:
     pixels = pixels_of(fashion[:MAX_IMAGES])
     out = triton.InferRequestedOutput(OUTPUT, binary_data=binary)
-    result = client.infer(NAME, [uint8_input(pixels, binary)], outputs=[out],
-                          request_id="req-7")
+    result = client.infer(NAME, [uint8_input(pixels, binary)], outputs=[out], request_id="req-7")
     logits = result.as_numpy(OUTPUT)
     assert logits.dtype == np.float32 and logits.shape == (MAX_IMAGES, CARD.num_classes)
-    np.testing.assert_allclose(logits, direct(served_session, pixels), rtol=0,
-                               atol=SERVED_ATOL)
-    np.testing.assert_allclose(logits, direct(unfused_session, pixels), rtol=0,
-                               atol=UNFUSED_ATOL)
+    np.testing.assert_allclose(logits, direct(served_session, pixels), rtol=0, atol=SERVED_ATOL)
+    np.testing.assert_allclose(logits, direct(unfused_session, pixels), rtol=0, atol=UNFUSED_ATOL)
     response = result.get_response()
     assert response["model_name"] == NAME and response["model_version"] == VERSION
     assert response["id"] == "req-7"
 
 
-def test_infer_compressed_request(client: triton.InferenceServerClient, fashion: np.ndarray,
-                                  served_session: ort.InferenceSession) -> None:
+def test_infer_compressed_request(
+    client: triton.InferenceServerClient, fashion: np.ndarray, served_session: ort.InferenceSession
+) -> None:
     pixels = pixels_of(fashion[:4])
     for algorithm in ("gzip", "deflate"):
-        result = client.infer(NAME, [uint8_input(pixels, True)],
-                              request_compression_algorithm=algorithm)
-        np.testing.assert_allclose(result.as_numpy(OUTPUT), direct(served_session, pixels),
-                                   rtol=0, atol=SERVED_ATOL)
+        result = client.infer(
+            NAME, [uint8_input(pixels, True)], request_compression_algorithm=algorithm
+        )
+        np.testing.assert_allclose(
+            result.as_numpy(OUTPUT), direct(served_session, pixels), rtol=0, atol=SERVED_ATOL
+        )
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_infer_encoded_images_decoded_as_classify_does(
-        client: triton.InferenceServerClient, fashion: np.ndarray, binary: bool,
-        served_session: ort.InferenceSession) -> None:
+    client: triton.InferenceServerClient,
+    fashion: np.ndarray,
+    binary: bool,
+    served_session: ort.InferenceSession,
+) -> None:
     files = [png(image) for image in fashion[:6]]
     files.append(encode(photo(300, 200, seed=3), "JPEG", quality=90))  # resized and greyed
-    result = client.infer(NAME, [bytes_input(files)], model_version=VERSION,
-                          outputs=[triton.InferRequestedOutput(OUTPUT, binary_data=binary)])
+    result = client.infer(
+        NAME,
+        [bytes_input(files)],
+        model_version=VERSION,
+        outputs=[triton.InferRequestedOutput(OUTPUT, binary_data=binary)],
+    )
     expected = direct(served_session, np.stack([load_array(f, CARD.input) for f in files]))
     np.testing.assert_allclose(result.as_numpy(OUTPUT), expected, rtol=0, atol=SERVED_ATOL)
     assert result.as_numpy("image_errors") is None  # every image classified: no error output
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_classification_extension(client: triton.InferenceServerClient, fashion: np.ndarray,
-                                  binary: bool, served_session: ort.InferenceSession) -> None:
+def test_classification_extension(
+    client: triton.InferenceServerClient,
+    fashion: np.ndarray,
+    binary: bool,
+    served_session: ort.InferenceSession,
+) -> None:
     pixels = pixels_of(fashion[:4])
     out = triton.InferRequestedOutput(OUTPUT, binary_data=binary, class_count=3)
     strings = client.infer(NAME, [uint8_input(pixels, binary)], outputs=[out]).as_numpy(OUTPUT)
@@ -223,24 +249,33 @@ def test_classification_extension(client: triton.InferenceServerClient, fashion:
         ids = [int(index) for _, index, _ in parsed]
         assert ids == list(np.argsort(-expected, kind="stable")[:3])
         assert [label for _, _, label in parsed] == [CARD.labels[i] for i in ids]
-        np.testing.assert_allclose([float(score) for score, _, _ in parsed], expected[ids],
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            [float(score) for score, _, _ in parsed], expected[ids], atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
-def test_corrupt_image_among_good_ones(client: triton.InferenceServerClient, fashion: np.ndarray,
-                                       binary: bool, served_session: ort.InferenceSession) -> None:
+def test_corrupt_image_among_good_ones(
+    client: triton.InferenceServerClient,
+    fashion: np.ndarray,
+    binary: bool,
+    served_session: ort.InferenceSession,
+) -> None:
     files = [png(fashion[0]), truncated_jpeg(), png(fashion[1]), TEXT]
-    result = client.infer(NAME, [bytes_input(files)],
-                          outputs=[triton.InferRequestedOutput(OUTPUT, binary_data=binary)])
+    result = client.infer(
+        NAME,
+        [bytes_input(files)],
+        outputs=[triton.InferRequestedOutput(OUTPUT, binary_data=binary)],
+    )
     logits = result.as_numpy(OUTPUT)
     errors = [e.decode() if isinstance(e, bytes) else e for e in result.as_numpy("image_errors")]
     assert errors[0] == "" and errors[2] == ""
     assert errors[1] and errors[3] and "not a supported image" in errors[3]
     assert np.isnan(logits[[1, 3]]).all()
     good = np.stack([load_array(files[i], CARD.input) for i in (0, 2)])
-    np.testing.assert_allclose(logits[[0, 2]], direct(served_session, good), rtol=0,
-                               atol=SERVED_ATOL)
+    np.testing.assert_allclose(
+        logits[[0, 2]], direct(served_session, good), rtol=0, atol=SERVED_ATOL
+    )
 
 
 def test_only_image_corrupt_fails_the_request(client: triton.InferenceServerClient) -> None:
@@ -292,16 +327,20 @@ def test_body_over_the_limit(client: triton.InferenceServerClient) -> None:
 
 def test_deadline(client: triton.InferenceServerClient) -> None:
     # Triton's per-request timeout (microseconds) shortens the server's deadline.
-    e = fails(client.infer, NAME, [uint8_input(np.zeros((1, 1, 28, 28), np.uint8), True)],
-              timeout=1)
+    e = fails(
+        client.infer, NAME, [uint8_input(np.zeros((1, 1, 28, 28), np.uint8), True)], timeout=1
+    )
     assert e.status() == "504" and "deadline" in e.message()
 
 
 def test_error_bodies_are_the_protocols_string(svc: ServiceProcess) -> None:
     with httpx.Client(base_url=svc.url, timeout=30) as http:
-        for r in (http.get("/v2/models/nope"), http.get(f"/v2/models/{NAME}/versions/9/ready"),
-                  http.post(f"/v2/models/{NAME}/infer", content=b"{not json"),
-                  http.get("/v2/no/such/route")):
+        for r in (
+            http.get("/v2/models/nope"),
+            http.get(f"/v2/models/{NAME}/versions/9/ready"),
+            http.post(f"/v2/models/{NAME}/infer", content=b"{not json"),
+            http.get("/v2/no/such/route"),
+        ):
             assert r.status_code in (400, 404)
             body = r.json()
             assert set(body) == {"error"} and isinstance(body["error"], str), body
@@ -313,8 +352,9 @@ def test_error_bodies_are_the_protocols_string(svc: ServiceProcess) -> None:
 # ----------------------------------------------------------------------------- statistics
 
 
-def test_statistics_count_requests_and_images(client: triton.InferenceServerClient,
-                                              fashion: np.ndarray) -> None:
+def test_statistics_count_requests_and_images(
+    client: triton.InferenceServerClient, fashion: np.ndarray
+) -> None:
     def stat() -> dict:
         stats = client.get_inference_statistics(NAME)["model_stats"]
         assert [(s["name"], s["version"]) for s in stats] == [(NAME, VERSION)]
@@ -363,10 +403,16 @@ def guarded() -> Iterator[Guarded]:
     env = {"SERESNET_WORKERS": "2", "SERESNET_API_KEY": key, "SERESNET_WARMUP_ROUNDS": "300"}
     with start_service(EMBEDDED_MODEL, env=env) as svc:
         wait_until(svc, "/v2/health/live", time.monotonic() + 120)
-        body = b'{"inputs":[{"name":"image","shape":[1,1,28,28],"datatype":"UINT8",' \
-               b'"data":[' + b",".join([b"0"] * 784) + b"]}]}"
-        early = httpx.post(f"{svc.url}/v2/models/{NAME}/infer", content=body,
-                           headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        body = (
+            b'{"inputs":[{"name":"image","shape":[1,1,28,28],"datatype":"UINT8",'
+            b'"data":[' + b",".join([b"0"] * 784) + b"]}]}"
+        )
+        early = httpx.post(
+            f"{svc.url}/v2/models/{NAME}/infer",
+            content=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
         wait_until(svc, "/v2/health/ready", time.monotonic() + 300)
         yield Guarded(svc, early, key)
 
@@ -377,8 +423,9 @@ def test_not_ready_is_503_with_retry_after(guarded: Guarded) -> None:
     assert "warming up" in guarded.early.json()["error"]
 
 
-def test_two_workers_with_an_api_key(guarded: Guarded, fashion: np.ndarray,
-                                     served_session: ort.InferenceSession) -> None:
+def test_two_workers_with_an_api_key(
+    guarded: Guarded, fashion: np.ndarray, served_session: ort.InferenceSession
+) -> None:
     url = guarded.svc.url.removeprefix("http://")
     anonymous = triton.InferenceServerClient(url)
     e = fails(anonymous.get_model_metadata, NAME)
@@ -389,11 +436,13 @@ def test_two_workers_with_an_api_key(guarded: Guarded, fashion: np.ndarray,
     pixels = pixels_of(fashion[:8])
     expected = direct(served_session, pixels)
     # Several connections, so both workers serve some of them.
-    pending = [client.async_infer(NAME, [uint8_input(pixels, True)], headers=headers)
-               for _ in range(12)]
+    pending = [
+        client.async_infer(NAME, [uint8_input(pixels, True)], headers=headers) for _ in range(12)
+    ]
     for p in pending:
-        np.testing.assert_allclose(p.get_result().as_numpy(OUTPUT), expected, rtol=0,
-                                   atol=SERVED_ATOL)
+        np.testing.assert_allclose(
+            p.get_result().as_numpy(OUTPUT), expected, rtol=0, atol=SERVED_ATOL
+        )
     stats = client.get_inference_statistics(NAME, headers=headers)["model_stats"][0]
     assert stats["inference_count"] >= 12 * 8  # summed over both workers and the engine
     assert stats["inference_stats"]["success"]["count"] >= 12

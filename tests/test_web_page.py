@@ -26,8 +26,11 @@ from serverutil import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_servic
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium "
-                "chromium-driver; .ci/run installs them)", allow_module_level=True)
+    pytest.skip(
+        "needs Debian's chromium and chromium-driver (apt-get install chromium "
+        "chromium-driver; .ci/run installs them)",
+        allow_module_level=True,
+    )
 
 from selenium import webdriver  # noqa: E402  (only once chromium is known to be there)
 from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
@@ -45,9 +48,17 @@ API_KEY = "page-test-key"
 # index 4, a Shirt, comes back as T-shirt/top).
 FASHION_INDICES = (0, 1, 2, 6, 7, 8, 9, 13)
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-default-apps", "--disable-extensions", "--window-size=1280,1000",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--window-size=1280,1000",
     # Loopback is never proxied; anything else would go to this closed port and fail, so even
     # a request the checks below missed could not leave the machine.
     "--proxy-server=http://127.0.0.1:9",
@@ -66,11 +77,21 @@ class Browser:
             message = json.loads(entry["message"])["message"]
             if message["method"] == "Network.requestWillBeSent":
                 request = message["params"]["request"]
-                new.append({"method": request["method"], "url": request["url"],
-                            "id": message["params"]["requestId"]})
+                new.append(
+                    {
+                        "method": request["method"],
+                        "url": request["url"],
+                        "id": message["params"]["requestId"],
+                    }
+                )
             elif message["method"] == "Network.loadingFailed":
-                new.append({"method": "FAILED", "id": message["params"]["requestId"],
-                            "blocked": message["params"].get("blockedReason")})
+                new.append(
+                    {
+                        "method": "FAILED",
+                        "id": message["params"]["requestId"],
+                        "blocked": message["params"].get("blockedReason"),
+                    }
+                )
             elif message["method"] == "Network.webSocketCreated":
                 new.append({"method": "WS", "url": message["params"]["url"]})
         self.requests += new
@@ -98,8 +119,10 @@ class Browser:
         return status.text
 
     def results(self) -> dict[str, WebElement]:
-        return {e.get_attribute("data-filename"): e
-                for e in self.driver.find_elements(By.CSS_SELECTOR, "#results .result")}
+        return {
+            e.get_attribute("data-filename"): e
+            for e in self.driver.find_elements(By.CSS_SELECTOR, "#results .result")
+        }
 
     def severe_console(self) -> list[str]:
         return [e["message"] for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
@@ -118,8 +141,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=DriverService(executable_path=CHROMEDRIVER),
-                              options=options)
+    driver = webdriver.Chrome(service=DriverService(executable_path=CHROMEDRIVER), options=options)
     try:
         yield Browser(driver)
     finally:
@@ -136,8 +158,7 @@ def nothing_leaves_loopback(browser: Browser) -> Iterator[None]:
     assert seen, "the network log recorded no request at all: the check would be empty"
     # The browser itself refused these (Content-Security-Policy): they never left it.
     blocked = {r["id"] for r in seen if r["method"] == "FAILED" and r["blocked"]}
-    remote = [r for r in seen if "url" in r and not _is_local(r["url"])
-              and r["id"] not in blocked]
+    remote = [r for r in seen if "url" in r and not _is_local(r["url"]) and r["id"] not in blocked]
     assert not remote, f"requests left 127.0.0.1: {remote}"
 
 
@@ -175,8 +196,10 @@ def _model_metadata(svc: ServiceProcess, headers: dict[str, str] | None = None) 
 
 def _top1(element: WebElement) -> tuple[str, str]:
     first = element.find_element(By.CSS_SELECTOR, ".bars li:first-child")
-    return (first.find_element(By.CSS_SELECTOR, ".label").text,
-            first.find_element(By.CSS_SELECTOR, ".score").text)
+    return (
+        first.find_element(By.CSS_SELECTOR, ".label").text,
+        first.find_element(By.CSS_SELECTOR, ".score").text,
+    )
 
 
 def test_page_shows_the_card_and_classifies_fashion_mnist_images(
@@ -189,10 +212,12 @@ def test_page_shows_the_card_and_classifies_fashion_mnist_images(
     assert browser.by_id("card-title").text.startswith("fashion-seresnet · version 1")
     assert browser.by_id("card-classes").text.startswith(
         "10 classes: T-shirt/top · Trouser · Pullover · Dress · Coat · Sandal · Shirt · Sneaker "
-        "· Bag · Ankle boot.")
+        "· Bag · Ankle boot."
+    )
     assert browser.by_id("card-input").text.startswith("28×28 grayscale")
     assert browser.by_id("card-accuracy").text == (
-        "top-1 93.96 %, top-5 99.97 % on 10,000 test images")
+        "top-1 93.96 %, top-5 99.97 % on 10,000 test images"
+    )
     engine = browser.by_id("card-engine").text
     assert engine.startswith(meta["engine"]["provider"])
     assert ("fused SE graph" in engine) == (meta["engine"]["graph"] == "fused")
@@ -211,8 +236,11 @@ def test_page_shows_the_card_and_classifies_fashion_mnist_images(
         label, score = _top1(card)
         assert label == sample.label
         # The bar says what the API says for the same file.
-        r = httpx.post(f"{service.url}/classify?top_k=5", timeout=30,
-                       files=[("images", (sample.path.name, sample.path.read_bytes()))])
+        r = httpx.post(
+            f"{service.url}/classify?top_k=5",
+            timeout=30,
+            files=[("images", (sample.path.name, sample.path.read_bytes()))],
+        )
         api = r.json()["results"][0]["predictions"]
         assert score == f"{api[0]['score'] * 100:.1f} %"
         assert len(card.find_elements(By.CSS_SELECTOR, ".bars li")) == 5
@@ -241,8 +269,11 @@ def test_page_says_why_a_file_was_not_classified(
     assert shown["broken.jpg"].get_attribute("data-state") == "error"
     assert error.text.startswith("Not a readable image: JPEG data cannot be decoded")
     assert error.text.endswith("(corrupt_image)")
-    assert shown["notes.png"].find_element(By.CSS_SELECTOR, ".error").text.startswith(
-        "Not an image format the service reads: not a supported image")
+    assert (
+        shown["notes.png"]
+        .find_element(By.CSS_SELECTOR, ".error")
+        .text.startswith("Not an image format the service reads: not a supported image")
+    )
     browser.screenshot("web_page_errors.png")
 
     # Alone, a bad image is the whole request's status (400), not a 200 with an error entry.
@@ -256,19 +287,24 @@ def test_page_says_why_a_file_was_not_classified(
 def test_docs_and_redoc_render_offline(service: ServiceProcess, browser: Browser) -> None:
     browser.driver.get(f"{service.url}/docs")
     browser.wait(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
-    paths = {e.text.replace("\u200b", "") for e in
-             browser.driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    paths = {
+        e.text.replace("\u200b", "")
+        for e in browser.driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+    }
     assert {"/classify", "/v2/health/ready", "/v2/models/{name}", "/metrics"} <= paths
     browser.screenshot("docs.png")
-    assert any(urlsplit(r.get("url", "")).path == "/static/docs/swagger-ui-bundle.js"
-               for r in browser.collect())
+    assert any(
+        urlsplit(r.get("url", "")).path == "/static/docs/swagger-ui-bundle.js"
+        for r in browser.collect()
+    )
 
     browser.driver.get(f"{service.url}/redoc")
     browser.wait(lambda d: "/classify" in d.find_element(By.TAG_NAME, "body").text)
     browser.screenshot("redoc.png")
     requests = browser.collect()
-    assert any(urlsplit(r.get("url", "")).path == "/static/docs/redoc.standalone.js"
-               for r in requests)
+    assert any(
+        urlsplit(r.get("url", "")).path == "/static/docs/redoc.standalone.js" for r in requests
+    )
     # ReDoc always asks its CDN for a logo; the page's policy makes the browser refuse it.
     logo = [r["id"] for r in requests if r.get("url", "").endswith("/redoc/logo-mini.svg")]
     assert {"method": "FAILED", "id": logo[0], "blocked": "csp"} in requests
@@ -281,8 +317,11 @@ def test_page_asks_for_the_api_key_and_keeps_to_the_limits(
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     big.write_bytes(encode(Image.fromarray(noise, "RGB"), "PNG"))  # noise: incompressible
     assert big.stat().st_size > 8192
-    env = {"SERESNET_API_KEY": API_KEY, "SERESNET_MAX_IMAGES_PER_REQUEST": "2",
-           "SERESNET_MAX_BODY_BYTES": "8192"}
+    env = {
+        "SERESNET_API_KEY": API_KEY,
+        "SERESNET_MAX_IMAGES_PER_REQUEST": "2",
+        "SERESNET_MAX_BODY_BYTES": "8192",
+    }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
         browser.driver.get(f"{svc.url}/")
         card_status = browser.by_id("card-status")
@@ -292,22 +331,27 @@ def test_page_asks_for_the_api_key_and_keeps_to_the_limits(
         key = browser.by_id("api-key")
         key.send_keys(API_KEY, Keys.TAB)
         browser.wait(lambda _d: browser.by_id("card-facts").is_displayed())
-        assert browser.by_id("card-limits").text.startswith(
-            "2 images and 8 KiB per request")
+        assert browser.by_id("card-limits").text.startswith("2 images and 8 KiB per request")
 
         five = [s.path for s in fashion[:5]]
         browser.collect()
         browser.upload([*five, big])
         status = browser.wait_done()
-        assert re.fullmatch(r"5 images classified, 1 not · 3 requests, \d+ ms "
-                            r"\(\d+ \+ \d+ \+ \d+ ms\)", status), status
+        assert re.fullmatch(
+            r"5 images classified, 1 not · 3 requests, \d+ ms "
+            r"\(\d+ \+ \d+ \+ \d+ ms\)",
+            status,
+        ), status
         posts = [r for r in browser.collect() if r["method"] == "POST"]
         assert len(posts) == 3  # 2 + 2 + 1 images; the big file was never sent
         shown = browser.results()
         for sample in fashion[:5]:
             assert _top1(shown[sample.path.name])[0] == sample.label
-        assert shown["big.png"].find_element(By.CSS_SELECTOR, ".error").text.startswith(
-            "Too large to send:")
+        assert (
+            shown["big.png"]
+            .find_element(By.CSS_SELECTOR, ".error")
+            .text.startswith("Too large to send:")
+        )
         browser.screenshot("web_page_limits.png")
 
         # The key lives in sessionStorage: a reload still has it, and the card loads.

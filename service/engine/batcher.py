@@ -55,8 +55,9 @@ class BatcherClosedError(RuntimeError):
 class BatchObserver(Protocol):
     """Receives what metrics need; called on the event loop."""
 
-    def on_batch(self, size: int, queue_waits: Sequence[float], compute_s: float,
-                 failed: bool) -> None: ...
+    def on_batch(
+        self, size: int, queue_waits: Sequence[float], compute_s: float, failed: bool
+    ) -> None: ...
 
     def on_dropped(self, reason: str, images: int) -> None: ...
 
@@ -118,10 +119,15 @@ class Batcher:
             raise TypeError(f"run_batch must be callable, got {type(run_batch).__name__}")
         self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
         self.max_queue_size = _positive_int("max_queue_size", max_queue_size)
-        if (isinstance(max_queue_delay_s, bool) or not isinstance(max_queue_delay_s, int | float)
-                or not math.isfinite(max_queue_delay_s) or max_queue_delay_s < 0):
-            raise ValueError(f"max_queue_delay_s must be a finite number >= 0, "
-                             f"got {max_queue_delay_s!r}")
+        if (
+            isinstance(max_queue_delay_s, bool)
+            or not isinstance(max_queue_delay_s, int | float)
+            or not math.isfinite(max_queue_delay_s)
+            or max_queue_delay_s < 0
+        ):
+            raise ValueError(
+                f"max_queue_delay_s must be a finite number >= 0, got {max_queue_delay_s!r}"
+            )
         self.max_queue_delay_s = float(max_queue_delay_s)
         self._run_batch = run_batch
         self._observer = observer
@@ -191,8 +197,11 @@ class Batcher:
 
     # ----------------------------------------------------------------- callers
 
-    async def submit(self, images: Sequence[np.ndarray], deadline: float | None = None,
-                     ) -> np.ndarray:
+    async def submit(
+        self,
+        images: Sequence[np.ndarray],
+        deadline: float | None = None,
+    ) -> np.ndarray:
         """Run ``images`` (any number; they may be split over batches) and return their rows in
         order. ``deadline`` is a ``time.monotonic()`` value. Raises QueueFullError,
         DeadlineExceededError, BatchFailedError or BatcherClosedError."""
@@ -257,8 +266,9 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             # Wait for more only while the batch is not full and the oldest image has time.
-            while (len(self._queue) < self.max_batch_size and not self._closing
-                   and not self._flushing):
+            while (
+                len(self._queue) < self.max_batch_size and not self._closing and not self._flushing
+            ):
                 wait = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
                 if wait <= 0:
                     break
@@ -290,8 +300,11 @@ class Batcher:
                 continue
             if now >= request.deadline:
                 request.gave_up = "deadline"
-                request.future.set_exception(DeadlineExceededError(
-                    f"deadline passed with {request.remaining} of {request.size} images not run"))
+                request.future.set_exception(
+                    DeadlineExceededError(
+                        f"deadline passed with {request.remaining} of {request.size} images not run"
+                    )
+                )
                 self._drop_observed("deadline", 1)
                 continue
             batch.append(item)
@@ -308,7 +321,8 @@ class Batcher:
             if not isinstance(rows, np.ndarray) or rows.shape[:1] != (len(batch),):
                 raise BatchFailedError(
                     f"run_batch returned {getattr(rows, 'shape', type(rows).__name__)} "
-                    f"for a batch of {len(batch)}")
+                    f"for a batch of {len(batch)}"
+                )
         except Exception as e:  # every cause is fanned out to the callers
             compute = time.perf_counter() - t0
             self._record(len(batch), waits, compute, failed=True)
@@ -343,8 +357,9 @@ class Batcher:
         else:
             self.stats.images_run += size
             # A smoothed batch time feeds the Retry-After hint.
-            self._mean_batch_s = compute if not self._mean_batch_s else (
-                0.9 * self._mean_batch_s + 0.1 * compute)
+            self._mean_batch_s = (
+                compute if not self._mean_batch_s else (0.9 * self._mean_batch_s + 0.1 * compute)
+            )
         if self._observer is not None:
             self._observer.on_batch(size, waits, compute, failed)
 

@@ -72,8 +72,14 @@ class EngineInfo:
 class Engine:
     """A loaded model: ``run(images)`` -> logits [n, num_classes] (one batch, one thread)."""
 
-    def __init__(self, card: ModelCard, model_dir: Path, session: ort.InferenceSession,
-                 runner: PlainRunner | BucketRunner, info: EngineInfo) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        model_dir: Path,
+        session: ort.InferenceSession,
+        runner: PlainRunner | BucketRunner,
+        info: EngineInfo,
+    ) -> None:
         self.card = card
         self.model_dir = model_dir
         self.session = session
@@ -83,8 +89,9 @@ class Engine:
         self.sample_shape = (card.input.channels, card.input.height, card.input.width)
 
     @classmethod
-    def load(cls, config: EngineConfig, ops_status: OpsStatus | None = None,
-             gpu_count: int | None = None) -> Engine:
+    def load(
+        cls, config: EngineConfig, ops_status: OpsStatus | None = None, gpu_count: int | None = None
+    ) -> Engine:
         """Read the card, choose provider, graph, precision and CUDA graphs, build the session;
         no warm-up yet. A choice made by ``auto`` that fails to load falls back (float16 to
         float32, CUDA graphs off, fused to unfused) and says why; an explicit one is an
@@ -99,68 +106,115 @@ class Engine:
         pchoice = choose_provider(config.provider, gpu_count, ort.get_available_providers())
         ops_status = ops_status or probe_ops()
         choice = choose_graph(
-            pchoice.provider, ops_status.providers, (model_dir / FUSED_FILE).is_file(),
-            config.graph, config.opt_level, ops_status.error,
+            pchoice.provider,
+            ops_status.providers,
+            (model_dir / FUSED_FILE).is_file(),
+            config.graph,
+            config.opt_level,
+            ops_status.error,
         )
         precision = choose_precision(
-            pchoice.provider, config.precision, choice.graph,
+            pchoice.provider,
+            config.precision,
+            choice.graph,
             card.float16 is not None and (model_dir / card.float16.file).is_file(),
-            ops_status.fp16_cuda)
+            ops_status.fp16_cuda,
+        )
         choice = replace(choice, precision=precision.precision)
         graphs = choose_cuda_graphs(pchoice.provider, config.cuda_graphs)
         session, provider_options = None, {}
         while session is None:
             try:
-                session, provider_options = make_session(model_dir, pchoice.provider, choice,
-                                                         config, graphs.enabled)
+                session, provider_options = make_session(
+                    model_dir, pchoice.provider, choice, config, graphs.enabled
+                )
             except EngineError as e:
                 # Fall back one auto choice at a time, the most exotic first.
                 if choice.precision == "fp16" and config.precision == "auto":
-                    precision = PrecisionChoice("fp32", f"auto: {FP16_FUSED_FILE} failed to "
-                                                f"load ({e})")
+                    precision = PrecisionChoice(
+                        "fp32", f"auto: {FP16_FUSED_FILE} failed to load ({e})"
+                    )
                     choice = replace(choice, precision="fp32")
                 elif graphs.enabled and config.cuda_graphs == "auto":
                     graphs = CudaGraphsChoice(False, f"auto: capture impossible ({e})")
                 elif choice.graph == "fused" and config.graph == "auto":
-                    choice = choose_graph(pchoice.provider, frozenset(), True, "auto",
-                                          config.opt_level, f"fused graph failed to load: {e}")
+                    choice = choose_graph(
+                        pchoice.provider,
+                        frozenset(),
+                        True,
+                        "auto",
+                        config.opt_level,
+                        f"fused graph failed to load: {e}",
+                    )
                 else:
                     raise
-                log.warning("falling back", extra={"cause": str(e), "graph": choice.filename,
-                                                   "cuda_graphs": graphs.enabled})
+                log.warning(
+                    "falling back",
+                    extra={
+                        "cause": str(e),
+                        "graph": choice.filename,
+                        "cuda_graphs": graphs.enabled,
+                    },
+                )
         if choice.graph == "unfused" and config.graph == "auto":
             log.warning("serving the unfused graph", extra={"reason": choice.reason})
         input_name, output_name = check_signature(session, card, choice.filename)
         ep = PROVIDER_EP[pchoice.provider]
         if session.get_providers()[0] != ep:
-            raise EngineError(f"{ep} did not initialise (session runs on "
-                              f"{session.get_providers()}); see onnxruntime's log above")
+            raise EngineError(
+                f"{ep} did not initialise (session runs on "
+                f"{session.get_providers()}); see onnxruntime's log above"
+            )
         buckets = config.batch_buckets
         runner: PlainRunner | BucketRunner
         if pchoice.provider == "cuda":
-            runner = BucketRunner(session, input_name, output_name,
-                                  (card.input.channels, card.input.height, card.input.width),
-                                  np.dtype(card.input.dtype), card.num_classes, buckets,
-                                  "cuda", config.device_id, cuda_graphs=graphs.enabled)
+            runner = BucketRunner(
+                session,
+                input_name,
+                output_name,
+                (card.input.channels, card.input.height, card.input.width),
+                np.dtype(card.input.dtype),
+                card.num_classes,
+                buckets,
+                "cuda",
+                config.device_id,
+                cuda_graphs=graphs.enabled,
+            )
         else:
             runner = PlainRunner(session, input_name, output_name)
         info = EngineInfo(
-            provider=pchoice.provider, provider_reason=pchoice.reason, graph=choice.graph,
-            graph_file=choice.filename, opt_level=choice.opt_level, reason=choice.reason,
+            provider=pchoice.provider,
+            provider_reason=pchoice.reason,
+            graph=choice.graph,
+            graph_file=choice.filename,
+            opt_level=choice.opt_level,
+            reason=choice.reason,
             ops=ops_status,
             intra_op_threads=config.intra_op_threads if pchoice.provider == "cpu" else 1,
-            batch_buckets=buckets, session_providers=session.get_providers(),
+            batch_buckets=buckets,
+            session_providers=session.get_providers(),
             provider_options=provider_options,
             tf32=provider_options.get("use_tf32") == "1" if pchoice.provider == "cuda" else None,
-            precision=choice.precision, precision_reason=precision.reason,
-            cuda_graphs=graphs.enabled, cuda_graphs_reason=graphs.reason,
+            precision=choice.precision,
+            precision_reason=precision.reason,
+            cuda_graphs=graphs.enabled,
+            cuda_graphs_reason=graphs.reason,
         )
-        log.info("engine loaded", extra={
-            "model": card.name, "version": card.version, "provider": info.provider,
-            "graph": info.graph, "graph_file": info.graph_file, "opt_level": info.opt_level,
-            "reason": info.reason, "provider_reason": info.provider_reason,
-            "precision": info.precision, "cuda_graphs": info.cuda_graphs,
-        })
+        log.info(
+            "engine loaded",
+            extra={
+                "model": card.name,
+                "version": card.version,
+                "provider": info.provider,
+                "graph": info.graph,
+                "graph_file": info.graph_file,
+                "opt_level": info.opt_level,
+                "reason": info.reason,
+                "provider_reason": info.provider_reason,
+                "precision": info.precision,
+                "cuda_graphs": info.cuda_graphs,
+            },
+        )
         return cls(card, model_dir, session, runner, info)
 
     def warm_up(self, rounds: int = 1) -> float:
@@ -174,8 +228,10 @@ class Engine:
         seconds = time.perf_counter() - t0
         self.info.warm_shapes = tuple(shapes)
         self.info.warmup_seconds = round(seconds, 4)
-        log.info("warm-up complete", extra={"shapes": list(shapes), "rounds": rounds,
-                                            "seconds": round(seconds, 3)})
+        log.info(
+            "warm-up complete",
+            extra={"shapes": list(shapes), "rounds": rounds, "seconds": round(seconds, 3)},
+        )
         return seconds
 
     def run(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -183,4 +239,3 @@ class Engine:
         if not images:
             raise ValueError("run() needs at least one image")
         return self._runner.run(images)
-

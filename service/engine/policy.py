@@ -34,7 +34,6 @@ class EngineError(RuntimeError):
     """The model cannot be served as configured; the message names the cause."""
 
 
-
 def cuda_device_count() -> int:
     """GPUs the CUDA driver can see (0 without a driver). onnxruntime-gpu lists the CUDA EP as
     available whether or not a GPU exists, so ask the driver itself."""
@@ -64,8 +63,10 @@ def choose_provider(requested: str, gpu_count: int, ort_providers: Sequence[str]
         return ProviderChoice("cpu", "SERESNET_PROVIDER=cpu")
     if requested == "cuda":
         if not has_ep:
-            raise EngineError("SERESNET_PROVIDER=cuda but this onnxruntime has no CUDA provider "
-                              "(install onnxruntime-gpu)")
+            raise EngineError(
+                "SERESNET_PROVIDER=cuda but this onnxruntime has no CUDA provider "
+                "(install onnxruntime-gpu)"
+            )
         if gpu_count < 1:
             raise EngineError("SERESNET_PROVIDER=cuda but the CUDA driver sees no GPU")
         return ProviderChoice("cuda", "SERESNET_PROVIDER=cuda")
@@ -159,8 +160,9 @@ class PrecisionChoice:
     reason: str
 
 
-def choose_precision(provider: str, requested: str, graph: Graph, fp16_present: bool,
-                     fp16_kernel: bool) -> PrecisionChoice:
+def choose_precision(
+    provider: str, requested: str, graph: Graph, fp16_present: bool, fp16_kernel: bool
+) -> PrecisionChoice:
     """``auto``: float16 on CUDA when the folder has ``model.fp16.se.onnx``, the fused graph is
     served and the op library has the float16 CUDA kernel; else float32. An explicit ``fp16``
     that cannot be honoured is an error."""

@@ -49,7 +49,6 @@ from service.slots import SlotArena
 log = logging.getLogger("service.engine")
 
 
-
 @dataclass(frozen=True)
 class EngineProcessConfig:
     """What the supervisor hands the engine process (picklable)."""
@@ -94,16 +93,30 @@ class EngineServer:
         self.max_batch_size = max(info.batch_buckets)
         # One slot per admissible image plus one batch being run: the bound is on images
         # waiting (decoding or queued), as it was in one process.
-        self.arena = SlotArena(config.shm_path, engine.sample_shape, engine.input_dtype,
-                               config.max_queue_size + self.max_batch_size, create=True)
+        self.arena = SlotArena(
+            config.shm_path,
+            engine.sample_shape,
+            engine.input_dtype,
+            config.max_queue_size + self.max_batch_size,
+            create=True,
+        )
         self._free: deque[int] = deque(range(self.arena.count))
-        self.labels = {"model": card.name, "version": card.version, "provider": info.provider,
-                       "graph": info.graph, "opt_level": info.opt_level}
+        self.labels = {
+            "model": card.name,
+            "version": card.version,
+            "provider": info.provider,
+            "graph": info.graph,
+            "opt_level": info.opt_level,
+        }
         self.metrics = EngineMetrics(self.labels, self.max_batch_size, info.reason)
         self.metrics.restarts.inc()
-        self.batcher = Batcher(self._run_batch, max_batch_size=self.max_batch_size,
-                               max_queue_delay_s=config.max_queue_delay_ms / 1000,
-                               max_queue_size=self.arena.count, observer=self.metrics)
+        self.batcher = Batcher(
+            self._run_batch,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_s=config.max_queue_delay_ms / 1000,
+            max_queue_size=self.arena.count,
+            observer=self.metrics,
+        )
         self.connections: set[_Connection] = set()
         self.ready = False
         self.not_ready_reason = "warming up"
@@ -115,12 +128,18 @@ class EngineServer:
 
     def hello(self) -> wire.EngineHello:
         return wire.EngineHello(
-            generation=self.config.generation, pid=os.getpid(), ready=self.ready,
+            generation=self.config.generation,
+            pid=os.getpid(),
+            ready=self.ready,
             not_ready_reason=self.not_ready_reason,
-            card=self.engine.card.model_dump(mode="json"), info=self.engine.info.describe(),
-            metric_labels=self.labels, shm_path=str(self.arena.path),
-            slot_shape=self.arena.shape, slot_dtype=self.arena.dtype.str,
-            slots=self.arena.count, max_queue_size=self.config.max_queue_size,
+            card=self.engine.card.model_dump(mode="json"),
+            info=self.engine.info.describe(),
+            metric_labels=self.labels,
+            shm_path=str(self.arena.path),
+            slot_shape=self.arena.shape,
+            slot_dtype=self.arena.dtype.str,
+            slots=self.arena.count,
+            max_queue_size=self.config.max_queue_size,
             max_batch_size=self.max_batch_size,
         )
 
@@ -148,8 +167,7 @@ class EngineServer:
             return
         self.draining = True
         self.batcher.flush()
-        log.info("draining", extra={"queued": self.batcher.depth,
-                                           "workers": len(self.connections)})
+        log.info("draining", extra={"queued": self.batcher.depth, "workers": len(self.connections)})
 
     # ----------------------------------------------------------------- connections
 
@@ -165,8 +183,7 @@ class EngineServer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker went away (exit, crash or restart)
         except wire.ProtocolError as e:
-            log.error("bad message from a worker; closing its connection",
-                      extra={"cause": str(e)})
+            log.error("bad message from a worker; closing its connection", extra={"cause": str(e)})
         finally:
             self.connections.discard(conn)
             for lease in list(conn.leases.values()):
@@ -185,7 +202,8 @@ class EngineServer:
                 conn.send(("fail", rid, "internal_error", "run without a lease", None))
                 return
             lease.task = asyncio.get_running_loop().create_task(
-                self._run(lease, list(slots), deadline, tuple(want)))
+                self._run(lease, list(slots), deadline, tuple(want))
+            )
         elif kind == "release":
             lease = conn.leases.get(message[1])
             if lease is not None:
@@ -216,9 +234,16 @@ class EngineServer:
         bound = self.config.max_queue_size
         if self.waiting + n > bound or n > len(self._free):
             self.metrics.on_dropped("queue_full", n)
-            conn.send(("fail", rid, "queue_full",
-                       f"{self.waiting} images in progress; {n} more exceed "
-                       f"SERESNET_MAX_QUEUE_SIZE={bound}", self.retry_after_s()))
+            conn.send(
+                (
+                    "fail",
+                    rid,
+                    "queue_full",
+                    f"{self.waiting} images in progress; {n} more exceed "
+                    f"SERESNET_MAX_QUEUE_SIZE={bound}",
+                    self.retry_after_s(),
+                )
+            )
             return
         slots = [self._free.popleft() for _ in range(n)]
         conn.leases[rid] = _Lease(conn, rid, slots)
@@ -246,8 +271,9 @@ class EngineServer:
     def _run_batch(self, images: list[np.ndarray]) -> np.ndarray:
         return self.engine.run(images)
 
-    async def _run(self, lease: _Lease, used: list[int], deadline: float,
-                   want: tuple[Any, ...]) -> None:
+    async def _run(
+        self, lease: _Lease, used: list[int], deadline: float, want: tuple[Any, ...]
+    ) -> None:
         conn, rid = lease.conn, lease.rid
         # Images that failed to decode never reach the queue; their slots go back now.
         keep = set(used) & set(lease.slots)
@@ -318,8 +344,13 @@ async def _serve(config: EngineProcessConfig, engine: Engine, pipe: Connection) 
         with contextlib.suppress(Exception):
             await asyncio.wait_for(warm, 1)
         await server_state.batcher.close(max(0.1, deadline - time.monotonic()))
-        log.info("drained", extra={"batches": server_state.batcher.stats.batches,
-                                          "images_run": server_state.batcher.stats.images_run})
+        log.info(
+            "drained",
+            extra={
+                "batches": server_state.batcher.stats.batches,
+                "images_run": server_state.batcher.stats.images_run,
+            },
+        )
         server_state.arena.close()
         server_state.arena.unlink()
         config.socket_path.unlink(missing_ok=True)

@@ -55,8 +55,9 @@ def register_ops(options: ort.SessionOptions) -> None:
     ops.register(options)
 
 
-def session_options(choice: GraphChoice, provider: str, config: EngineConfig,
-                    cuda_graphs: bool = False) -> ort.SessionOptions:
+def session_options(
+    choice: GraphChoice, provider: str, config: EngineConfig, cuda_graphs: bool = False
+) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = OPT_LEVELS[choice.opt_level]
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -96,12 +97,18 @@ def cuda_options(config: EngineConfig, cuda_graphs: bool = False) -> dict[str, s
     }
 
 
-def make_session(model_dir: Path, provider: str, choice: GraphChoice, config: EngineConfig,
-                 cuda_graphs: bool = False) -> tuple[ort.InferenceSession, dict[str, str]]:
+def make_session(
+    model_dir: Path,
+    provider: str,
+    choice: GraphChoice,
+    config: EngineConfig,
+    cuda_graphs: bool = False,
+) -> tuple[ort.InferenceSession, dict[str, str]]:
     path = model_dir / choice.filename
     if not path.is_file():
-        raise EngineError(f"{path} not found (a model folder needs {UNFUSED_FILE}, "
-                          "docs/design.md §3)")
+        raise EngineError(
+            f"{path} not found (a model folder needs {UNFUSED_FILE}, docs/design.md §3)"
+        )
     so = session_options(choice, provider, config, cuda_graphs)
     if provider == "cuda":
         if hasattr(ort, "preload_dlls"):
@@ -117,34 +124,46 @@ def make_session(model_dir: Path, provider: str, choice: GraphChoice, config: En
         raise EngineError(f"cannot load {path}: {type(e).__name__}: {e}") from e
 
 
-def check_signature(session: ort.InferenceSession, card: ModelCard, filename: str,
-                     ) -> tuple[str, str]:
+def check_signature(
+    session: ort.InferenceSession,
+    card: ModelCard,
+    filename: str,
+) -> tuple[str, str]:
     """The graph must take and give what the card says; else the card and model disagree."""
     spec = card.input
     inputs = session.get_inputs()
     by_name = {i.name: i for i in inputs}
     if spec.tensor not in by_name:
-        raise EngineError(f"{filename}: no input named {spec.tensor!r} (model.json input.tensor);"
-                          f" the graph has {sorted(by_name)}")
+        raise EngineError(
+            f"{filename}: no input named {spec.tensor!r} (model.json input.tensor);"
+            f" the graph has {sorted(by_name)}"
+        )
     inp = by_name[spec.tensor]
     if inp.type != _ORT_DTYPE[spec.dtype]:
-        raise EngineError(f"{filename}: input {spec.tensor!r} is {inp.type}, but model.json says "
-                          f"{spec.dtype}")
+        raise EngineError(
+            f"{filename}: input {spec.tensor!r} is {inp.type}, but model.json says {spec.dtype}"
+        )
     expected = [spec.channels, spec.height, spec.width]
     dims = list(inp.shape)
-    if len(dims) != 4 or any(isinstance(d, int) and d != e for d, e in zip(dims[1:], expected,
-                                                                            strict=True)):
-        raise EngineError(f"{filename}: input shape {dims} does not match model.json "
-                          f"[N, {spec.channels}, {spec.height}, {spec.width}]")
+    if len(dims) != 4 or any(
+        isinstance(d, int) and d != e for d, e in zip(dims[1:], expected, strict=True)
+    ):
+        raise EngineError(
+            f"{filename}: input shape {dims} does not match model.json "
+            f"[N, {spec.channels}, {spec.height}, {spec.width}]"
+        )
     if isinstance(dims[0], int) and dims[0] != -1:
         raise EngineError(f"{filename}: the batch axis is fixed at {dims[0]}; export it dynamic")
     outputs = {o.name: o for o in session.get_outputs()}
     if card.output.logits not in outputs:
-        raise EngineError(f"{filename}: no output named {card.output.logits!r} (model.json "
-                          f"output.logits); the graph has {sorted(outputs)}")
+        raise EngineError(
+            f"{filename}: no output named {card.output.logits!r} (model.json "
+            f"output.logits); the graph has {sorted(outputs)}"
+        )
     out = outputs[card.output.logits]
     last = out.shape[-1] if out.shape else None
     if isinstance(last, int) and last != card.num_classes:
-        raise EngineError(f"{filename}: output has {last} classes, model.json says "
-                          f"{card.num_classes}")
+        raise EngineError(
+            f"{filename}: output has {last} classes, model.json says {card.num_classes}"
+        )
     return spec.tensor, card.output.logits

@@ -36,9 +36,12 @@ OPENAPI_TAGS = [
     {"name": "classification", "description": "Images in, top-k classes out."},
     {"name": "health", "description": "Liveness and readiness (KServe V2)."},
     {"name": "model", "description": "Server and model metadata (KServe V2)."},
-    {"name": "kserve-v2", "description": "Inference, model configuration, statistics and "
-                                         "repository index (KServe V2 / Triton); errors "
-                                         "are {\"error\": \"<string>\"}."},
+    {
+        "name": "kserve-v2",
+        "description": "Inference, model configuration, statistics and "
+        "repository index (KServe V2 / Triton); errors "
+        'are {"error": "<string>"}.',
+    },
     {"name": "metrics", "description": "Prometheus metrics of all processes."},
 ]
 
@@ -55,8 +58,15 @@ def create_app(settings: Settings | None = None, engine_socket: Path | None = No
         yield
         await state.stop()
 
-    app = FastAPI(title="seresnet-serve", version=VERSION, description=DESCRIPTION,
-                  openapi_tags=OPENAPI_TAGS, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="seresnet-serve",
+        version=VERSION,
+        description=DESCRIPTION,
+        openapi_tags=OPENAPI_TAGS,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.ingress = state
     app.state.plane = DataPlane(state)
     app.state.v2plane = V2Plane(state, app.state.plane)
@@ -87,8 +97,10 @@ def _drop_impossible_422(app: FastAPI) -> None:
             for operations in schema.get("paths", {}).values():
                 for op in operations.values():
                     params = op.get("parameters", [])
-                    if all(p.get("in") == "path"
-                           and p.get("schema", {}).get("type") == "string" for p in params):
+                    if all(
+                        p.get("in") == "path" and p.get("schema", {}).get("type") == "string"
+                        for p in params
+                    ):
                         op.get("responses", {}).pop("422", None)
             app.openapi_schema = schema
         return app.openapi_schema

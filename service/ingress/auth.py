@@ -34,6 +34,10 @@ class ApiKeyGate:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})["error_code"] = "unauthorized"
-        await send_error(send, 401, "unauthorized",
-                         "send the API key as 'Authorization: Bearer KEY'",
-                         {"WWW-Authenticate": "Bearer"})
+        await send_error(
+            send,
+            401,
+            "unauthorized",
+            "send the API key as 'Authorization: Bearer KEY'",
+            {"WWW-Authenticate": "Bearer"},
+        )

@@ -32,13 +32,17 @@ class Upload:
 
 
 def _too_large(limit: int) -> BodyError:
-    return BodyError(413, "body_too_large",
-                     f"request body exceeds {limit} bytes (SERESNET_MAX_BODY_BYTES)")
+    return BodyError(
+        413, "body_too_large", f"request body exceeds {limit} bytes (SERESNET_MAX_BODY_BYTES)"
+    )
 
 
 def _too_many(limit: int) -> BodyError:
-    return BodyError(413, "too_many_images",
-                     f"more than {limit} parts in one request (SERESNET_MAX_IMAGES_PER_REQUEST)")
+    return BodyError(
+        413,
+        "too_many_images",
+        f"more than {limit} parts in one request (SERESNET_MAX_IMAGES_PER_REQUEST)",
+    )
 
 
 def media_type(headers: Mapping[str, str]) -> tuple[str, dict[bytes, bytes]]:
@@ -54,8 +58,7 @@ def check_declared_length(headers: Mapping[str, str], limit: int) -> int | None:
     try:
         length = int(raw)
     except ValueError:
-        raise BodyError(400, "invalid_request", f"Content-Length {raw!r} is not a number") \
-            from None
+        raise BodyError(400, "invalid_request", f"Content-Length {raw!r} is not a number") from None
     if length > limit:
         raise _too_large(limit)
     return length
@@ -134,8 +137,9 @@ class _MultipartCollector:
         self.finished = True
 
 
-async def read_multipart(chunks: AsyncIterator[bytes], boundary: bytes, max_body: int,
-                         max_parts: int) -> list[Upload]:
+async def read_multipart(
+    chunks: AsyncIterator[bytes], boundary: bytes, max_body: int, max_parts: int
+) -> list[Upload]:
     """Parse as it streams; the byte and part limits stop reading early."""
     collector = _MultipartCollector(max_parts)
     try:
@@ -152,22 +156,20 @@ async def read_multipart(chunks: AsyncIterator[bytes], boundary: bytes, max_body
         except BodyError:
             raise
         except Exception as e:  # python-multipart signals malformed input with several types
-            raise BodyError(400, "invalid_multipart", f"malformed multipart body: {e}") \
-                from None
+            raise BodyError(400, "invalid_multipart", f"malformed multipart body: {e}") from None
     if size == 0:
         raise BodyError(400, "no_image", "the request body is empty")
     if not collector.finished:
-        raise BodyError(400, "invalid_multipart",
-                        "multipart body ends before its closing boundary")
+        raise BodyError(400, "invalid_multipart", "multipart body ends before its closing boundary")
     if not collector.uploads:
         others = ", ".join(repr(n) for n in sorted(collector.other_names)) or "none"
-        raise BodyError(400, "no_image",
-                        f"no part named {IMAGE_FIELD!r} (parts found: {others})")
+        raise BodyError(400, "no_image", f"no part named {IMAGE_FIELD!r} (parts found: {others})")
     return collector.uploads
 
 
-async def read_uploads(headers: Mapping[str, str], chunks: AsyncIterator[bytes], max_body: int,
-                       max_images: int) -> list[Upload]:
+async def read_uploads(
+    headers: Mapping[str, str], chunks: AsyncIterator[bytes], max_body: int, max_images: int
+) -> list[Upload]:
     """The images of a ``/classify`` request: multipart parts named ``images``, or the raw body
     (``image/*`` or ``application/octet-stream``). Raises :class:`BodyError`."""
     declared = check_declared_length(headers, max_body)
@@ -190,6 +192,9 @@ async def read_uploads(headers: Mapping[str, str], chunks: AsyncIterator[bytes],
         if not data:
             raise BodyError(400, "no_image", "the request body is empty")
     shown = kind or "none"
-    raise BodyError(415, "unsupported_media_type",
-                    f"Content-Type {shown!r} is not accepted: send multipart/form-data with "
-                    f"parts named {IMAGE_FIELD!r}, or one image as the body with an image/* type")
+    raise BodyError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {shown!r} is not accepted: send multipart/form-data with "
+        f"parts named {IMAGE_FIELD!r}, or one image as the body with an image/* type",
+    )

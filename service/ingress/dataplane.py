@@ -55,13 +55,19 @@ class DataPlane:
         (give them back with ``state.body_budget.give``)."""
         settings = self.settings
         return await self.read_limited_body(
-            request, deadline, lambda chunks: read_uploads(
-                request.headers, chunks, settings.max_body_bytes,
-                settings.max_images_per_request))
+            request,
+            deadline,
+            lambda chunks: read_uploads(
+                request.headers, chunks, settings.max_body_bytes, settings.max_images_per_request
+            ),
+        )
 
-    async def read_limited_body(self, request: Request, deadline: float,
-                                parse: Callable[[AsyncIterator[bytes]], Awaitable[T]],
-                                ) -> tuple[T, int]:
+    async def read_limited_body(
+        self,
+        request: Request,
+        deadline: float,
+        parse: Callable[[AsyncIterator[bytes]], Awaitable[T]],
+    ) -> tuple[T, int]:
         """``parse`` the body's chunks under the worker's in-flight byte budget (503) and the
         request deadline (408); a client gone meanwhile is ClientGoneError (499). Returns what
         ``parse`` made and the bytes it holds against the budget."""
@@ -77,21 +83,27 @@ class DataPlane:
                 yield chunk
 
         try:
-            parsed = await asyncio.wait_for(parse(counted()),
-                                            max(0.0, deadline - time.monotonic()))
+            parsed = await asyncio.wait_for(parse(counted()), max(0.0, deadline - time.monotonic()))
         except BaseException as e:
             budget.give(held)
             if isinstance(e, BodyError):
                 raise ApiError(e.status, e.code, e.message) from None
             if isinstance(e, BudgetExceededError):
-                raise ApiError(503, "busy", "too many request bytes in flight on this worker "
-                               f"(SERESNET_MAX_INFLIGHT_BODY_MB={budget.limit // 2**20}); retry",
-                               {"Retry-After": "1"}) from None
+                raise ApiError(
+                    503,
+                    "busy",
+                    "too many request bytes in flight on this worker "
+                    f"(SERESNET_MAX_INFLIGHT_BODY_MB={budget.limit // 2**20}); retry",
+                    {"Retry-After": "1"},
+                ) from None
             if isinstance(e, TimeoutError):
-                raise ApiError(408, "request_timeout",
-                               "the request body did not arrive within "
-                               f"SERESNET_REQUEST_TIMEOUT_S={self.settings.request_timeout_s}",
-                               {"Connection": "close"}) from None
+                raise ApiError(
+                    408,
+                    "request_timeout",
+                    "the request body did not arrive within "
+                    f"SERESNET_REQUEST_TIMEOUT_S={self.settings.request_timeout_s}",
+                    {"Connection": "close"},
+                ) from None
             if isinstance(e, ClientDisconnect):
                 raise ClientGoneError from None
             raise
@@ -101,16 +113,24 @@ class DataPlane:
 
     async def admit(self, n: int, deadline: float) -> Lease:
         try:
-            return await asyncio.wait_for(self.state.engine.admit(n),
-                                          max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(
+                self.state.engine.admit(n), max(0.0, deadline - time.monotonic())
+            )
         except TimeoutError:
-            raise ApiError(504, "deadline_exceeded",
-                           "deadline passed while waiting for the engine") from None
+            raise ApiError(
+                504, "deadline_exceeded", "deadline passed while waiting for the engine"
+            ) from None
 
     # ----------------------------------------------------------------- decode
 
-    def _prepare(self, blobs: Sequence[bytes], lease: Lease, guard: _SlotGuard, card: ModelCard,
-                 deadline: float) -> list[imaging.ImageError | None]:
+    def _prepare(
+        self,
+        blobs: Sequence[bytes],
+        lease: Lease,
+        guard: _SlotGuard,
+        card: ModelCard,
+        deadline: float,
+    ) -> list[imaging.ImageError | None]:
         """In a decode thread: every image into its slot; per image, None or its error."""
         spec = card.input
         budget = self.state.decode_budget
@@ -129,13 +149,16 @@ class DataPlane:
                     image.close()
                     if e.fits_at_all:
                         raise imaging.ImageError(
-                            504, "deadline_exceeded",
-                            "deadline passed while waiting for decode memory") from None
+                            504,
+                            "deadline_exceeded",
+                            "deadline passed while waiting for decode memory",
+                        ) from None
                     raise imaging.ImageError(
-                        413, "image_too_large",
+                        413,
+                        "image_too_large",
                         f"{image.format} of {image.width}x{image.height} ({image.mode}) needs "
                         f"about {cost / 2**20:.0f} MiB to decode, more than this worker's "
-                        f"decode memory of {e.limit // 2**20} MiB (SERESNET_DECODE_MEMORY_MB)"
+                        f"decode memory of {e.limit // 2**20} MiB (SERESNET_DECODE_MEMORY_MB)",
                     ) from None
             except imaging.ImageError as e:
                 out.append(e)
@@ -149,8 +172,12 @@ class DataPlane:
                 metrics.preprocess_duration.observe(time.perf_counter() - t0)
         return out
 
-    async def decode_into(self, blobs: Sequence[bytes], lease: Lease, deadline: float,
-                          ) -> list[imaging.ImageError | None]:
+    async def decode_into(
+        self,
+        blobs: Sequence[bytes],
+        lease: Lease,
+        deadline: float,
+    ) -> list[imaging.ImageError | None]:
         """Decode ``blobs`` into the lease's slots (in the worker's decode threads, never on
         the event loop); per image None or its error. 504 when the deadline passes first."""
         state = self.state
@@ -161,12 +188,14 @@ class DataPlane:
         if metrics is not None:
             metrics.preprocess_backlog.inc(len(blobs))
         try:
-            future = loop.run_in_executor(state.pool, self._prepare, blobs, lease, guard,
-                                          state.card, deadline)
+            future = loop.run_in_executor(
+                state.pool, self._prepare, blobs, lease, guard, state.card, deadline
+            )
             return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            raise ApiError(504, "deadline_exceeded",
-                           "deadline passed while decoding the images") from None
+            raise ApiError(
+                504, "deadline_exceeded", "deadline passed while decoding the images"
+            ) from None
         finally:
             guard.cancel()
             if metrics is not None:
@@ -174,8 +203,14 @@ class DataPlane:
 
     # ----------------------------------------------------------------- run
 
-    async def run(self, lease: Lease, indices: list[int], deadline: float,
-                  want: tuple[Any, ...], receive: Receive | None) -> Any:
+    async def run(
+        self,
+        lease: Lease,
+        indices: list[int],
+        deadline: float,
+        want: tuple[Any, ...],
+        receive: Receive | None,
+    ) -> Any:
         """The engine's answer for the lease's ``indices``; withdraws them if the caller
         hangs up (``receive`` given) meanwhile."""
         submit = asyncio.ensure_future(lease.run(indices, deadline, want))
@@ -223,8 +258,12 @@ class DataPlane:
             state.body_budget.give(held)
         return self._answer(uploads, errors, top)
 
-    def _answer(self, uploads: Sequence[Upload], errors: Sequence[imaging.ImageError | None],
-                top: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+    def _answer(
+        self,
+        uploads: Sequence[Upload],
+        errors: Sequence[imaging.ImageError | None],
+        top: tuple[np.ndarray, np.ndarray] | None,
+    ) -> dict[str, Any]:
         card = self.state.card
         assert card is not None
         metrics = self.state.metrics
@@ -235,14 +274,24 @@ class DataPlane:
             if err is not None:
                 if metrics is not None:
                     metrics.image_failure(err.code)
-                results.append({"filename": upload.filename,
-                                "error": {"code": err.code, "message": err.message}})
+                results.append(
+                    {
+                        "filename": upload.filename,
+                        "error": {"code": err.code, "message": err.message},
+                    }
+                )
                 continue
             assert top is not None
             ids, probs = top[0][row].tolist(), top[1][row].tolist()
-            results.append({"filename": upload.filename, "predictions": [
-                {"label": labels[c], "class_id": c, "score": p}
-                for c, p in zip(ids, probs, strict=True)]})
+            results.append(
+                {
+                    "filename": upload.filename,
+                    "predictions": [
+                        {"label": labels[c], "class_id": c, "score": p}
+                        for c, p in zip(ids, probs, strict=True)
+                    ],
+                }
+            )
             row += 1
         return {"model": card.name, "model_version": card.version, "results": results}
 

@@ -30,5 +30,8 @@ def model_or_404(state: IngressState, name: str, version: str | None = None) -> 
         served = card.name if card else "none loaded yet"
         raise ApiError(404, "model_not_found", f"no model {name!r} (served: {served})")
     if version is not None and version != card.version:
-        raise ApiError(404, "model_version_not_found",
-                       f"model {name!r} has no version {version!r} (served: {card.version})")
+        raise ApiError(
+            404,
+            "model_version_not_found",
+            f"model {name!r} has no version {version!r} (served: {card.version})",
+        )

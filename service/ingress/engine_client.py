@@ -37,8 +37,14 @@ class EngineUnavailableError(EngineCallError):
         super().__init__(503, "engine_unavailable", message, {"Retry-After": "1"})
 
 
-_FAIL_STATUS = {"queue_full": 503, "not_ready": 503, "shutting_down": 503,
-                "deadline_exceeded": 504, "inference_failed": 500, "internal_error": 500}
+_FAIL_STATUS = {
+    "queue_full": 503,
+    "not_ready": 503,
+    "shutting_down": 503,
+    "deadline_exceeded": 504,
+    "inference_failed": 500,
+    "internal_error": 500,
+}
 
 
 def _failure(code: str, message: str, retry_after: int | None) -> EngineCallError:
@@ -49,8 +55,9 @@ def _failure(code: str, message: str, retry_after: int | None) -> EngineCallErro
 class Lease:
     """Slots the engine reserved for one request's images."""
 
-    def __init__(self, client: EngineClient, rid: int, slots: list[int],
-                 arena: SlotArena, generation: int) -> None:
+    def __init__(
+        self, client: EngineClient, rid: int, slots: list[int], arena: SlotArena, generation: int
+    ) -> None:
         self._client = client
         self.rid = rid
         self.slots = slots
@@ -61,14 +68,16 @@ class Lease:
         """Writable [C, H, W] view of the request's ``i``-th slot."""
         return self._arena.slot(self.slots[i])
 
-    async def run(self, indices: Sequence[int], deadline: float,
-                  want: tuple[Any, ...] = ("topk", 5)) -> Any:
+    async def run(
+        self, indices: Sequence[int], deadline: float, want: tuple[Any, ...] = ("topk", 5)
+    ) -> Any:
         """Batch and run the images in slots ``indices`` (the others failed to decode and are
         given back). ``want`` is ("topk", k) -> (ids int32 [n,k], probs float32 [n,k]) or
         ("logits",) -> float32 [n, classes]."""
         used = [self.slots[i] for i in indices]
         return await self._client._call(
-            ("run", self.rid, used, deadline, want), self.rid, self._generation)
+            ("run", self.rid, used, deadline, want), self.rid, self._generation
+        )
 
     def release(self) -> None:
         """The caller is gone (or the request failed before its run): give the slots back."""
@@ -76,8 +85,9 @@ class Lease:
 
 
 class EngineClient:
-    def __init__(self, socket_path: Path,
-                 on_hello: Callable[[wire.EngineHello], None] | None = None) -> None:
+    def __init__(
+        self, socket_path: Path, on_hello: Callable[[wire.EngineHello], None] | None = None
+    ) -> None:
         self.socket_path = socket_path
         self.hello: wire.EngineHello | None = None
         self.ready = False
@@ -131,8 +141,12 @@ class EngineClient:
             logged_wait = False
             try:
                 await self._session(reader, writer)
-            except (asyncio.IncompleteReadError, ConnectionError, wire.ProtocolError,
-                    SlotArenaError) as e:
+            except (
+                asyncio.IncompleteReadError,
+                ConnectionError,
+                wire.ProtocolError,
+                SlotArenaError,
+            ) as e:
                 if not self._closing:
                     log.warning("engine connection lost", extra={"cause": repr(e)})
             finally:
@@ -147,17 +161,19 @@ class EngineClient:
         if self._arena is None or self.hello is None or hello.shm_path != self.hello.shm_path:
             if self._arena is not None:
                 self._arena.close()
-            self._arena = SlotArena(Path(hello.shm_path), hello.slot_shape, hello.slot_dtype,
-                                    hello.slots, create=False)
+            self._arena = SlotArena(
+                Path(hello.shm_path), hello.slot_shape, hello.slot_dtype, hello.slots, create=False
+            )
         self.hello = hello
         self.ready, self.not_ready_reason = hello.ready, hello.not_ready_reason
         self._writer = writer
         self._connected.set()
         if self._on_hello is not None:
             self._on_hello(hello)
-        log.info("engine connected", extra={"engine_pid": hello.pid,
-                                            "generation": hello.generation,
-                                            "ready": hello.ready})
+        log.info(
+            "engine connected",
+            extra={"engine_pid": hello.pid, "generation": hello.generation, "ready": hello.ready},
+        )
         while True:
             message = await wire.read_message(reader)
             kind = message[0]
@@ -186,8 +202,11 @@ class EngineClient:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(EngineUnavailableError(
-                    "the engine process stopped while this request waited; retry"))
+                future.set_exception(
+                    EngineUnavailableError(
+                        "the engine process stopped while this request waited; retry"
+                    )
+                )
 
     # ----------------------------------------------------------------- calls
 
@@ -197,8 +216,9 @@ class EngineClient:
         self._writer.write(wire.encode(message))
 
     async def _call(self, message: wire.Message, rid: int, generation: int | None = None) -> Any:
-        if generation is not None and (self.hello is None or self.hello.generation != generation
-                                       or not self.connected):
+        if generation is not None and (
+            self.hello is None or self.hello.generation != generation or not self.connected
+        ):
             raise EngineUnavailableError("the engine process restarted; retry")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
@@ -230,4 +250,3 @@ class EngineClient:
         if self.hello is not None and self.hello.generation == generation:
             with contextlib.suppress(EngineUnavailableError):
                 self._send(("release", rid))
-

@@ -25,10 +25,17 @@ from service.v2.errors import V2Error
 
 log = logging.getLogger("service.ingress")
 
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
-                 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large",
-                 415: "unsupported_media_type", 422: "invalid_parameter", 431:
-                 "headers_too_large"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_parameter",
+    431: "headers_too_large",
+}
 
 
 class ApiError(ServiceError):
@@ -43,8 +50,9 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-def error_response(status: int, code: str, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
@@ -52,20 +60,21 @@ def is_v2_path(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-def _respond(request: Request, status: int, code: str, message: str,
-             headers: dict[str, str] | None = None) -> JSONResponse:
+def _respond(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     if is_v2_path(request.url.path):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     return error_response(status, code, message, headers)
 
 
-async def send_error(send: Send, status: int, code: str, message: str,
-                     headers: dict[str, str] | None = None) -> None:
+async def send_error(
+    send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> None:
     """An error answer straight over ASGI, for middleware that answers before (or instead of)
     any route."""
     body = json.dumps(error_body(code, message)).encode()
-    raw = [(b"content-type", b"application/json"),
-           (b"content-length", str(len(body)).encode())]
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
@@ -90,8 +99,9 @@ def install_handlers(app: FastAPI) -> None:
         request.state.error_code = v2_error_code(exc)
         if exc.status == 500:  # a bug: its cause goes to the log, not to the caller
             log.error("request failed", extra={"code": "internal_error", "cause": exc.message})
-            return _respond(request, exc.status, "internal_error", internal_error_message(),
-                            exc.headers)
+            return _respond(
+                request, exc.status, "internal_error", internal_error_message(), exc.headers
+            )
         return _respond(request, exc.status, request.state.error_code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -142,8 +152,9 @@ class V2ErrorShape:
             nonlocal start
             if message["type"] == "http.response.start":
                 headers = dict(message.get("headers", []))
-                json_error = (message["status"] >= 400 and headers.get(b"content-type", b"")
-                              .startswith(b"application/json"))
+                json_error = message["status"] >= 400 and headers.get(
+                    b"content-type", b""
+                ).startswith(b"application/json")
                 if not json_error:
                     await send(message)
                     return

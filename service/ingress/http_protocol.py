@@ -24,8 +24,12 @@ from service.settings import load_settings
 
 log = logging.getLogger("service.http")
 
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
-            503: b"Service Unavailable"}
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,10 @@ def limits() -> HttpLimits:
 
 def raw_json_response(status: int, code: str, message: str) -> bytes:
     body = json.dumps(error_body(code, message)).encode()
-    head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body)))
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
+    )
     return head + body
 
 
@@ -62,9 +68,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self._limits.max_connections and not self._evict_idle():
-            self._refuse(503, "too_many_connections",
-                         f"this worker holds {self._limits.max_connections} busy connections "
-                         "(SERESNET_MAX_CONNECTIONS); retry")
+            self._refuse(
+                503,
+                "too_many_connections",
+                f"this worker holds {self._limits.max_connections} busy connections "
+                "(SERESNET_MAX_CONNECTIONS); retry",
+            )
             return
         self._arm_header_timer()
 
@@ -73,13 +82,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _idle(self) -> bool:
-        return self._in_headers and self._header_bytes == 0 and (
-            self.cycle is None or self.cycle.response_complete)
+        return (
+            self._in_headers
+            and self._header_bytes == 0
+            and (self.cycle is None or self.cycle.response_complete)
+        )
 
     def _evict_idle(self) -> bool:
         """Close the connection idle the longest (keep-alive or never spoke), if any."""
-        idle = [c for c in self.connections
-                if c is not self and isinstance(c, GuardedHttpToolsProtocol) and c._idle()]
+        idle = [
+            c
+            for c in self.connections
+            if c is not self and isinstance(c, GuardedHttpToolsProtocol) and c._idle()
+        ]
         if not idle:
             return False
         victim = min(idle, key=lambda c: c._idle_since)
@@ -91,8 +106,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self._limits.header_timeout_s,
-                                                      self._header_timeout)
+            self._header_timer = self.loop.call_later(
+                self._limits.header_timeout_s, self._header_timeout
+            )
 
     def _disarm_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -104,9 +120,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or not self._in_headers:
             return
         if self._header_bytes:
-            self._refuse(408, "request_timeout",
-                         f"the request headers did not arrive within "
-                         f"{self._limits.header_timeout_s:g} s (SERESNET_HEADER_TIMEOUT_S)")
+            self._refuse(
+                408,
+                "request_timeout",
+                f"the request headers did not arrive within "
+                f"{self._limits.header_timeout_s:g} s (SERESNET_HEADER_TIMEOUT_S)",
+            )
         else:
             http_metrics().refused("idle_timeout")
             self.transport.close()
@@ -118,11 +137,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
             self._arm_header_timer()
         super().data_received(data)
-        if (self._in_headers and self._header_bytes > self._limits.max_header_bytes
-                and not self.transport.is_closing()):
-            self._refuse(431, "headers_too_large",
-                         f"request line and headers exceed {self._limits.max_header_bytes} "
-                         "bytes (SERESNET_MAX_HEADER_BYTES)")
+        if (
+            self._in_headers
+            and self._header_bytes > self._limits.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self._refuse(
+                431,
+                "headers_too_large",
+                f"request line and headers exceed {self._limits.max_header_bytes} "
+                "bytes (SERESNET_MAX_HEADER_BYTES)",
+            )
 
     def on_headers_complete(self) -> None:
         self._in_headers = False

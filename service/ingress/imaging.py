@@ -66,8 +66,11 @@ def _check_jpeg_markers(data: bytes) -> None:
         (length,) = struct.unpack_from(">H", data, pos)
         pos += length
     if turns > MAX_JPEG_MARKERS:
-        raise ImageError(400, "corrupt_image",
-                         f"JPEG has more than {MAX_JPEG_MARKERS} markers before its image data")
+        raise ImageError(
+            400,
+            "corrupt_image",
+            f"JPEG has more than {MAX_JPEG_MARKERS} markers before its image data",
+        )
 
 
 def _check_png_chunks(data: bytes) -> None:
@@ -79,8 +82,9 @@ def _check_png_chunks(data: bytes) -> None:
         if kind == b"IEND":
             return
         if chunks > limit:
-            raise ImageError(400, "corrupt_image",
-                             f"PNG has more than {limit} chunks for {size} bytes")
+            raise ImageError(
+                400, "corrupt_image", f"PNG has more than {limit} chunks for {size} bytes"
+            )
         pos += 12 + length
 
 
@@ -143,7 +147,8 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
         image = open_image(data, formats=FORMATS)
     except UnidentifiedImageError:
         raise ImageError(
-            415, "unsupported_format",
+            415,
+            "unsupported_format",
             f"not a supported image (accepted: {', '.join(FORMATS)}; first bytes {data[:8]!r})",
         ) from None
     except Image.DecompressionBombError as e:
@@ -157,7 +162,8 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         image.close()
         raise ImageError(
-            413, "image_too_large",
+            413,
+            "image_too_large",
             f"{image.format} of {width}x{height} = {width * height} pixels exceeds the limit "
             f"of {max_pixels} (SERESNET_MAX_IMAGE_PIXELS)",
         )
@@ -172,8 +178,9 @@ def finish(image: Image.Image, spec: InputSpec) -> np.ndarray:
             apply_draft(image, spec)  # idempotent when :func:`draft` ran already
             return to_array(image, spec)
         except MemoryError:
-            raise ImageError(413, "image_too_large", "not enough memory to decode the image") \
-                from None
+            raise ImageError(
+                413, "image_too_large", "not enough memory to decode the image"
+            ) from None
         except Exception as e:  # truncated or corrupt data: many exception types
             raise ImageError(
                 400, "corrupt_image", f"{image.format} data cannot be decoded: {e}"

@@ -80,9 +80,13 @@ class RequestContext:
             # like any other shutdown refusal instead of its plain-text 500.
             if started:
                 raise
-            await send_error(send_with_id, 503, "shutting_down",
-                             "the service stopped before this request finished; retry",
-                             {"Retry-After": "1", "Connection": "close"})
+            await send_error(
+                send_with_id,
+                503,
+                "shutting_down",
+                "the service stopped before this request finished; retry",
+                {"Retry-After": "1", "Connection": "close"},
+            )
         except Exception as exc:
             # Here, inside the request's context, the log line and the answer both carry the
             # request id (Starlette's own last-resort handler runs outside this middleware).
@@ -96,8 +100,12 @@ class RequestContext:
             if state.get("client_gone"):
                 status = CLIENT_GONE
             path = scope.get("path", "")
-            fields = {"method": scope.get("method"), "path": path, "status": status,
-                      "duration_ms": round((time.perf_counter() - t0) * 1000, 2)}
+            fields = {
+                "method": scope.get("method"),
+                "path": path,
+                "status": status,
+                "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
+            }
             if "images" in state:
                 fields["images"] = state["images"]
             if "error_code" in state:

@@ -29,24 +29,50 @@ class ClassifyResponse(BaseModel):
     model_version: str = Field(examples=["1"])
     results: list[ImageResult] = Field(description="one per image, in request order")
 
-    model_config = {"json_schema_extra": {"examples": [{
-        "model": "fashion-seresnet", "model_version": "1",
-        "results": [
-            {"filename": "boot.png", "predictions": [
-                {"label": "Ankle boot", "class_id": 9, "score": 0.9987},
-                {"label": "Sneaker", "class_id": 7, "score": 0.0011}]},
-            {"filename": "notes.txt", "error": {
-                "code": "unsupported_format",
-                "message": "not a supported image (accepted: JPEG, PNG, WEBP, BMP, GIF, TIFF; "
-                           "first bytes b'hello wo')"}}]}]}}
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "model": "fashion-seresnet",
+                    "model_version": "1",
+                    "results": [
+                        {
+                            "filename": "boot.png",
+                            "predictions": [
+                                {"label": "Ankle boot", "class_id": 9, "score": 0.9987},
+                                {"label": "Sneaker", "class_id": 7, "score": 0.0011},
+                            ],
+                        },
+                        {
+                            "filename": "notes.txt",
+                            "error": {
+                                "code": "unsupported_format",
+                                "message": "not a supported image (accepted: JPEG, PNG, WEBP, BMP, GIF, TIFF; "
+                                "first bytes b'hello wo')",
+                            },
+                        },
+                    ],
+                }
+            ]
+        }
+    }
 
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
 
-    model_config = {"json_schema_extra": {"examples": [{"error": {
-        "code": "queue_full",
-        "message": "1024 images in progress; 1 more exceed SERESNET_MAX_QUEUE_SIZE=1024"}}]}}
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "error": {
+                        "code": "queue_full",
+                        "message": "1024 images in progress; 1 more exceed SERESNET_MAX_QUEUE_SIZE=1024",
+                    }
+                }
+            ]
+        }
+    }
 
 
 class Live(BaseModel):

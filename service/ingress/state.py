@@ -28,8 +28,9 @@ class IngressState:
     def __init__(self, settings: Settings, engine_socket: Path) -> None:
         self.settings = settings
         self.engine = EngineClient(engine_socket, on_hello=self._on_hello)
-        self.pool = ThreadPoolExecutor(settings.preprocess_workers(),
-                                       thread_name_prefix="preprocess")
+        self.pool = ThreadPoolExecutor(
+            settings.preprocess_workers(), thread_name_prefix="preprocess"
+        )
         self.body_budget = ByteBudget(settings.inflight_body_bytes())
         self.decode_budget = DecodeBudget(settings.decode_memory_mb * 2**20)
         self.http_metrics = http_metrics()

@@ -44,8 +44,12 @@ from service.v2.stats import BatchDurations, Duration, ModelCounters, model_stat
 
 # The extensions whose routes this server serves (GET /v2 lists them). Not
 # "model_repository": of it only the index is served, no load or unload.
-EXTENSIONS = (v2meta.BINARY_TENSOR_DATA, v2meta.CLASSIFICATION, v2meta.MODEL_CONFIGURATION,
-              v2meta.STATISTICS)
+EXTENSIONS = (
+    v2meta.BINARY_TENSOR_DATA,
+    v2meta.CLASSIFICATION,
+    v2meta.MODEL_CONFIGURATION,
+    v2meta.STATISTICS,
+)
 
 # A repository-index request body is at most {"ready": true}; anything bigger is not one.
 MAX_INDEX_BODY = 4096
@@ -64,8 +68,11 @@ class V2Plane:
         with another card."""
         card = self.state.card
         if card is None:
-            raise V2Error("no model is loaded yet (the engine is starting)", status=503,
-                          headers={"Retry-After": "1"})
+            raise V2Error(
+                "no model is loaded yet (the engine is starting)",
+                status=503,
+                headers={"Retry-After": "1"},
+            )
         if self._signature is None or self._signature[0] is not card:
             self._signature = (card, Signature.from_card(card))
         return self._signature[1]
@@ -88,14 +95,19 @@ class V2Plane:
             max_batch_size=settings.max_images_per_request,
             max_queue_delay_us=round(settings.max_queue_delay_ms * 1000),
             instance_kind="KIND_GPU" if gpu else "KIND_CPU",
-            gpus=(settings.device_id,) if gpu else ())
+            gpus=(settings.device_id,) if gpu else (),
+        )
         config = v2meta.model_config(signature, batching)
-        extra = {"engine_max_batch_size": hello.max_batch_size if hello else None,
-                 "max_queue_size": hello.max_queue_size if hello else None,
-                 "graph": info.get("graph"), "provider": info.get("provider")}
+        extra = {
+            "engine_max_batch_size": hello.max_batch_size if hello else None,
+            "max_queue_size": hello.max_queue_size if hello else None,
+            "graph": info.get("graph"),
+            "provider": info.get("provider"),
+        }
         # Triton's model parameters are string-valued.
-        config["parameters"] = {k: {"string_value": str(v)} for k, v in extra.items()
-                                if v is not None}
+        config["parameters"] = {
+            k: {"string_value": str(v)} for k, v in extra.items() if v is not None
+        }
         config["default_model_filename"] = info.get("graph_file") or "model.onnx"
         return config
 
@@ -107,8 +119,9 @@ class V2Plane:
         if ready_only and not ready:
             return []
         reason = "" if ready else (self.state.engine.not_ready_reason or "not ready")
-        entry = v2meta.RepositoryEntry(card.name, card.version,
-                                       "READY" if ready else "UNAVAILABLE", reason)
+        entry = v2meta.RepositoryEntry(
+            card.name, card.version, "READY" if ready else "UNAVAILABLE", reason
+        )
         return v2meta.repository_index([entry])
 
     # ----------------------------------------------------------------- statistics
@@ -118,14 +131,14 @@ class V2Plane:
         signature = self.signature() if name is None else self.check_model(name, version)
         # Reading every process's metric files is disk work: keep it off the event loop.
         families = await asyncio.to_thread(service_metrics.collect)
-        counters = counters_from_metrics(families, signature.model_name,
-                                         signature.model_version)
+        counters = counters_from_metrics(families, signature.model_name, signature.model_version)
         return model_statistics(signature, counters)
 
     # ----------------------------------------------------------------- /infer
 
-    async def infer(self, request: Request, name: str, version: str | None,
-                    deadline: float) -> EncodedResponse:
+    async def infer(
+        self, request: Request, name: str, version: str | None, deadline: float
+    ) -> EncodedResponse:
         state = self.state
         state.check_ready()
         signature = self.check_model(name, version)
@@ -143,10 +156,12 @@ class V2Plane:
         try:
             # A compressed body is counted against the budget at its wire size; inflating
             # is bounded by SERESNET_MAX_BODY_BYTES like any body.
-            body = decompress(body, request.headers.get("content-encoding"),
-                              settings.max_body_bytes)
-            infer = decode_infer_request(body, header_length, signature,
-                                         settings.max_images_per_request)
+            body = decompress(
+                body, request.headers.get("content-encoding"), settings.max_body_bytes
+            )
+            infer = decode_infer_request(
+                body, header_length, signature, settings.max_images_per_request
+            )
             request.state.images = infer.batch_size
             if infer.timeout_us:
                 # The client's own deadline (Triton's "timeout" parameter; 0 means none, as
@@ -157,9 +172,14 @@ class V2Plane:
             body_done()
         return encode_infer_response(infer, logits, signature, errors)
 
-    async def _run(self, request: Request, infer: InferRequest, signature: Signature,
-                   deadline: float, body_done: Callable[[], None],
-                   ) -> tuple[np.ndarray, dict[int, ImageRejected]]:
+    async def _run(
+        self,
+        request: Request,
+        infer: InferRequest,
+        signature: Signature,
+        deadline: float,
+        body_done: Callable[[], None],
+    ) -> tuple[np.ndarray, dict[int, ImageRejected]]:
         """Admit, fill the slots, run; the logits of every image (rows of failed images are
         zeros) and the images that failed, by index. ``body_done`` is called once the body's
         bytes are no longer needed."""
@@ -189,8 +209,9 @@ class V2Plane:
                 good = [i for i in range(n) if i not in errors]
                 logits = np.zeros((n, signature.num_classes), dtype=np.float32)
                 if good:
-                    logits[good] = await plane.run(lease, good, deadline, ("logits",),
-                                                   request.receive)
+                    logits[good] = await plane.run(
+                        lease, good, deadline, ("logits",), request.receive
+                    )
                 else:
                     lease.release()  # nothing to run: every image failed to decode
                 finished = True
@@ -231,8 +252,9 @@ def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> 
             if labels.get("model") != model or labels.get("version") != version:
                 continue
             if "batch_size" in labels:
-                infer = by_size.setdefault(int(labels["batch_size"]),
-                                           BatchDurations()).compute_infer
+                infer = by_size.setdefault(
+                    int(labels["batch_size"]), BatchDurations()
+                ).compute_infer
                 if sample.name == "seresnet_batch_runs_total":
                     infer.count += round(sample.value)
                 elif sample.name == "seresnet_batch_compute_seconds_total":
@@ -252,20 +274,22 @@ def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> 
         return round(sums.get(name, 0.0))
 
     def duration(prefix: str) -> Duration:
-        return Duration(count=count(f"{prefix}_count"),
-                        ns=round(sums.get(f"{prefix}_sum", 0.0) * 1e9))
+        return Duration(
+            count=count(f"{prefix}_count"), ns=round(sums.get(f"{prefix}_sum", 0.0) * 1e9)
+        )
 
     return ModelCounters(
         inference_count=count("seresnet_inference_count_total"),
         execution_count=count("seresnet_inference_exec_count_total"),
-        last_inference_ms=round(sums.get("seresnet_last_inference_timestamp_seconds", 0.0)
-                                * 1000),
+        last_inference_ms=round(sums.get("seresnet_last_inference_timestamp_seconds", 0.0) * 1000),
         success=Duration(
             count=count("seresnet_inference_request_success_total"),
-            ns=round(sums.get("seresnet_inference_request_seconds_total:success", 0.0) * 1e9)),
+            ns=round(sums.get("seresnet_inference_request_seconds_total:success", 0.0) * 1e9),
+        ),
         fail=Duration(
             count=count("seresnet_inference_request_failure_total"),
-            ns=round(sums.get("seresnet_inference_request_seconds_total:failure", 0.0) * 1e9)),
+            ns=round(sums.get("seresnet_inference_request_seconds_total:failure", 0.0) * 1e9),
+        ),
         queue=duration("seresnet_queue_duration_seconds"),
         compute_input=duration("seresnet_preprocess_duration_seconds"),
         compute_infer=duration("seresnet_compute_duration_seconds"),

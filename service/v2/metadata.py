@@ -20,22 +20,34 @@ STATISTICS = "statistics"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 # Triton's model-configuration names for the protocol's datatypes (BYTES is TYPE_STRING).
-_CONFIG_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16",
-                 "UINT32": "TYPE_UINT32", "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8",
-                 "INT16": "TYPE_INT16", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64",
-                 "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64",
-                 "BF16": "TYPE_BF16", "BYTES": "TYPE_STRING"}
+_CONFIG_TYPES = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BF16": "TYPE_BF16",
+    "BYTES": "TYPE_STRING",
+}
 
 
 def check_model(signature: Signature, name: str, version: str | None = None) -> None:
     """Raise :class:`ModelNotFound` unless ``name`` (and ``version``, when the URL has one)
     is the served model."""
     if name != signature.model_name:
-        raise ModelNotFound(f"unknown model {name!r}; this server serves "
-                            f"{signature.model_name!r}")
+        raise ModelNotFound(f"unknown model {name!r}; this server serves {signature.model_name!r}")
     if version is not None and version != signature.model_version:
-        raise ModelNotFound(f"unknown version {version!r} of model {name!r}; the served "
-                            f"version is {signature.model_version!r}")
+        raise ModelNotFound(
+            f"unknown version {version!r} of model {name!r}; the served "
+            f"version is {signature.model_version!r}"
+        )
 
 
 def server_metadata(name: str, version: str, extensions: Iterable[str]) -> dict[str, Any]:
@@ -49,10 +61,20 @@ def model_metadata(signature: Signature) -> dict[str, Any]:
         "name": signature.model_name,
         "versions": [signature.model_version],
         "platform": PLATFORM,
-        "inputs": [{"name": signature.input_name, "datatype": signature.input_datatype,
-                    "shape": [-1, *signature.image_shape]}],
-        "outputs": [{"name": signature.output_name, "datatype": "FP32",
-                     "shape": [-1, signature.num_classes]}],
+        "inputs": [
+            {
+                "name": signature.input_name,
+                "datatype": signature.input_datatype,
+                "shape": [-1, *signature.image_shape],
+            }
+        ],
+        "outputs": [
+            {
+                "name": signature.output_name,
+                "datatype": "FP32",
+                "shape": [-1, signature.num_classes],
+            }
+        ],
     }
 
 
@@ -80,24 +102,29 @@ def model_config(signature: Signature, batching: Batching) -> dict[str, Any]:
         "platform": PLATFORM,
         "backend": BACKEND,
         "version_policy": {"specific": {"versions": [int(signature.model_version)]}}
-        if signature.model_version.isdigit() else {"latest": {"num_versions": 1}},
+        if signature.model_version.isdigit()
+        else {"latest": {"num_versions": 1}},
         "max_batch_size": batching.max_batch_size,
-        "input": [{
-            "name": signature.input_name,
-            "data_type": _CONFIG_TYPES[signature.input_datatype],
-            "format": "FORMAT_NCHW",
-            "dims": list(signature.image_shape),
-            "is_shape_tensor": False,
-            "allow_ragged_batch": False,
-            "optional": False,
-        }],
-        "output": [{
-            "name": signature.output_name,
-            "data_type": "TYPE_FP32",
-            "dims": [signature.num_classes],
-            "label_filename": "",
-            "is_shape_tensor": False,
-        }],
+        "input": [
+            {
+                "name": signature.input_name,
+                "data_type": _CONFIG_TYPES[signature.input_datatype],
+                "format": "FORMAT_NCHW",
+                "dims": list(signature.image_shape),
+                "is_shape_tensor": False,
+                "allow_ragged_batch": False,
+                "optional": False,
+            }
+        ],
+        "output": [
+            {
+                "name": signature.output_name,
+                "data_type": "TYPE_FP32",
+                "dims": [signature.num_classes],
+                "label_filename": "",
+                "is_shape_tensor": False,
+            }
+        ],
         "batch_input": [],
         "batch_output": [],
         "dynamic_batching": {
@@ -107,16 +134,18 @@ def model_config(signature: Signature, batching: Batching) -> dict[str, Any]:
             "priority_levels": 0,
             "default_priority_level": 0,
         },
-        "instance_group": [{
-            "name": f"{signature.model_name}_0",
-            "kind": batching.instance_kind,
-            "count": batching.instance_count,
-            "gpus": list(batching.gpus),
-            "secondary_devices": [],
-            "profile": [],
-            "passive": False,
-            "host_policy": "",
-        }],
+        "instance_group": [
+            {
+                "name": f"{signature.model_name}_0",
+                "kind": batching.instance_kind,
+                "count": batching.instance_count,
+                "gpus": list(batching.gpus),
+                "secondary_devices": [],
+                "profile": [],
+                "passive": False,
+                "host_policy": "",
+            }
+        ],
         "default_model_filename": "model.onnx",
         "parameters": {},
         "model_warmup": [],
@@ -134,5 +163,7 @@ class RepositoryEntry:
 
 def repository_index(entries: Iterable[RepositoryEntry]) -> list[dict[str, str]]:
     """``POST /v2/repository/index``: one object per model version."""
-    return [{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
-            for e in entries]
+    return [
+        {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+        for e in entries
+    ]

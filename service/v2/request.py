@@ -145,15 +145,17 @@ def decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     return data
 
 
-def decode_infer_request(body: bytes, header_length: int | None, signature: Signature,
-                         max_batch_size: int) -> InferRequest:
+def decode_infer_request(
+    body: bytes, header_length: int | None, signature: Signature, max_batch_size: int
+) -> InferRequest:
     """Validate ``body`` against the model; every way it can be wrong raises an
     :class:`~service.v2.errors.InvalidRequest` subclass that says what to fix."""
     if header_length is None:
         header, binary = body, memoryview(b"")
     elif header_length > len(body):
         raise BinaryDataError(
-            f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes")
+            f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes"
+        )
     else:
         # A view, not a copy: the tensor data can be megabytes.
         header, binary = body[:header_length], memoryview(body)[header_length:]
@@ -172,11 +174,14 @@ def decode_infer_request(body: bytes, header_length: int | None, signature: Sign
         raise DatatypeMismatch(
             f"input {tensor.name!r} has datatype {tensor.datatype}; the model takes "
             f"{signature.input_datatype} [N, {', '.join(map(str, signature.image_shape))}] "
-            f"or BYTES [N] of encoded image files")
-    outputs = _outputs(parsed.outputs, parsed.parameters.get("binary_data_output", False),
-                       signature)
-    return InferRequest(id=parsed.id, pixels=pixels, files=files, outputs=outputs,
-                        timeout_us=timeout_us)
+            f"or BYTES [N] of encoded image files"
+        )
+    outputs = _outputs(
+        parsed.outputs, parsed.parameters.get("binary_data_output", False), signature
+    )
+    return InferRequest(
+        id=parsed.id, pixels=pixels, files=files, outputs=outputs, timeout_us=timeout_us
+    )
 
 
 def _parse(header: bytes) -> _RequestBody:
@@ -187,8 +192,9 @@ def _parse(header: bytes) -> _RequestBody:
         where = ".".join(str(p) for p in first["loc"]) or "(body)"
         if first["type"] == "json_invalid":
             raise SchemaError(f"the request header is not valid JSON: {first['msg']}") from None
-        raise SchemaError(f"request does not follow the inference request schema: "
-                          f"{where}: {first['msg']}") from None
+        raise SchemaError(
+            f"request does not follow the inference request schema: {where}: {first['msg']}"
+        ) from None
 
 
 def _request_parameters(params: dict[str, Any]) -> int | None:
@@ -202,13 +208,16 @@ def _request_parameters(params: dict[str, Any]) -> int | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
-        raise SchemaError(f"parameters.timeout must be a non-negative integer number of "
-                          f"microseconds, not {timeout!r}")
+        raise SchemaError(
+            f"parameters.timeout must be a non-negative integer number of "
+            f"microseconds, not {timeout!r}"
+        )
     return timeout
 
 
-def _split_binary(inputs: list[_InputTensor], binary: memoryview,
-                  has_header_length: bool) -> list[memoryview | None]:
+def _split_binary(
+    inputs: list[_InputTensor], binary: memoryview, has_header_length: bool
+) -> list[memoryview | None]:
     """Each input's slice of the binary part (None for inputs carried in the JSON)."""
     view = binary
     blobs: list[memoryview | None] = []
@@ -216,51 +225,62 @@ def _split_binary(inputs: list[_InputTensor], binary: memoryview,
     for tensor in inputs:
         shared = [key for key in _SHARED_MEMORY if key in tensor.parameters]
         if shared:
-            raise Unsupported(f"input {tensor.name!r}: the shared-memory extension is not "
-                              f"supported ({shared[0]}); send the data in the request")
+            raise Unsupported(
+                f"input {tensor.name!r}: the shared-memory extension is not "
+                f"supported ({shared[0]}); send the data in the request"
+            )
         size = tensor.parameters.get("binary_data_size")
         if size is None:
             if tensor.data is None:
-                raise SchemaError(f"input {tensor.name!r} has neither data nor "
-                                  f"parameters.binary_data_size")
+                raise SchemaError(
+                    f"input {tensor.name!r} has neither data nor parameters.binary_data_size"
+                )
             blobs.append(None)
             continue
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise SchemaError(f"input {tensor.name!r}: parameters.binary_data_size must be a "
-                              f"non-negative integer, not {size!r}")
+            raise SchemaError(
+                f"input {tensor.name!r}: parameters.binary_data_size must be a "
+                f"non-negative integer, not {size!r}"
+            )
         if tensor.data is not None:
             raise SchemaError(f"input {tensor.name!r} has both data and binary_data_size")
         if not has_header_length:
-            raise BinaryDataError(f"input {tensor.name!r} declares binary_data_size but the "
-                                  f"request has no {HEADER_LENGTH} header")
+            raise BinaryDataError(
+                f"input {tensor.name!r} declares binary_data_size but the "
+                f"request has no {HEADER_LENGTH} header"
+            )
         if offset + size > len(view):
             raise BinaryDataError(
                 f"input {tensor.name!r} declares {size} bytes of binary data but only "
-                f"{len(view) - offset} bytes follow the JSON header there")
-        blobs.append(view[offset:offset + size])
+                f"{len(view) - offset} bytes follow the JSON header there"
+            )
+        blobs.append(view[offset : offset + size])
         offset += size
     if offset != len(view):
         raise BinaryDataError(
             f"{len(view) - offset} bytes after the JSON header are not claimed by any input's "
-            f"binary_data_size (the inputs declare {offset} of {len(view)})")
+            f"binary_data_size (the inputs declare {offset} of {len(view)})"
+        )
     return blobs
 
 
-def _the_input(inputs: list[_InputTensor], blobs: list[memoryview | None],
-               signature: Signature) -> tuple[_InputTensor, memoryview | None]:
+def _the_input(
+    inputs: list[_InputTensor], blobs: list[memoryview | None], signature: Signature
+) -> tuple[_InputTensor, memoryview | None]:
     for tensor in inputs:
         if tensor.name != signature.input_name:
-            raise UnknownTensor(f"unknown input {tensor.name!r}: the model's only input is "
-                                f"{signature.input_name!r}")
+            raise UnknownTensor(
+                f"unknown input {tensor.name!r}: the model's only input is {signature.input_name!r}"
+            )
     if len(inputs) > 1:
         raise InvalidRequest(f"input {signature.input_name!r} is given {len(inputs)} times")
     tensor = inputs[0]
     if tensor.datatype not in KNOWN_DATATYPES:
-        raise DatatypeMismatch(f"input {tensor.name!r}: {tensor.datatype!r} is not a datatype "
-                               f"of the protocol")
+        raise DatatypeMismatch(
+            f"input {tensor.name!r}: {tensor.datatype!r} is not a datatype of the protocol"
+        )
     if any(dim < 0 for dim in tensor.shape):
-        raise ShapeMismatch(f"input {tensor.name!r}: shape {tensor.shape} has a negative "
-                            f"dimension")
+        raise ShapeMismatch(f"input {tensor.name!r}: shape {tensor.shape} has a negative dimension")
     return tensor, blobs[0]
 
 
@@ -268,18 +288,22 @@ def _check_batch(tensor: _InputTensor, batch: int, max_batch_size: int) -> None:
     if batch == 0:
         raise ShapeMismatch(f"input {tensor.name!r}: shape {tensor.shape} holds no image")
     if batch > max_batch_size:
-        raise BatchTooLarge(f"input {tensor.name!r}: batch size {batch} is more than the "
-                            f"server's maximum of {max_batch_size}")
+        raise BatchTooLarge(
+            f"input {tensor.name!r}: batch size {batch} is more than the "
+            f"server's maximum of {max_batch_size}"
+        )
 
 
-def _pixels(tensor: _InputTensor, blob: memoryview | None, signature: Signature,
-            max_batch_size: int) -> np.ndarray:
+def _pixels(
+    tensor: _InputTensor, blob: memoryview | None, signature: Signature, max_batch_size: int
+) -> np.ndarray:
     shape = tuple(tensor.shape)
     if len(shape) != 4 or shape[1:] != signature.image_shape:
         raise ShapeMismatch(
             f"input {tensor.name!r} has shape {list(shape)}; the model takes "
             f"[N, {', '.join(map(str, signature.image_shape))}] (N images, "
-            f"{signature.channels} channel(s), {signature.height}x{signature.width})")
+            f"{signature.channels} channel(s), {signature.height}x{signature.width})"
+        )
     _check_batch(tensor, shape[0], max_batch_size)
     dtype = signature.input_dtype
     count = math.prod(shape)
@@ -287,46 +311,55 @@ def _pixels(tensor: _InputTensor, blob: memoryview | None, signature: Signature,
         if len(blob) != count * dtype.itemsize:
             raise BinaryDataError(
                 f"input {tensor.name!r}: shape {list(shape)} of {tensor.datatype} needs "
-                f"{count * dtype.itemsize} bytes, binary_data_size gives {len(blob)}")
+                f"{count * dtype.itemsize} bytes, binary_data_size gives {len(blob)}"
+            )
         return np.frombuffer(blob, dtype=dtype).reshape(shape)
     return _from_json(tensor, shape, count, dtype)
 
 
-def _from_json(tensor: _InputTensor, shape: tuple[int, ...], count: int,
-               dtype: np.dtype) -> np.ndarray:
+def _from_json(
+    tensor: _InputTensor, shape: tuple[int, ...], count: int, dtype: np.dtype
+) -> np.ndarray:
     # The protocol allows the data flat or nested to the tensor's shape; both are row-major.
     try:
         values = np.asarray(tensor.data)
     except ValueError:
         raise ShapeMismatch(f"input {tensor.name!r}: data is a ragged nested list") from None
     if values.size != count:
-        raise ShapeMismatch(f"input {tensor.name!r}: shape {list(shape)} needs {count} "
-                            f"values, data has {values.size}")
+        raise ShapeMismatch(
+            f"input {tensor.name!r}: shape {list(shape)} needs {count} "
+            f"values, data has {values.size}"
+        )
     allowed = "iu" if dtype.kind == "u" else "iuf"
     if values.dtype.kind not in allowed:
-        raise DatatypeMismatch(f"input {tensor.name!r}: data must be "
-                               f"{'integers' if dtype.kind == 'u' else 'numbers'} for "
-                               f"{tensor.datatype}")
+        raise DatatypeMismatch(
+            f"input {tensor.name!r}: data must be "
+            f"{'integers' if dtype.kind == 'u' else 'numbers'} for "
+            f"{tensor.datatype}"
+        )
     if dtype.kind == "u":
         info = np.iinfo(dtype)
         if values.min() < info.min or values.max() > info.max:
-            raise DatatypeMismatch(f"input {tensor.name!r}: {tensor.datatype} values must lie "
-                                   f"in [{info.min}, {info.max}]")
+            raise DatatypeMismatch(
+                f"input {tensor.name!r}: {tensor.datatype} values must lie "
+                f"in [{info.min}, {info.max}]"
+            )
     return values.astype(dtype).reshape(shape)
 
 
-def _files(tensor: _InputTensor, blob: memoryview | None, max_batch_size: int) -> tuple[
-        bytes, ...]:
+def _files(tensor: _InputTensor, blob: memoryview | None, max_batch_size: int) -> tuple[bytes, ...]:
     shape = tensor.shape
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-        raise ShapeMismatch(f"input {tensor.name!r}: BYTES of encoded images has shape [N] "
-                            f"or [N, 1], not {shape}")
+        raise ShapeMismatch(
+            f"input {tensor.name!r}: BYTES of encoded images has shape [N] or [N, 1], not {shape}"
+        )
     _check_batch(tensor, shape[0], max_batch_size)
-    items = deserialize_bytes(blob, tensor.name) if blob is not None \
-        else _strings_from_json(tensor)
+    items = deserialize_bytes(blob, tensor.name) if blob is not None else _strings_from_json(tensor)
     if len(items) != shape[0]:
-        raise ShapeMismatch(f"input {tensor.name!r}: shape {shape} needs {shape[0]} "
-                            f"element(s), the data has {len(items)}")
+        raise ShapeMismatch(
+            f"input {tensor.name!r}: shape {shape} needs {shape[0]} "
+            f"element(s), the data has {len(items)}"
+        )
     return tuple(items)
 
 
@@ -341,36 +374,44 @@ def _strings_from_json(tensor: _InputTensor) -> list[bytes]:
         raise ShapeMismatch(f"input {tensor.name!r}: data mixes lists and strings")
     flat = [v for row in data for v in row] if any(nested) else data
     if not all(isinstance(v, str) for v in flat):
-        raise DatatypeMismatch(f"input {tensor.name!r}: BYTES data in JSON must be strings; "
-                               f"send image files as binary data")
+        raise DatatypeMismatch(
+            f"input {tensor.name!r}: BYTES data in JSON must be strings; "
+            f"send image files as binary data"
+        )
     return [v.encode() for v in flat]
 
 
-def _outputs(requested: list[_OutputTensor] | None, binary_default: bool,
-             signature: Signature) -> tuple[RequestedOutput, ...]:
+def _outputs(
+    requested: list[_OutputTensor] | None, binary_default: bool, signature: Signature
+) -> tuple[RequestedOutput, ...]:
     if not requested:  # none named: every output, as the protocol says
         return (RequestedOutput(signature.output_name, binary=binary_default),)
     seen: set[str] = set()
     outputs = []
     for out in requested:
         if out.name != signature.output_name:
-            raise UnknownTensor(f"unknown output {out.name!r}: the model's only output is "
-                                f"{signature.output_name!r}")
+            raise UnknownTensor(
+                f"unknown output {out.name!r}: the model's only output is {signature.output_name!r}"
+            )
         if out.name in seen:
             raise InvalidRequest(f"output {out.name!r} is requested more than once")
         seen.add(out.name)
         params = out.parameters
         shared = [key for key in _SHARED_MEMORY if key in params]
         if shared:
-            raise Unsupported(f"output {out.name!r}: the shared-memory extension is not "
-                              f"supported ({shared[0]})")
+            raise Unsupported(
+                f"output {out.name!r}: the shared-memory extension is not supported ({shared[0]})"
+            )
         binary = params.get("binary_data", binary_default)
         if not isinstance(binary, bool):
-            raise SchemaError(f"output {out.name!r}: parameters.binary_data must be a "
-                              f"boolean, not {binary!r}")
+            raise SchemaError(
+                f"output {out.name!r}: parameters.binary_data must be a boolean, not {binary!r}"
+            )
         k = params.get("classification", 0)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise SchemaError(f"output {out.name!r}: parameters.classification must be a "
-                              f"non-negative integer, not {k!r}")
+            raise SchemaError(
+                f"output {out.name!r}: parameters.classification must be a "
+                f"non-negative integer, not {k!r}"
+            )
         outputs.append(RequestedOutput(out.name, binary=binary, classification=k))
     return tuple(outputs)

@@ -59,16 +59,22 @@ def classification_strings(logits: np.ndarray, k: int, labels: tuple[str, ...]) 
     return out
 
 
-def encode_infer_response(request: InferRequest, logits: np.ndarray, signature: Signature,
-                          image_errors: Mapping[int, ImageRejected] | None = None,
-                          ) -> EncodedResponse:
+def encode_infer_response(
+    request: InferRequest,
+    logits: np.ndarray,
+    signature: Signature,
+    image_errors: Mapping[int, ImageRejected] | None = None,
+) -> EncodedResponse:
     """The response to ``request`` given the model's ``logits`` ``[N, classes]`` (rows of
     failed images are ignored) and the images that failed, by batch index."""
     n = request.batch_size
     logits = np.asarray(logits)
     if logits.shape != (n, signature.num_classes):
-        raise V2Error(f"the model returned logits of shape {list(logits.shape)} for "
-                      f"{n} image(s) and {signature.num_classes} classes", status=500)
+        raise V2Error(
+            f"the model returned logits of shape {list(logits.shape)} for "
+            f"{n} image(s) and {signature.num_classes} classes",
+            status=500,
+        )
     logits = logits.astype(_LOGITS_DTYPE, copy=False)
     errors = dict(image_errors or {})
     if any(not 0 <= i < n for i in errors):
@@ -78,14 +84,17 @@ def encode_infer_response(request: InferRequest, logits: np.ndarray, signature: 
     failed = sorted(errors)
 
     tensors: list[tuple[dict[str, Any], bytes | None]] = [
-        _output(out, logits, failed, signature) for out in request.outputs]
+        _output(out, logits, failed, signature) for out in request.outputs
+    ]
     if errors:
         messages = [errors[i].message.encode() if i in errors else b"" for i in range(n)]
         binary = all(out.binary for out in request.outputs)
         tensors.append(_bytes_tensor(IMAGE_ERRORS_OUTPUT, [n], messages, binary))
 
-    header: dict[str, Any] = {"model_name": signature.model_name,
-                              "model_version": signature.model_version}
+    header: dict[str, Any] = {
+        "model_name": signature.model_name,
+        "model_version": signature.model_version,
+    }
     if request.id is not None:
         header["id"] = request.id
     header["outputs"] = [meta for meta, _ in tensors]
@@ -104,8 +113,9 @@ def _all_failed(errors: dict[int, ImageRejected]) -> ImageRejected:
     return ImageRejected(f"image {min(errors)}: {first.message}{more}", status=status)
 
 
-def _output(out: RequestedOutput, logits: np.ndarray, failed: list[int],
-            signature: Signature) -> tuple[dict[str, Any], bytes | None]:
+def _output(
+    out: RequestedOutput, logits: np.ndarray, failed: list[int], signature: Signature
+) -> tuple[dict[str, Any], bytes | None]:
     if out.classification:
         strings = classification_strings(logits, out.classification, signature.labels)
         strings[failed, :] = b""
@@ -122,13 +132,14 @@ def _output(out: RequestedOutput, logits: np.ndarray, failed: list[int],
     values: list[float | None] = logits.ravel().tolist()
     width = logits.shape[1]
     for row in failed:
-        values[row * width:(row + 1) * width] = [None] * width
+        values[row * width : (row + 1) * width] = [None] * width
     meta["data"] = values
     return meta, None
 
 
-def _bytes_tensor(name: str, shape: list[int], items: list[bytes],
-                  binary: bool) -> tuple[dict[str, Any], bytes | None]:
+def _bytes_tensor(
+    name: str, shape: list[int], items: list[bytes], binary: bool
+) -> tuple[dict[str, Any], bytes | None]:
     meta: dict[str, Any] = {"name": name, "datatype": BYTES, "shape": shape}
     if binary:
         data = serialize_bytes(items)

@@ -74,10 +74,12 @@ def model_statistics(signature: Signature, counters: ModelCounters) -> dict[str,
         },
         "response_stats": {},
         "batch_stats": [
-            {"batch_size": size,
-             "compute_input": b.compute_input.as_json(),
-             "compute_infer": b.compute_infer.as_json(),
-             "compute_output": b.compute_output.as_json()}
+            {
+                "batch_size": size,
+                "compute_input": b.compute_input.as_json(),
+                "compute_infer": b.compute_infer.as_json(),
+                "compute_output": b.compute_output.as_json(),
+            }
             for size, b in sorted(c.batches.items())
         ],
         "memory_usage": [],

@@ -42,7 +42,6 @@ def datatype_of_card_dtype(dtype: str) -> str:
     return {"uint8": "UINT8", "float32": "FP32"}[dtype]
 
 
-
 def serialize_bytes(items: Iterable[bytes]) -> bytes:
     """The binary form of a BYTES tensor whose elements are ``items`` (row-major)."""
     parts: list[bytes] = []
@@ -62,13 +61,15 @@ def deserialize_bytes(buffer: bytes | memoryview, name: str) -> list[bytes]:
         if offset + _LENGTH.size > len(view):
             raise BinaryDataError(
                 f"input {name!r}: BYTES data ends inside an element's 4-byte length prefix "
-                f"(at byte {offset} of {len(view)})")
+                f"(at byte {offset} of {len(view)})"
+            )
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += _LENGTH.size
         if offset + length > len(view):
             raise BinaryDataError(
                 f"input {name!r}: BYTES element {len(items)} declares {length} bytes but only "
-                f"{len(view) - offset} remain")
-        items.append(bytes(view[offset:offset + length]))
+                f"{len(view) - offset} remain"
+            )
+        items.append(bytes(view[offset : offset + length]))
         offset += length
     return items

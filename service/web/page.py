@@ -14,10 +14,16 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 _CACHE = {"Cache-Control": "no-cache"}
 # The page needs nothing from elsewhere, and this makes the browser refuse it if a later edit
 # ever tries; images are shown from blob: URLs of the user's own files.
-_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-          ".svg": "image/svg+xml", ".html": "text/html; charset=utf-8"}
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".html": "text/html; charset=utf-8",
+}
 
 router = APIRouter(include_in_schema=False)
 
@@ -33,8 +39,11 @@ _ASSETS = _assets()
 
 @router.get("/")
 async def page() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type=_TYPES[".html"],
-                        headers={**_CACHE, "Content-Security-Policy": _CSP})
+    return FileResponse(
+        STATIC_DIR / "index.html",
+        media_type=_TYPES[".html"],
+        headers={**_CACHE, "Content-Security-Policy": _CSP},
+    )
 
 
 @router.get("/static/{name}")

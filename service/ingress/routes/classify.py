@@ -20,10 +20,18 @@ _BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": [IMAGE_FIELD],
-                "properties": {IMAGE_FIELD: {"type": "array",
-                                             "items": {"type": "string", "format": "binary"}}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {
+                        IMAGE_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        }
+                    },
+                }
+            },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     }
@@ -31,14 +39,19 @@ _BODY: dict[str, Any] = {
 
 
 @router.post(
-    "/classify", response_model=ClassifyResponse, openapi_extra=_BODY,
+    "/classify",
+    response_model=ClassifyResponse,
+    openapi_extra=_BODY,
     responses=error_responses(400, 401, 408, 413, 415, 422, 503, 504),
     summary="Classify one or more images (multipart parts named 'images', or a raw body)",
 )
 async def classify(
-    request: Request, state: State, plane: Plane,
-    top_k: Annotated[int, Query(ge=1, description="predictions per image (clamped to the "
-                                                   "class count)")] = 5,
+    request: Request,
+    state: State,
+    plane: Plane,
+    top_k: Annotated[
+        int, Query(ge=1, description="predictions per image (clamped to the class count)")
+    ] = 5,
 ) -> Response:
     t0 = time.perf_counter()
     deadline = time.monotonic() + state.settings.request_timeout_s

@@ -15,8 +15,11 @@ async def live() -> Live:
     return Live()
 
 
-@router.get("/ready", summary="Readiness: 200 once the engine has warmed every batch shape",
-            responses=error_responses(503))
+@router.get(
+    "/ready",
+    summary="Readiness: 200 once the engine has warmed every batch shape",
+    responses=error_responses(503),
+)
 async def ready(state: State) -> Ready:
     state.check_ready()
     return Ready()

@@ -12,8 +12,9 @@ from service.metrics import CONTENT_TYPE_LATEST, exposition
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", summary="Prometheus metrics (all workers and the engine)",
-            response_class=Response)
+@router.get(
+    "/metrics", summary="Prometheus metrics (all workers and the engine)", response_class=Response
+)
 async def metrics() -> Response:
     # Reading every process's files is disk work: keep it off the event loop.
     body = await asyncio.to_thread(exposition)

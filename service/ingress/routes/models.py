@@ -24,8 +24,7 @@ router = APIRouter(prefix="/v2", tags=["model"])
 
 @router.get("", summary="Server metadata (KServe V2)")
 async def server_metadata(state: State) -> ServerMetadata:
-    return ServerMetadata(name="seresnet-serve", version=VERSION,
-                          extensions=list(state.extensions))
+    return ServerMetadata(name="seresnet-serve", version=VERSION, extensions=list(state.extensions))
 
 
 @router.get("/models", summary="The models served, with their versions")
@@ -35,14 +34,20 @@ async def model_index(state: State) -> ModelIndex:
     return ModelIndex(models=entries)
 
 
-@router.get("/models/{name}", responses=error_responses(401, 404),
-            summary="Model metadata (KServe V2) plus the card, the engine and the processes")
+@router.get(
+    "/models/{name}",
+    responses=error_responses(401, 404),
+    summary="Model metadata (KServe V2) plus the card, the engine and the processes",
+)
 async def model_metadata(name: str, state: State) -> ModelMetadata:
     return _metadata(state, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", responses=error_responses(401, 404),
-            summary="Metadata of one version of the model (as for the model)")
+@router.get(
+    "/models/{name}/versions/{version}",
+    responses=error_responses(401, 404),
+    summary="Metadata of one version of the model (as for the model)",
+)
 async def model_version_metadata(name: str, version: str, state: State) -> ModelMetadata:
     return _metadata(state, name, version)
 
@@ -58,38 +63,52 @@ def _metadata(state: IngressState, name: str, version: str | None) -> ModelMetad
         name=card.name,
         versions=[card.version],
         platform="onnxruntime_onnx",
-        inputs=[{"name": spec.tensor, "datatype": "UINT8" if spec.dtype == "uint8" else "FP32",
-                 "shape": [-1, spec.channels, spec.height, spec.width]}],
-        outputs=[{"name": card.output.logits, "datatype": "FP32",
-                  "shape": [-1, card.num_classes]}],
+        inputs=[
+            {
+                "name": spec.tensor,
+                "datatype": "UINT8" if spec.dtype == "uint8" else "FP32",
+                "shape": [-1, spec.channels, spec.height, spec.width],
+            }
+        ],
+        outputs=[{"name": card.output.logits, "datatype": "FP32", "shape": [-1, card.num_classes]}],
         ready=state.ready,
         engine=hello.info,
         processes=state.processes(),
-        batching={"max_batch_size": hello.max_batch_size,
-                  "max_queue_delay_ms": s.max_queue_delay_ms,
-                  "max_queue_size": hello.max_queue_size,
-                  "batches_across_workers": True},
-        limits={"max_body_bytes": s.max_body_bytes, "max_image_pixels": s.max_image_pixels,
-                "max_images_per_request": s.max_images_per_request,
-                "request_timeout_s": s.request_timeout_s,
-                "decode_memory_mb_per_worker": s.decode_memory_mb,
-                "inflight_body_bytes_per_worker": s.inflight_body_bytes(),
-                "max_header_bytes": s.max_header_bytes, "header_timeout_s": s.header_timeout_s,
-                "max_connections_per_worker": s.max_connections},
+        batching={
+            "max_batch_size": hello.max_batch_size,
+            "max_queue_delay_ms": s.max_queue_delay_ms,
+            "max_queue_size": hello.max_queue_size,
+            "batches_across_workers": True,
+        },
+        limits={
+            "max_body_bytes": s.max_body_bytes,
+            "max_image_pixels": s.max_image_pixels,
+            "max_images_per_request": s.max_images_per_request,
+            "request_timeout_s": s.request_timeout_s,
+            "decode_memory_mb_per_worker": s.decode_memory_mb,
+            "inflight_body_bytes_per_worker": s.inflight_body_bytes(),
+            "max_header_bytes": s.max_header_bytes,
+            "header_timeout_s": s.header_timeout_s,
+            "max_connections_per_worker": s.max_connections,
+        },
         card=card.model_dump(mode="json"),
     )
 
 
-@router.get("/models/{name}/ready", responses=error_responses(401, 404, 503),
-            summary="Model readiness")
+@router.get(
+    "/models/{name}/ready", responses=error_responses(401, 404, 503), summary="Model readiness"
+)
 async def model_ready(name: str, state: State) -> ModelReady:
     model_or_404(state, name)
     state.check_ready()
     return ModelReady(name=name, ready=True)
 
 
-@router.get("/models/{name}/versions/{version}/ready",
-            responses=error_responses(401, 404, 503), summary="Readiness of one version")
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    responses=error_responses(401, 404, 503),
+    summary="Readiness of one version",
+)
 async def model_version_ready(name: str, version: str, state: State) -> ModelReady:
     model_or_404(state, name, version)
     state.check_ready()
