@@ -272,7 +272,9 @@ def cuda_matrix(args: argparse.Namespace, provider: str) -> int:
         "repeats": repeats,
         "seconds_per_repeat": args.seconds,
         "goals": fc.GOALS,
-        "anchor_h200_seresnet50_pytorch_fp16_channels_last_images_per_s": fc.ANCHOR_H200_SERESNET50_FP16_CL,
+        "anchor_h200_seresnet50_pytorch_fp16_channels_last_images_per_s": (
+            fc.ANCHOR_H200_SERESNET50_FP16_CL
+        ),
         "rows": {str(b): {} for b in batches},
     }
 

@@ -47,7 +47,8 @@ class ClassifyResponse(BaseModel):
                             "filename": "notes.txt",
                             "error": {
                                 "code": "unsupported_format",
-                                "message": "not a supported image (accepted: JPEG, PNG, WEBP, BMP, GIF, TIFF; "
+                                "message": "not a supported image "
+                                "(accepted: JPEG, PNG, WEBP, BMP, GIF, TIFF; "
                                 "first bytes b'hello wo')",
                             },
                         },
@@ -67,7 +68,9 @@ class ErrorResponse(BaseModel):
                 {
                     "error": {
                         "code": "queue_full",
-                        "message": "1024 images in progress; 1 more exceed SERESNET_MAX_QUEUE_SIZE=1024",
+                        "message": (
+                            "1024 images in progress; 1 more exceed SERESNET_MAX_QUEUE_SIZE=1024"
+                        ),
                     }
                 }
             ]
