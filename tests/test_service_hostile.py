@@ -30,6 +30,7 @@ from serverutil import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_servic
 from modelcard.schema import read_card
 
 CARD = read_card(EMBEDDED_MODEL)
+MAX_PARTS = 16
 
 
 def small_png(seed: int = 0) -> bytes:
@@ -102,6 +103,7 @@ def svc() -> Iterator[ServiceProcess]:
         "SERESNET_DECODE_MEMORY_MB": "256",
         "SERESNET_MAX_BODY_BYTES": str(40 * 2**20),
         "SERESNET_MAX_INFLIGHT_BODY_MB": "64",
+        "SERESNET_MAX_IMAGES_PER_REQUEST": str(MAX_PARTS),
     }
     with running_service(EMBEDDED_MODEL, env=env) as s:
         yield s
@@ -312,6 +314,33 @@ def test_a_trickled_body_gets_408_within_the_request_timeout(svc: ServiceProcess
         assert headers.get("connection") == "close"
         assert elapsed < 6
         assert closed_by_server(sock)
+
+
+def test_an_answer_sent_before_the_body_is_read_reaches_a_client_still_uploading(
+    svc: ServiceProcess,
+) -> None:
+    """Too many parts, refused with 413 at the first part over the limit while 8 MB of the
+    body are still to come. Closing at once would make the kernel reset the connection (unread
+    bytes), destroying the 413 on its way; the lingering close reads the rest and lets the
+    client finish its upload and read the answer, every time."""
+    boundary = "b0undary"
+    part = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=images; filename=x.png\r\n"
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+    parts = [part + small_png(i) + b"\r\n" for i in range(MAX_PARTS + 1)]
+    tail = part + b"\0" * (8 * 2**20) + f"\r\n--{boundary}--\r\n".encode()
+    body = b"".join(parts) + tail
+    ctype = f"multipart/form-data; boundary={boundary}"
+    for _ in range(3):
+        with socket.create_connection(addr(svc)) as sock:
+            sock.sendall(raw_post_head(svc, len(body), ctype) + body)  # no reset mid-upload
+            status, headers, answer = read_response(sock)
+            assert status == 413, answer
+            assert json.loads(answer)["error"]["code"] == "too_many_images"
+            assert headers.get("connection") == "close"
+            assert closed_by_server(sock)
+    assert_serving(svc)
 
 
 def test_malformed_http_gets_json_400(svc: ServiceProcess) -> None:

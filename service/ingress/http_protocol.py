@@ -1,7 +1,14 @@
 """uvicorn's httptools protocol with the limits it lacks: header size (431), time to send the
 headers (408, or a silent close for a connection that never spoke), connections per worker
-(the longest-idle one is closed first), no connection held open by a body nobody reads, and
-JSON where uvicorn would answer plain text (a request it cannot parse).
+(the longest-idle one is closed first), no connection held open by a body nobody reads, JSON
+where uvicorn would answer plain text (a request it cannot parse), and a lingering close.
+
+The lingering close: an answer sent before the request body has been read (a 413, a 401, a
+431) must not be followed by ``close()`` at once. The kernel answers a close with unread bytes
+in the receive buffer with a reset, and a client still uploading then loses the answer that was
+already on its way ("connection reset by peer" instead of the 413 it should act on). So every
+close first half-closes (FIN after the answer), reads and discards whatever the client still
+sends, and closes when the client does, or after a bound in time or bytes.
 
 Selected with uvicorn's ``http=`` option by import string, so each worker builds it itself.
 """
@@ -37,12 +44,18 @@ class HttpLimits:
     max_header_bytes: int
     header_timeout_s: float
     max_connections: int
+    linger_bytes: int
+
+
+# Long enough for a client's send buffer and a round trip to drain on a loaded machine; short
+# enough that a client which never stops sending holds a connection slot only briefly.
+LINGER_S = 2.0
 
 
 @functools.cache
 def limits() -> HttpLimits:
     s = load_settings()
-    return HttpLimits(s.max_header_bytes, s.header_timeout_s, s.max_connections)
+    return HttpLimits(s.max_header_bytes, s.header_timeout_s, s.max_connections, s.max_body_bytes)
 
 
 def raw_json_response(status: int, code: str, message: str) -> bytes:
@@ -52,6 +65,53 @@ def raw_json_response(status: int, code: str, message: str) -> bytes:
         b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
     )
     return head + body
+
+
+class LingeringTransport:
+    """The connection's transport as uvicorn and this protocol see it: ``close()`` lingers
+    (see the module's docstring); everything else is the real transport's."""
+
+    def __init__(
+        self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, linger_bytes: int
+    ) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._discard_left = linger_bytes
+        self._timer: asyncio.TimerHandle | None = None
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        if not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()  # sent once the answer ahead of it is written
+        self._transport.resume_reading()  # uvicorn pauses reading while a body waits unread
+        self._timer = self._loop.call_later(LINGER_S, self._transport.close)
+
+    def discard(self, data: bytes) -> None:
+        """Bytes that arrived after the answer: dropped, and the connection closed once the
+        client has sent more than a request body may hold."""
+        self._discard_left -= len(data)
+        if self._discard_left < 0:
+            self._transport.close()
+
+    def close_now(self) -> None:
+        """For a connection with nothing unread (idle, evicted): no reason to wait."""
+        self._transport.close()
+
+    def closed(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -66,7 +126,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # ----------------------------------------------------------------- connections
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._lingering = LingeringTransport(transport, self.loop, limits().linger_bytes)
+        super().connection_made(self._lingering)  # type: ignore[arg-type]
         if len(self.connections) > self._limits.max_connections and not self._evict_idle():
             self._refuse(
                 503,
@@ -79,7 +140,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        self._lingering.closed()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        # A drain closes idle keep-alive connections: nothing unread, so nothing to wait for
+        # (uvicorn's own eof_received lets asyncio finish a lingering close when the client's
+        # FIN arrives).
+        if self.cycle is None or self.cycle.response_complete:
+            self._lingering.close_now()
+        else:
+            super().shutdown()
 
     def _idle(self) -> bool:
         return (
@@ -99,7 +170,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return False
         victim = min(idle, key=lambda c: c._idle_since)
         http_metrics().refused("idle_evicted")
-        victim.transport.close()
+        victim._lingering.close_now()
         return True
 
     # ----------------------------------------------------------------- headers
@@ -128,9 +199,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
         else:
             http_metrics().refused("idle_timeout")
-            self.transport.close()
+            self._lingering.close_now()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering.lingering:
+            self._lingering.discard(data)
+            return
         if self._in_headers:
             if self._header_bytes > self._limits.max_header_bytes:
                 return  # refused already; ignore what is still in flight
