@@ -110,6 +110,10 @@ class BucketRunner:
         np.stack(images, out=host[:n])
         host[n:] = 0
         if self._device != "cpu":  # on the CPU the OrtValue already wraps ``host``
+            # A pageable copy on the legacy default stream, while ORT computes on its own
+            # non-blocking stream: wait for it (synchronize_inputs syncs the device) before a
+            # run, or a replayed graph can read the tail of the previous batch.
             x.update_inplace(host)
+            binding.synchronize_inputs()
         self._session.run_with_iobinding(binding, self._run_options[bucket])
         return np.array(y.numpy()[:n], copy=True)

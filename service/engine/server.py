@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -151,7 +151,8 @@ class EngineServer:
 
     async def warm_up(self) -> None:
         try:
-            await asyncio.to_thread(self.engine.warm_up, self.config.warmup_rounds)
+            # On the batcher's own thread: the graphs captured now are the ones it replays.
+            await self.batcher.call(self.engine.warm_up, self.config.warmup_rounds)
         except Exception as e:  # a model that cannot run must never report ready
             self.fatal = f"warm-up failed: {type(e).__name__}: {e}"
             log.exception("warm-up failed; the service will not become ready")
@@ -268,7 +269,7 @@ class EngineServer:
 
     # ----------------------------------------------------------------- running
 
-    def _run_batch(self, images: list[np.ndarray]) -> np.ndarray:
+    def _run_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.engine.run(images)
 
     async def _run(
