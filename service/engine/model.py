@@ -11,6 +11,7 @@ settings: the engine knows nothing of HTTP.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,19 @@ class EngineInfo:
         return d
 
 
+def folder_facts(model_dir: Path, card: ModelCard, precision: str) -> FolderFacts:
+    """What ``model_dir`` offers the plan. A benchmark-only folder keeps a float16 file that
+    export's parity gate did not pass (``float16.parity_gated: false``): it is served when
+    ``SERESNET_PRECISION=fp16`` asks for it by name, never by ``auto``."""
+    fp16 = card.float16
+    return FolderFacts(
+        fused_present=(model_dir / FUSED_FILE).is_file(),
+        fp16_present=fp16 is not None
+        and (model_dir / fp16.file).is_file()
+        and (fp16.parity_gated or precision == "fp16"),
+    )
+
+
 class Engine:
     """A loaded model: ``run(images)`` -> logits [n, num_classes] (one batch, one thread)."""
 
@@ -86,15 +100,7 @@ class Engine:
         if gpu_count is None:
             gpu_count = cuda_device_count() if config.provider != "cpu" else 0
         ops_status = ops_status or probe_ops()
-        fp16 = card.float16
-        folder = FolderFacts(
-            fused_present=(model_dir / FUSED_FILE).is_file(),
-            # A benchmark-only folder keeps a float16 file that export's parity gate did
-            # not pass: served when asked for by name, never by auto.
-            fp16_present=fp16 is not None
-            and (model_dir / fp16.file).is_file()
-            and (fp16.parity_gated or config.precision == "fp16"),
-        )
+        folder = folder_facts(model_dir, card, config.precision)
         plan = plan_engine(
             config,
             gpu_count=gpu_count,
@@ -119,6 +125,7 @@ class Engine:
         self.ops_status = ops_status
         self.input_dtype = np.dtype(card.input.dtype)
         self.sample_shape = (card.input.channels, card.input.height, card.input.width)
+        self.warm_thread: int | None = None  # the thread warm_up ran on
         self._build(plan)
 
     def _build(self, plan: EnginePlan) -> None:
@@ -234,6 +241,7 @@ class Engine:
                 )
                 self._build(plan)
         seconds = time.perf_counter() - t0
+        self.warm_thread = threading.get_ident()
         self.info.warm_shapes = tuple(shapes)
         self.info.warmup_seconds = round(seconds, 4)
         log.info(
