@@ -156,3 +156,48 @@ def test_nothing_outside_ci_names_the_shared_folder() -> None:
     for name in ("Makefile", "README.md", "scripts/gpu-check.sh", "bench/gpu_frontend.py"):
         if name in tracked:
             assert "../shared" not in (REPO / name).read_text(), name
+
+
+def test_every_servable_matrix_row_is_what_the_service_would_plan() -> None:
+    """The matrix's servable column: the settings it names make the service's plan serve
+    exactly that row's graph, precision, layout and CUDA graphs (on a machine with a GPU)."""
+    from bench.fusion_cuda import PRECISIONS, groups, servable
+    from service.engine.plan import FolderFacts, plan_engine
+    from service.engine.policy import CPU_EP, CUDA_EP
+    from service.engine.session import OpsStatus
+    from service.settings import load_settings
+
+    ops = OpsStatus(True, frozenset({CPU_EP, CUDA_EP}), "lib", fp16_cuda=True)
+    files = {
+        "resnet50": "model.onnx",
+        "seresnet50-unfused": "model.onnx",
+        "seresnet50-fused": "model.se.onnx",
+        "seresnet50-fused-cl": "model.fp16.se.onnx",
+    }
+    rows = 0
+    for group in groups(list(PRECISIONS), [False, True]):
+        for model in group.models:
+            entry = servable(model, group)
+            if not entry["servable"]:
+                assert entry["why"]
+                continue
+            rows += 1
+            env = dict(kv.split("=", 1) for kv in entry["settings"].split() if "=" in kv)
+            overrides = {k.removeprefix("SERESNET_").lower(): v for k, v in env.items()}
+            config = load_settings({"model_dir": "models/fashion-seresnet", **overrides})
+            plan = plan_engine(
+                config.engine_config(),
+                gpu_count=1,
+                ort_providers=[CUDA_EP, CPU_EP],
+                ops=ops,
+                folder=FolderFacts(True, True),
+            )
+            want_file = files[model]
+            if group.precision == "fp16":
+                want_file = "model.fp16.se.onnx"
+            assert plan.filename == want_file, (model, group)
+            assert plan.graph.precision == ("fp16" if group.precision == "fp16" else "fp32")
+            assert config.cuda_tf32 == (group.precision != "fp32")
+            assert plan.layout.layout == ("nhwc" if group.nhwc else "nchw")
+            assert plan.cuda_graphs.enabled == group.graphs
+    assert rows >= 10

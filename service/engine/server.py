@@ -150,6 +150,7 @@ class EngineServer:
             conn.send(("state", ready, reason))
 
     async def warm_up(self) -> None:
+        graphs_before = self.engine.info.cuda_graphs
         try:
             # On the batcher's own thread: the graphs captured now are the ones it replays.
             await self.batcher.call(self.engine.warm_up, self.config.warmup_rounds)
@@ -159,6 +160,14 @@ class EngineServer:
             self.set_ready(False, self.fatal)
             self.on_fatal()
             return
+        if self.engine.info.cuda_graphs != graphs_before:
+            # Warm-up rebuilt the session (a capture failed): workers hold the hello that
+            # described the old one, so they reconnect and get the current one.
+            log.warning(
+                "engine rebuilt at warm-up", extra={"fallbacks": self.engine.info.fallbacks}
+            )
+            for conn in list(self.connections):
+                conn.writer.close()
         if not self.draining:
             self.set_ready(True, "")
             log.info("ready", extra={"model": self.engine.card.name})
