@@ -115,3 +115,17 @@ def test_the_channels_last_float16_graph_matches_channels_first() -> None:
     images = _images(48)
     for n in (1, 7, 16):
         np.testing.assert_allclose(last.run(images[:n]), first.run(images[:n]), atol=2e-2, rtol=0)
+
+
+def test_back_to_back_replays_read_their_own_batch() -> None:
+    """The input copy is synchronised with ORT's stream: replays in a tight loop, each batch
+    different from the one before, each answer that of its own batch (a replay that read the
+    tail of the previous batch would give the previous images' logits there)."""
+    engine = _engine(provider="cuda", precision="fp32", cuda_graphs="on", **PARITY)
+    plain = _engine(provider="cuda", precision="fp32", cuda_graphs="off", **PARITY)
+    images = _images(32)
+    batches = [images[:16], images[16:]]
+    want = [plain.run(b) for b in batches]
+    for i in range(100):
+        got = engine.run(batches[i % 2])
+        np.testing.assert_allclose(got, want[i % 2], atol=2.5e-4, rtol=0, err_msg=f"run {i}")
