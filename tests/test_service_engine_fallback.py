@@ -309,3 +309,47 @@ def test_the_engine_server_warms_up_on_the_thread_that_runs_its_batches(tmp_path
 
     ready, serving = asyncio.run(main())
     assert ready and engine.warm_thread == serving
+
+
+def _fails_past_batch_one(folder: Path) -> None:
+    """Rewrite the folder's model.onnx so that it loads, and runs batch 1, but fails at any
+    larger batch (its logits reshaped to a fixed [1, classes]): a run-time failure at warm-up."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(folder / UNFUSED_FILE))
+    (output,) = model.graph.output
+    for node in model.graph.node:
+        node.output[:] = [f"{o}__raw" if o == output.name else o for o in node.output]
+    classes = read_card(folder).num_classes
+    shape = numpy_helper.from_array(np.array([1, classes], dtype=np.int64), "fixed_shape")
+    model.graph.initializer.append(shape)
+    model.graph.node.append(
+        helper.make_node("Reshape", [f"{output.name}__raw", "fixed_shape"], [output.name])
+    )
+    onnx.save(model, str(folder / UNFUSED_FILE))
+
+
+def test_a_failure_while_graphs_are_on_rebuilds_without_them_once(tmp_path: Path) -> None:
+    """Warm-up that fails with CUDA graphs on gives up the graphs (auto) and warms a rebuilt
+    session, once: here the rebuilt session fails too, so the error is raised, not retried.
+    Run on the CPU provider with a plan that says graphs are on (what a GPU would plan)."""
+    folder = _copy(tmp_path)
+    _fails_past_batch_one(folder)
+    for setting in ("auto", "on"):
+        config = EngineConfig(model_dir=folder, provider="cpu", graph="unfused")
+        engine = Engine.load(config)
+        engine.config = replace(config, cuda_graphs=setting)  # as configured on a GPU
+        on = replace(engine.plan, cuda_graphs=replace(engine.plan.cuda_graphs, enabled=True))
+        engine._build(on)
+        assert engine.info.cuda_graphs
+        if setting == "on":
+            with pytest.raises(EngineError, match="SERESNET_CUDA_GRAPHS=on"):
+                engine.warm_up(1)
+            continue
+        with pytest.raises(Exception, match=r"(?i)reshape") as info:
+            engine.warm_up(1)
+        assert not isinstance(info.value, EngineError)  # the run's own error, after one rebuild
+        assert not engine.info.cuda_graphs
+        assert engine.info.fallbacks and engine.info.fallbacks[0].startswith("capture:")
+        assert engine.info.cuda_graphs_reason.startswith("auto: capture failed")

@@ -72,7 +72,7 @@ def session_options(
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     else:
         so.intra_op_num_threads = 1
-    if cuda_graphs:
+    if cuda_graphs and provider == "cuda":
         # A graph replays only what ran on the GPU: refuse to build a session that would
         # leave any node on the CPU instead of capturing an incomplete graph.
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
