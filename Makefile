@@ -10,7 +10,7 @@ OPS_SOURCES := $(shell find ops -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test lint bench container-check clean
+.PHONY: serve test lint bench container-check clean gpu-setup gpu-check
 
 $(VENV)/.runtime: pyproject.toml $(OPS_SOURCES) scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh runtime
@@ -46,6 +46,19 @@ bench: $(VENV)/.dev
 # Debian's packages (root; no registry needed): scripts/container-e2e.sh --help.
 container-check:
 	bash scripts/container-e2e.sh
+
+# A machine with an NVIDIA GPU (driver installed) and a network: onnxruntime-gpu's CUDA and
+# cuDNN wheels into .venv, at the onnxruntime-gpu version .venv already has, then the GPU
+# check (bash scripts/gpu-check.sh --help; GPU_CHECK_ARGS="--full" for the whole matrix).
+gpu-setup: $(VENV)/.dev
+	version=$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)'); \
+	  $(PY) -m pip install "onnxruntime-gpu[cuda,cudnn]==$$version"
+	$(PY) -c "import onnxruntime as o; o.preload_dlls(); print(o.get_available_providers())"
+	bash scripts/gpu-check.sh --dry-run $(GPU_CHECK_ARGS)
+
+GPU_CHECK_ARGS ?=
+gpu-check: $(VENV)/.dev
+	PYTHON=$(PY) bash scripts/gpu-check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist

@@ -293,6 +293,7 @@ def cuda_matrix(args: argparse.Namespace, provider: str) -> int:
             }
             for name, row in fc.measure(runners, repeats, args.seconds).items():
                 row["images_per_s"] = round(batch / (row["median_ms"] / 1e3), 1)
+                row.update(servable=False, why="PyTorch eager: the anchor, not the service")
                 results["rows"][str(batch)][name] = row
         save()
     graphs = [g == "on" for g in args.graphs]

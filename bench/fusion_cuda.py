@@ -69,6 +69,31 @@ class Group:
         return [*names, "seresnet50-fused-cl"] if self.nhwc else names
 
 
+def servable(model: str, group: Group) -> dict[str, Any]:
+    """Whether the service can serve this row's configuration, and with which settings (or
+    why not): the matrix's ``servable`` column."""
+    graphs = f"SERESNET_CUDA_GRAPHS={'on' if group.graphs else 'off'}"
+    precision = {
+        "fp32": "SERESNET_PRECISION=fp32 SERESNET_CUDA_TF32=0",
+        "tf32": "SERESNET_PRECISION=fp32 SERESNET_CUDA_TF32=1",
+        "fp16": "SERESNET_PRECISION=fp16",
+    }[group.precision]
+    why = None
+    if group.nhwc and model != "seresnet50-fused-cl":
+        why = "the service pairs prefer_nhwc with channels-last SE nodes (seresnet50-fused-cl)"
+    elif group.precision == "fp16" and model in ("resnet50", "seresnet50-unfused"):
+        why = "the service's float16 graph is the fused model.fp16.se.onnx"
+    if why:
+        return {"servable": False, "why": why}
+    settings = {
+        "resnet50": "SERESNET_GRAPH=unfused (a ResNet-50 folder)",
+        "seresnet50-unfused": "SERESNET_GRAPH=unfused",
+        "seresnet50-fused": "SERESNET_GRAPH=fused",
+        "seresnet50-fused-cl": "SERESNET_GRAPH=fused SERESNET_CUDA_LAYOUT=nhwc",
+    }[model]
+    return {"servable": True, "settings": f"{settings} {precision} {graphs}"}
+
+
 def groups(precisions: list[str], graphs: list[bool]) -> list[Group]:
     """fp32 and tf32 channels first; fp16 channels first and prefer_nhwc (where ORT's fp16
     convolutions are fastest); each with CUDA graphs off and on."""
@@ -253,9 +278,9 @@ def run_group(
                 errors[model] = f"{type(error).__name__}: {str(error)[:400]}"
         for model, row in rows.items():
             row["images_per_s"] = round(batch / (row["median_ms"] / 1e3), 1)
-            yield f"{model}/{group.label}", batch, row
+            yield f"{model}/{group.label}", batch, {**row, **servable(model, group)}
         for model, message in errors.items():
-            yield f"{model}/{group.label}", batch, {"error": message}
+            yield f"{model}/{group.label}", batch, {"error": message, **servable(model, group)}
     sessions.clear()
 
 
@@ -301,6 +326,18 @@ def summarise(rows: dict[str, dict[str, dict]]) -> dict[str, dict[str, Any]]:
                     "seresnet50_images_per_s": round(int(batch) / se[1] * 1e3, 1),
                     "se_tax": round(se[1] / plain[1], 4),
                 }
+                served = [
+                    (n, r["median_ms"])
+                    for n, r in by_name.items()
+                    if r.get("servable")
+                    and "median_ms" in r
+                    and n.startswith("seresnet50-")
+                    and f"/{precision}/" in n
+                ]
+                if served:
+                    name, _ = min(served, key=lambda t: t[1])
+                    entry[precision]["best_servable_seresnet50"] = name
+                    entry[precision]["served_with"] = by_name[name]["settings"]
         anchor = by_name.get("seresnet50/pytorch-eager-fp16-channels-last", {})
         if "fp16" in entry and "median_ms" in anchor:
             se_ms = by_name[entry["fp16"]["best_seresnet50"]]["median_ms"]

@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from serverutil import running_service  # noqa: E402
 
 from bench.frontend import _closed_loop, _jpeg, _multipart, _photos, _requests  # noqa: E402
-from bench.machine import cpu_name, gpu_name  # noqa: E402
+from bench.gpu_summary import served_problem  # noqa: E402
+from bench.machine import cpu_name, gpu_memory_mib, gpu_name  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "gpu_frontend.json"
 
@@ -51,6 +52,9 @@ def _export(folder: Path) -> Path:
             "--random-init",
             "--parity-images",
             "8",
+            # Random weights miss the float16 parity gate; the float16 file is what is
+            # measured, so keep it (the card says parity_gated: false).
+            "--benchmark-only",
             "--out",
             str(folder),
         ],
@@ -74,8 +78,39 @@ def _photo_files(n: int) -> list[bytes]:
     return out
 
 
+def bucket_costs(engine, arrays: list, rounds: int = 5) -> list[dict]:
+    """Per bucket, after warm-up: the first run's latency (a capture would show here) against
+    the median of the next ``rounds``, and the GPU memory held once the bucket has run."""
+    rows = []
+    for b in engine.info.batch_buckets:
+        batch = (arrays * (b // max(1, len(arrays)) + 1))[:b]
+        t0 = time.perf_counter()
+        engine.run(batch)
+        first = (time.perf_counter() - t0) * 1000
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            engine.run(batch)
+            times.append((time.perf_counter() - t0) * 1000)
+        rows.append(
+            {
+                "bucket": b,
+                "first_ms": round(first, 3),
+                "median_ms": round(statistics.median(times), 3),
+                "gpu_memory_mib": gpu_memory_mib(),
+            }
+        )
+    return rows
+
+
 def raw_engine(
-    model_dir: Path, provider: str, batch: int, seconds: float, rounds: int, files: list[bytes]
+    model_dir: Path,
+    provider: str,
+    batch: int,
+    seconds: float,
+    rounds: int,
+    files: list[bytes],
+    precision: str = "auto",
 ) -> dict:
     from modelcard.preprocessing import load_array
     from service.engine.model import Engine
@@ -86,12 +121,16 @@ def raw_engine(
             "model_dir": model_dir,
             "provider": provider,
             "max_batch_size": batch,
-            "batch_buckets": str(batch),
+            "precision": precision,
         }
     )
+    t0 = time.perf_counter()
     engine = Engine.load(settings.engine_config())
+    memory_loaded = gpu_memory_mib()
     engine.warm_up(3)
+    ready_s = time.perf_counter() - t0
     arrays = [load_array(f, engine.card.input) for f in files[:batch]]
+    buckets = bucket_costs(engine, arrays)
     per_round = []
     for _ in range(rounds):
         n, t0 = 0, time.perf_counter()
@@ -104,8 +143,46 @@ def raw_engine(
     return {
         "images_per_s": round(statistics.median(per_round), 1),
         "rounds": [round(x, 1) for x in per_round],
+        "seconds_to_ready": round(ready_s, 2),
+        "gpu_memory_mib_loaded": memory_loaded,
+        "buckets": buckets,
         "engine": info,
     }
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and every live descendant (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, _) in stats.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(stats[p][1] for p in tree if p in stats)
+
+
+def served(records: list[dict]) -> dict:
+    """What the service's engine said it loaded (its 'engine loaded' and warm-up logs)."""
+    loaded = [r for r in records if r.get("event") == "engine loaded"]
+    return (
+        {
+            k: loaded[-1].get(k)
+            for k in ("provider", "precision", "cuda_graphs", "graph_file", "layout", "fallbacks")
+        }
+        if loaded
+        else {}
+    )
 
 
 def _load_process(
@@ -180,6 +257,18 @@ def main(argv: list[str] | None = None) -> int:
         "at concurrency 96 (Triton's published ResNet-50 setting) -> "
         "v2_load_gpu.json beside --out",
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "fp16"),
+        help="SERESNET_PRECISION for the raw engine and the service alike (a --benchmark-only "
+        "folder's float16 file is served only when asked for by name)",
+    )
+    parser.add_argument(
+        "--require-served",
+        metavar="WHAT",
+        help="fail (exit 1) unless the service serves this, e.g. fp16+graphs",
+    )
     parser.add_argument("--quick", action="store_true", help="short levels, one round")
     parser.add_argument("--out", type=Path, default=RESULTS)
     cfg = parser.parse_args(argv)
@@ -189,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = cfg.model_dir or _export(Path(work) / "seresnet50")
         files = _photo_files(max(256, cfg.concurrency))
         print(f"raw engine, batch {cfg.batch} ...", flush=True)
-        raw = raw_engine(model_dir, cfg.provider, cfg.batch, cfg.seconds, cfg.rounds, files)
+        raw = raw_engine(
+            model_dir, cfg.provider, cfg.batch, cfg.seconds, cfg.rounds, files, cfg.precision
+        )
         print(f"  {raw['images_per_s']} img/s", flush=True)
         single = [_multipart([(f"{i}.jpg", f, "image/jpeg")]) for i, f in enumerate(files)]
         eight = [
@@ -203,14 +294,19 @@ def main(argv: list[str] | None = None) -> int:
             "SERESNET_MAX_BATCH_SIZE": str(cfg.batch),
             "SERESNET_MAX_QUEUE_SIZE": str(max(1024, 4 * cfg.concurrency)),
             "SERESNET_LOG_LEVEL": "info",
+            "SERESNET_PRECISION": cfg.precision,
         }
         http: list[dict] = []
+        t_start = time.perf_counter()
         with running_service(model_dir, env=env, ready_timeout=900, log_dir=Path(work)) as svc:
+            service_ready_s = round(time.perf_counter() - t_start, 2)
+            serving = served(svc.log_records())
             for _ in range(cfg.rounds):
                 for bodies, images, conc in (
                     (single, 1, cfg.concurrency),
                     (eight, 8, max(1, cfg.concurrency // 8)),
                 ):
+                    cpu0 = _tree_cpu_seconds(svc.proc.pid)
                     row = http_load(
                         svc.url,
                         bodies,
@@ -220,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
                         cfg.seconds,
                         min(cfg.load_processes, conc),
                     )
+                    # Warm-up seconds of the load included: an upper bound per request.
+                    spent = _tree_cpu_seconds(svc.proc.pid) - cpu0
+                    answered = row["images_per_s"] * cfg.seconds / images
+                    row["service_cpu_ms_per_request"] = round(1000 * spent / max(1, answered), 3)
                     row["over_raw"] = round(row["images_per_s"] / raw["images_per_s"], 3)
                     http.append(row)
                     print(
@@ -270,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": cfg.rounds,
         },
         "raw_engine": raw,
+        "service_seconds_to_ready": service_ready_s,
+        "served": serving,
         "http": http,
         "summary": summary,
         "goal": "HTTP >= 85% of the raw engine (issue 12)",
@@ -281,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     print(f"wrote {cfg.out}")
+    if cfg.require_served:
+        problem = served_problem(serving, cfg.require_served)
+        if problem:
+            print(f"gpu_frontend: {problem}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -67,6 +67,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
         raise ExportError("give --checkpoint FILE, or --random-init for random weights")
     opts = _options(args, args.out)
     opts.fuse = args.fuse
+    opts.benchmark_only = args.benchmark_only
     export_folder(opts)
     return 0
 
@@ -226,10 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
         "examples:\n"
         "  python -m export onnx --arch seresnet50 --checkpoint seresnet50.pth "
         "--labels imagenet.txt --out models/seresnet50\n"
-        "  python -m export onnx --arch seresnet50 --random-init --out build/seresnet50-random",
+        "  python -m export onnx --arch seresnet50 --random-init --out build/seresnet50-random\n"
+        "  python -m export onnx --arch seresnet50 --random-init --parity-images 8 "
+        "--benchmark-only --out /tmp/bm/seresnet50",
     )
     _add_model_args(p, None, random_init=True)
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="skip model.se.onnx")
+    p.add_argument(
+        "--benchmark-only",
+        action="store_true",
+        help="keep model.fp16.se.onnx whatever its agreement with float32 (random nets have "
+        "tiny logit gaps) and record float16.parity_gated: false in the card: the service "
+        "then serves it only with SERESNET_PRECISION=fp16, never by auto",
+    )
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.set_defaults(func=_cmd_onnx)
 

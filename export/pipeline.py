@@ -72,6 +72,7 @@ class ExportOptions:
     parity_images: int = 256
     fuse: bool = True
     float16: bool = True  # also write model.fp16.se.onnx (needs fuse)
+    benchmark_only: bool = False  # keep the float16 file ungated (parity_gated: false)
     evaluate: bool | None = None  # None: when the labels are Fashion-MNIST's
     train_record: Path | None = None
     baseline_record: Path | None = None
@@ -162,10 +163,13 @@ def float16_variant(
     pixels: np.ndarray,
     test: tuple[np.ndarray, np.ndarray, float] | None,
     say=print,
+    gated: bool = True,
 ) -> Float16 | None:
     """Write ``folder/model.fp16.se.onnx`` from ``folder/model.se.onnx`` and measure it against
     float32 on ``pixels`` (or on the test set ``(pixels, labels, float32 top-1)`` when given).
-    Returns its card entry, or None (and removes the file) when it misses the bars above.
+    Returns its card entry, or None (and removes the file) when it misses the bars above;
+    with ``gated=False`` (benchmark-only folders) the file is kept and the entry says
+    ``parity_gated: false``.
 
     On the CPU, ONNX Runtime runs float16 convolutions by casting around float kernels (its
     InsertCastTransformer), so every tensor is still rounded to float16 between nodes: the
@@ -208,6 +212,10 @@ def float16_variant(
         )
         if abs(delta) > MAX_FP16_TOP1_DELTA:
             problem = f"test top-1 {delta:+.2%} vs float32 (limit {MAX_FP16_TOP1_DELTA:.1%})"
+    if not gated:
+        if problem is not None:
+            say(f"float16 variant kept for benchmarks only ({problem}): parity_gated false")
+        return entry.model_copy(update={"parity_gated": False})
     if problem is not None:
         fp16_path.unlink()
         say(f"float16 variant not written: {problem}")
@@ -293,7 +301,14 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
 
         float16 = None
         if opts.fuse and opts.float16:
-            float16 = float16_variant(tmp, spec, parity_images(spec, opts.parity_images), test, say)
+            float16 = float16_variant(
+                tmp,
+                spec,
+                parity_images(spec, opts.parity_images),
+                test,
+                say,
+                gated=not opts.benchmark_only,
+            )
 
         card = ModelCard(
             name=opts.name or opts.out.name,

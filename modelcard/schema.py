@@ -116,6 +116,9 @@ class Float16(_Strict):
     test_top5: float | None = None
     test_top1_delta_vs_fp32: float | None = None
     evaluated_with: str | None = None
+    # False for a benchmark-only export (random weights): kept whatever its agreement with
+    # float32, so the service serves it only when SERESNET_PRECISION=fp16 asks for it.
+    parity_gated: bool = True
 
 
 class ModelCard(_Strict):

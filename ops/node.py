@@ -33,7 +33,7 @@ def make_node(
     inputs = [x, w1, b1, w2, b2]
     if residual is not None:
         inputs.append(residual)
-    attributes = {"relu": int(relu)}
+    attributes: dict[str, Any] = {"relu": int(relu)}
     if channels_last:
         attributes["channels_last"] = 1
     return helper.make_node(OP_TYPE, inputs, [output], name=name, domain=OP_DOMAIN, **attributes)

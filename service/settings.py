@@ -149,6 +149,11 @@ class Settings(BaseSettings):
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="capture one CUDA graph per batch bucket at warm-up; auto = on for CUDA"
     )
+    cuda_layout: Literal["auto", "nchw", "nhwc"] = Field(
+        "auto",
+        description="nhwc = the float16 graph with channels-last SE nodes and prefer_nhwc on "
+        "CUDA; auto = nchw (channels first)",
+    )
     warmup_rounds: int = Field(
         3,
         ge=1,
@@ -274,6 +279,7 @@ class Settings(BaseSettings):
             cuda_tf32=self.cuda_tf32,
             precision=self.precision,
             cuda_graphs=self.cuda_graphs,
+            cuda_layout=self.cuda_layout,
         )
 
 

@@ -156,3 +156,45 @@ def test_verify_checks_the_float16_variant(tmp_path, random_seresnet14) -> None:
     bad = subprocess.run(verify, capture_output=True, text=True, check=False)
     assert bad.returncode == 1
     assert "FAIL model.se.onnx vs model.fp16.se.onnx" in bad.stdout
+
+
+def test_benchmark_only_keeps_the_float16_file_a_gate_would_drop(tmp_path) -> None:
+    """A random-weight SE-ResNet-50 from 8 images misses the 99 % top-5 bar (tiny logit gaps);
+    a benchmark folder still needs its float16 file, marked as not gated by parity."""
+    import shutil
+
+    from conftest import EMBEDDED_MODEL
+
+    from export.pipeline import float16_variant
+    from modelcard.schema import FP16_FUSED_FILE
+
+    spec = input_spec_for("seresnet14_cifar")
+    pixels = parity_images(spec, 16)
+    labels = np.zeros(len(pixels), dtype=np.int64)
+    # A float32 top-1 no float16 result can be within 0.1 % of: the gate must fail.
+    failing = (pixels, labels, 2.0)
+    for gated in (True, False):
+        folder = tmp_path / f"gated-{gated}"
+        shutil.copytree(EMBEDDED_MODEL, folder, ignore=shutil.ignore_patterns("checkpoint*"))
+        (folder / FP16_FUSED_FILE).unlink()
+        entry = float16_variant(folder, spec, pixels, failing, say=lambda _: None, gated=gated)
+        if gated:
+            assert entry is None and not (folder / FP16_FUSED_FILE).exists()
+        else:
+            assert entry is not None and entry.parity_gated is False
+            assert (folder / FP16_FUSED_FILE).is_file()
+
+
+def test_export_onnx_benchmark_only_records_the_card(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bm"
+    command = [sys.executable, "-m", "export", "onnx", "--arch", "seresnet14_cifar"]
+    command += ["--random-init", "--parity-images", "8", "--benchmark-only", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    card = json.loads((out / "model.json").read_text())
+    assert card["float16"]["parity_gated"] is False
+    assert (out / card["float16"]["file"]).is_file()

@@ -169,6 +169,11 @@ CASES = [
     pytest.param(9, 512, 128, 2, 2, None, True, id="cr128-batch9"),
     # Planes of 9216: the CUDA kernel pools them with a whole block per plane.
     pytest.param(3, 64, 4, 96, 96, "residual", True, id="large-images"),
+    # SE-ResNet-50's last two stages: planes of 196 and 49 (not a multiple of 8 halves), walked
+    # by 16-byte vectors that cross plane boundaries; 136 channels end in a short tile.
+    pytest.param(2, 1024, 64, 14, 14, "residual", True, id="seresnet50-14x14"),
+    pytest.param(2, 2048, 128, 7, 7, "residual", True, id="seresnet50-7x7"),
+    pytest.param(3, 136, 8, 7, 7, None, False, id="c136-7x7-short-tile"),
 ]
 
 
@@ -412,3 +417,47 @@ def test_unregistered_library_is_a_clear_error() -> None:
     model = se_model(6, 2, 4, 4, random_weights(rng, 6, 2))
     with pytest.raises(Exception, match=r"ai\.seresnet:SqueezeExcitation.*not a registered"):
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _cuda_sources_ptx(tmp_path) -> str:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found: the CUDA kernel's PTX cannot be checked here")
+    src = Path(ops.__file__).parent / "src"
+    out = tmp_path / "se.ptx"
+    subprocess.run(
+        [
+            nvcc,
+            "-std=c++17",
+            "-arch=sm_90",
+            "-ptx",
+            str(src / "se_cuda_kernels.cu"),
+            "-I",
+            str(src),
+            "-o",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return out.read_text()
+
+
+def test_channels_first_gate_scale_has_no_64_bit_division(tmp_path) -> None:
+    """A 64-bit division costs dozens of instructions; the channels-first scale used one per
+    element on planes that are not a multiple of the vector width (fp16 14x14 and 7x7: 9 of
+    SE-ResNet-50's 16 SE blocks). Every variant with 32-bit offsets must have none at all."""
+    import re
+
+    ptx = _cuda_sources_ptx(tmp_path)
+    entries = re.findall(r"\.entry (\S*GateScaleKernel\S*)\((.*?)\n}", ptx, re.S)
+    narrow = [(name, body) for name, body in entries if "EjEEv" in name]  # Index = uint32_t
+    walks = {re.search(r"WalkE(\d)", name).group(1) for name, _ in narrow}  # type: ignore[union-attr]
+    assert walks == {"0", "1", "2"}, [name for name, _ in entries]
+    for name, body in narrow:
+        assert not re.search(r"\b(div|rem)\.[su]64", body), name

@@ -258,15 +258,26 @@ __device__ __forceinline__ float WarpGate(const T* __restrict__ w2, const T* __r
   return 1.0f / (1.0f + expf(-(acc + ToFloat(b2[ch]))));
 }
 
-template <typename T, bool kResidual, bool kRelu, bool kVec>
+// How gate_scale walks its tile of contiguous planes:
+//   kScalar    one element at a time (odd sizes or misaligned pointers)
+//   kPlaneVec  16-byte vectors, hw % P == 0: each vector lies in one channel's plane
+//   kTileVec   16-byte vectors over the whole tile, hw % P != 0 (fp16 14x14 and 7x7 planes:
+//              196 and 49 halves): the tile starts on a vector boundary (c % P == 0 and
+//              tile_channels % P == 0), a vector may cross into the next plane, and the
+//              channel is one 32-bit division per vector, then a compare per element
+enum class Walk { kScalar, kPlaneVec, kTileVec };
+
+template <typename T, bool kResidual, bool kRelu, Walk kWalk, typename Index>
 __global__ void __launch_bounds__(kThreads)
 GateScaleKernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ y,
                 const float* __restrict__ hidden, const T* __restrict__ w2,
                 const T* __restrict__ b2, int64_t c, int64_t cr, int64_t hw, int tile_channels,
                 int64_t tiles_per_image) {
   __shared__ float gates[kMaxTileChannels];
-  const int64_t n = blockIdx.x / tiles_per_image;
-  const int64_t c0 = (blockIdx.x % tiles_per_image) * tile_channels;
+  // grid.x = n * tiles < 2^31 (checked on the host): 32-bit arithmetic for the block's tile.
+  const auto tiles32 = static_cast<uint32_t>(tiles_per_image);
+  const int64_t n = blockIdx.x / tiles32;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x % tiles32) * tile_channels;
   const int channels = static_cast<int>(Min64(tile_channels, c - c0));
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
@@ -277,22 +288,47 @@ GateScaleKernel(const T* __restrict__ x, const T* __restrict__ residual, T* __re
   __syncthreads();
 
   const int64_t base = (n * c + c0) * hw;  // the tile's planes are contiguous
-  const int64_t count = channels * hw;
-  if constexpr (kVec) {
+  // Offsets inside one tile: Index is uint32_t whenever the tile fits (the host checks), so
+  // no 64-bit division is left in the loops.
+  const Index plane = static_cast<Index>(hw);
+  const Index count = static_cast<Index>(channels) * plane;
+  const T* xt = x + base;
+  const T* rt = kResidual ? residual + base : nullptr;
+  T* yt = y + base;
+  if constexpr (kWalk == Walk::kPlaneVec) {
     constexpr int P = kPack<T>;
-    for (int64_t i = threadIdx.x; i < count / P; i += blockDim.x) {
-      const float g = gates[(i * P) / hw];  // hw % P == 0: one channel per vector
+    for (Index i = threadIdx.x; i < count / P; i += blockDim.x) {
+      const float g = gates[(i * P) / plane];  // hw % P == 0: one channel per vector
       float v[P], r[P] = {};
-      Unpack<T>(Load16(x + base + i * P), v);
-      if (kResidual) Unpack<T>(Load16(residual + base + i * P), r);
+      Unpack<T>(Load16(xt + i * P), v);
+      if (kResidual) Unpack<T>(Load16(rt + i * P), r);
 #pragma unroll
       for (int j = 0; j < P; ++j) v[j] = Finish<kResidual, kRelu>(v[j], g, r[j]);
-      *reinterpret_cast<uint4*>(y + base + i * P) = Pack<T>(v);
+      *reinterpret_cast<uint4*>(yt + i * P) = Pack<T>(v);
+    }
+  } else if constexpr (kWalk == Walk::kTileVec) {
+    constexpr int P = kPack<T>;
+    for (Index i = threadIdx.x; i < count / P; i += blockDim.x) {
+      const Index e = i * P;
+      Index ch = e / plane;
+      Index next = (ch + 1) * plane;  // where the next channel's plane starts
+      float v[P], r[P] = {};
+      Unpack<T>(Load16(xt + e), v);
+      if (kResidual) Unpack<T>(Load16(rt + e), r);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        if (e + j == next) {  // hw >= 1: at most one plane boundary per element step
+          ++ch;
+          next += plane;
+        }
+        v[j] = Finish<kResidual, kRelu>(v[j], gates[ch], r[j]);
+      }
+      *reinterpret_cast<uint4*>(yt + e) = Pack<T>(v);
     }
   } else {
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-      const float r = kResidual ? ToFloat(residual[base + i]) : 0.0f;
-      y[base + i] = FromFloat<T>(Finish<kResidual, kRelu>(ToFloat(x[base + i]), gates[i / hw], r));
+    for (Index i = threadIdx.x; i < count; i += blockDim.x) {
+      const float r = kResidual ? ToFloat(rt[i]) : 0.0f;
+      yt[i] = FromFloat<T>(Finish<kResidual, kRelu>(ToFloat(xt[i]), gates[i / plane], r));
     }
   }
 }
@@ -355,6 +391,9 @@ struct Plan {
   int64_t tiles = 1;      // channels-last pool: tiles of 32 vectors of channels
   int64_t splits = 1;     // channels-last pool: pixel splits (partial means in scratch)
   int64_t rows_per_split = 0;
+  int64_t tile_channels = 1;  // channels first: channels per gate_scale block
+  Walk walk = Walk::kScalar;  // channels first: how gate_scale walks a tile
+  bool wide_index = false;    // a tile has 2^31 elements or more: 64-bit offsets
   size_t pooled_bytes = 0, hidden_bytes = 0, gates_bytes = 0;
 };
 
@@ -374,6 +413,19 @@ Plan MakePlan(const SeLaunch& a) {
     p.rows_per_split = std::max<int64_t>(CeilDiv(a.hw, p.splits), 1);
     p.splits = std::max<int64_t>(CeilDiv(a.hw, p.rows_per_split), 1);
     p.gates_bytes = Floats256(a.n * a.c);
+  } else {
+    p.tile_channels =
+        std::clamp<int64_t>(kTileElements / a.hw, 1, std::min<int64_t>(kMaxTileChannels, a.c));
+    const bool aligned =
+        Aligned16(a.x) && Aligned16(a.y) && (a.residual == nullptr || Aligned16(a.residual));
+    if (p.all_vec) {
+      p.walk = Walk::kPlaneVec;
+    } else if (aligned && a.c % p.pack == 0 && a.c >= p.pack) {
+      // Whole vectors per tile: tiles of a multiple of P channels start on a vector boundary.
+      p.tile_channels = std::max<int64_t>(p.tile_channels / p.pack * p.pack, p.pack);
+      p.walk = Walk::kTileVec;
+    }
+    p.wide_index = p.tile_channels * a.hw >= (int64_t{1} << 31);
   }
   p.pooled_bytes = Floats256(p.splits * a.n * a.c);
   p.hidden_bytes = Floats256(a.n * a.cr);
@@ -400,17 +452,22 @@ void LaunchScale(const SeLaunch& a, const Plan& p, const float* hidden, const fl
     }
     return;
   }
-  const int tile_channels = static_cast<int>(
-      std::clamp<int64_t>(kTileElements / a.hw, 1, std::min<int64_t>(kMaxTileChannels, a.c)));
+  const int tile_channels = static_cast<int>(p.tile_channels);
   const int64_t tiles = CeilDiv(a.c, tile_channels);
   const dim3 grid(static_cast<unsigned>(a.n * tiles));
-  if (p.all_vec) {
-    GateScaleKernel<T, kResidual, kRelu, true><<<grid, kThreads, 0, stream>>>(
-        x, residual, y, hidden, w2, b2, a.c, a.cr, a.hw, tile_channels, tiles);
+#define SE_GATE_SCALE(WALK, INDEX)                                                   \
+  GateScaleKernel<T, kResidual, kRelu, WALK, INDEX><<<grid, kThreads, 0, stream>>>( \
+      x, residual, y, hidden, w2, b2, a.c, a.cr, a.hw, tile_channels, tiles)
+  if (p.wide_index) {
+    SE_GATE_SCALE(Walk::kScalar, int64_t);
+  } else if (p.walk == Walk::kPlaneVec) {
+    SE_GATE_SCALE(Walk::kPlaneVec, uint32_t);
+  } else if (p.walk == Walk::kTileVec) {
+    SE_GATE_SCALE(Walk::kTileVec, uint32_t);
   } else {
-    GateScaleKernel<T, kResidual, kRelu, false><<<grid, kThreads, 0, stream>>>(
-        x, residual, y, hidden, w2, b2, a.c, a.cr, a.hw, tile_channels, tiles);
+    SE_GATE_SCALE(Walk::kScalar, uint32_t);
   }
+#undef SE_GATE_SCALE
 }
 
 template <typename T>
@@ -424,8 +481,7 @@ const char* LaunchTyped(const SeLaunch& a, cudaStream_t stream) {
   const int64_t planes = a.n * a.c;
   // Every size check before the first launch: a refused call enqueues nothing.
   const int64_t image_blocks = CeilDiv(a.n, kFc1Images);
-  const int64_t tile_channels =
-      std::clamp<int64_t>(kTileElements / a.hw, 1, std::min<int64_t>(kMaxTileChannels, a.c));
+  const int64_t tile_channels = p.tile_channels;
   if (planes > kMaxGrid || a.n * p.tiles > kMaxGrid || p.splits > 65535 ||
       image_blocks > 65535 || CeilDiv(std::max(a.c, a.cr), kWarpsPerBlock) > kMaxGrid ||
       (!a.channels_last && a.n * CeilDiv(a.c, tile_channels) > kMaxGrid)) {

@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 log = logging.getLogger("service.batcher")
 
 RunBatch = Callable[[Sequence[np.ndarray]], np.ndarray]
+T = TypeVar("T")
 
 
 class QueueFullError(RuntimeError):
@@ -174,6 +175,13 @@ class Batcher:
         self._flushing = True
         if self._wakeup is not None:
             self._wakeup.set()
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the thread that runs the batches, between batches. Warm-up
+        goes through here: ORT's CUDA provider keeps captured graphs per thread."""
+        if self._executor is None:
+            raise BatcherClosedError("batcher not started")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @property
     def depth(self) -> int:

@@ -27,6 +27,7 @@ class EngineConfig:
     cuda_tf32: bool = True
     precision: str = "auto"  # auto | fp32 | fp16
     cuda_graphs: str = "auto"  # auto | on | off
+    cuda_layout: str = "auto"  # auto | nchw | nhwc (float16 channels last, prefer_nhwc)
 
     @property
     def max_batch_size(self) -> int:

@@ -1,8 +1,9 @@
 """The inference engine: one ONNX Runtime session over a model folder (docs/design.md §3, §4).
 
-:meth:`Engine.load` reads the card, asks :mod:`~service.engine.policy` for the provider, the
-graph (fused ``model.se.onnx`` or unfused ``model.onnx``) and the optimisation level, builds the
-session with :mod:`~service.engine.session`, and picks a runner
+:meth:`Engine.load` reads the card and asks :mod:`~service.engine.plan` what to try (provider,
+graph file, precision, layout, CUDA graphs; the single choices live in
+:mod:`~service.engine.policy`); the engine builds that session with
+:mod:`~service.engine.session`, falls back on the cause when it fails, and picks a runner
 (:mod:`~service.engine.runners`). It takes an :class:`EngineConfig`, not the service's
 settings: the engine knows nothing of HTTP.
 """
@@ -10,32 +11,28 @@ settings: the engine knows nothing of HTTP.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from modelcard.schema import FP16_FUSED_FILE, FUSED_FILE, CardError, ModelCard, read_card
+from modelcard.schema import FUSED_FILE, CardError, ModelCard, read_card
 from service.engine.config import EngineConfig
-from service.engine.policy import (
-    PROVIDER_EP,
-    CudaGraphsChoice,
-    EngineError,
-    Graph,
-    OptLevel,
-    PrecisionChoice,
-    choose_cuda_graphs,
-    choose_graph,
-    choose_precision,
-    choose_provider,
-    cuda_device_count,
-)
+from service.engine.plan import EnginePlan, FolderFacts, fall_back, plan_engine
+from service.engine.policy import PROVIDER_EP, EngineError, Graph, OptLevel, cuda_device_count
 from service.engine.runners import BucketRunner, PlainRunner
-from service.engine.session import OpsStatus, check_signature, make_session, probe_ops
+from service.engine.session import (
+    LoadError,
+    OpsStatus,
+    check_signature,
+    make_session,
+    probe_ops,
+)
 
 log = logging.getLogger("service.engine")
 
@@ -62,6 +59,9 @@ class EngineInfo:
     precision_reason: str = ""
     cuda_graphs: bool = False
     cuda_graphs_reason: str = ""
+    layout: str = "nchw"
+    layout_reason: str = ""
+    fallbacks: list[str] = field(default_factory=list)  # what was given up at load, and why
 
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
@@ -69,33 +69,29 @@ class EngineInfo:
         return d
 
 
+def folder_facts(model_dir: Path, card: ModelCard, precision: str) -> FolderFacts:
+    """What ``model_dir`` offers the plan. A benchmark-only folder keeps a float16 file that
+    export's parity gate did not pass (``float16.parity_gated: false``): it is served when
+    ``SERESNET_PRECISION=fp16`` asks for it by name, never by ``auto``."""
+    fp16 = card.float16
+    return FolderFacts(
+        fused_present=(model_dir / FUSED_FILE).is_file(),
+        fp16_present=fp16 is not None
+        and (model_dir / fp16.file).is_file()
+        and (fp16.parity_gated or precision == "fp16"),
+    )
+
+
 class Engine:
     """A loaded model: ``run(images)`` -> logits [n, num_classes] (one batch, one thread)."""
-
-    def __init__(
-        self,
-        card: ModelCard,
-        model_dir: Path,
-        session: ort.InferenceSession,
-        runner: PlainRunner | BucketRunner,
-        info: EngineInfo,
-    ) -> None:
-        self.card = card
-        self.model_dir = model_dir
-        self.session = session
-        self.info = info
-        self._runner = runner
-        self.input_dtype = np.dtype(card.input.dtype)
-        self.sample_shape = (card.input.channels, card.input.height, card.input.width)
 
     @classmethod
     def load(
         cls, config: EngineConfig, ops_status: OpsStatus | None = None, gpu_count: int | None = None
     ) -> Engine:
-        """Read the card, choose provider, graph, precision and CUDA graphs, build the session;
-        no warm-up yet. A choice made by ``auto`` that fails to load falls back (float16 to
-        float32, CUDA graphs off, fused to unfused) and says why; an explicit one is an
-        error."""
+        """Read the card, plan provider, graph, precision, layout and CUDA graphs
+        (:func:`~service.engine.plan.plan_engine`), and build the session, falling back on
+        the cause of a failure (:func:`~service.engine.plan.fall_back`); no warm-up yet."""
         model_dir = Path(config.model_dir)
         try:
             card = read_card(model_dir)
@@ -103,63 +99,63 @@ class Engine:
             raise EngineError(str(e)) from e
         if gpu_count is None:
             gpu_count = cuda_device_count() if config.provider != "cpu" else 0
-        pchoice = choose_provider(config.provider, gpu_count, ort.get_available_providers())
         ops_status = ops_status or probe_ops()
-        choice = choose_graph(
-            pchoice.provider,
-            ops_status.providers,
-            (model_dir / FUSED_FILE).is_file(),
-            config.graph,
-            config.opt_level,
-            ops_status.error,
+        folder = folder_facts(model_dir, card, config.precision)
+        plan = plan_engine(
+            config,
+            gpu_count=gpu_count,
+            ort_providers=ort.get_available_providers(),
+            ops=ops_status,
+            folder=folder,
         )
-        precision = choose_precision(
-            pchoice.provider,
-            config.precision,
-            choice.graph,
-            card.float16 is not None and (model_dir / card.float16.file).is_file(),
-            ops_status.fp16_cuda,
-        )
-        choice = replace(choice, precision=precision.precision)
-        graphs = choose_cuda_graphs(pchoice.provider, config.cuda_graphs)
-        session, provider_options = None, {}
-        while session is None:
+        engine = cls(card, model_dir, config, ops_status, plan)
+        return engine
+
+    def __init__(
+        self,
+        card: ModelCard,
+        model_dir: Path,
+        config: EngineConfig,
+        ops_status: OpsStatus,
+        plan: EnginePlan,
+    ) -> None:
+        self.card = card
+        self.model_dir = model_dir
+        self.config = config
+        self.ops_status = ops_status
+        self.input_dtype = np.dtype(card.input.dtype)
+        self.sample_shape = (card.input.channels, card.input.height, card.input.width)
+        self.warm_thread: int | None = None  # the thread warm_up ran on
+        self._build(plan)
+
+    def _build(self, plan: EnginePlan) -> None:
+        """Build the session of ``plan``, or of the plans fall_back gives for each failure."""
+        while True:
             try:
-                session, provider_options = make_session(
-                    model_dir, pchoice.provider, choice, config, graphs.enabled
-                )
-            except EngineError as e:
-                # Fall back one auto choice at a time, the most exotic first.
-                if choice.precision == "fp16" and config.precision == "auto":
-                    precision = PrecisionChoice(
-                        "fp32", f"auto: {FP16_FUSED_FILE} failed to load ({e})"
-                    )
-                    choice = replace(choice, precision="fp32")
-                elif graphs.enabled and config.cuda_graphs == "auto":
-                    graphs = CudaGraphsChoice(False, f"auto: capture impossible ({e})")
-                elif choice.graph == "fused" and config.graph == "auto":
-                    choice = choose_graph(
-                        pchoice.provider,
-                        frozenset(),
-                        True,
-                        "auto",
-                        config.opt_level,
-                        f"fused graph failed to load: {e}",
-                    )
-                else:
-                    raise
+                session, provider_options = make_session(self.model_dir, plan, self.config)
+                break
+            except LoadError as e:
+                plan = fall_back(plan, e.cause, e.detail, self.config)
                 log.warning(
                     "falling back",
                     extra={
-                        "cause": str(e),
-                        "graph": choice.filename,
-                        "cuda_graphs": graphs.enabled,
+                        "cause": e.cause,
+                        "detail": e.detail,
+                        "graph": plan.filename,
+                        "cuda_graphs": plan.cuda_graphs.enabled,
                     },
                 )
+        self._adopt(plan, session, provider_options)
+
+    def _adopt(
+        self, plan: EnginePlan, session: ort.InferenceSession, provider_options: dict[str, str]
+    ) -> None:
+        card, config, choice = self.card, self.config, plan.graph
         if choice.graph == "unfused" and config.graph == "auto":
             log.warning("serving the unfused graph", extra={"reason": choice.reason})
         input_name, output_name = check_signature(session, card, choice.filename)
-        ep = PROVIDER_EP[pchoice.provider]
+        provider = plan.provider.provider
+        ep = PROVIDER_EP[provider]
         if session.get_providers()[0] != ep:
             raise EngineError(
                 f"{ep} did not initialise (session runs on "
@@ -167,65 +163,85 @@ class Engine:
             )
         buckets = config.batch_buckets
         runner: PlainRunner | BucketRunner
-        if pchoice.provider == "cuda":
+        if provider == "cuda":
             runner = BucketRunner(
                 session,
                 input_name,
                 output_name,
-                (card.input.channels, card.input.height, card.input.width),
-                np.dtype(card.input.dtype),
+                self.sample_shape,
+                self.input_dtype,
                 card.num_classes,
                 buckets,
                 "cuda",
                 config.device_id,
-                cuda_graphs=graphs.enabled,
+                cuda_graphs=plan.cuda_graphs.enabled,
             )
         else:
             runner = PlainRunner(session, input_name, output_name)
-        info = EngineInfo(
-            provider=pchoice.provider,
-            provider_reason=pchoice.reason,
+        self.plan = plan
+        self.session = session
+        self._runner = runner
+        self.info = EngineInfo(
+            provider=provider,
+            provider_reason=plan.provider.reason,
             graph=choice.graph,
             graph_file=choice.filename,
             opt_level=choice.opt_level,
             reason=choice.reason,
-            ops=ops_status,
-            intra_op_threads=config.intra_op_threads if pchoice.provider == "cpu" else 1,
+            ops=self.ops_status,
+            intra_op_threads=config.intra_op_threads if provider == "cpu" else 1,
             batch_buckets=buckets,
             session_providers=session.get_providers(),
             provider_options=provider_options,
-            tf32=provider_options.get("use_tf32") == "1" if pchoice.provider == "cuda" else None,
+            tf32=provider_options.get("use_tf32") == "1" if provider == "cuda" else None,
             precision=choice.precision,
-            precision_reason=precision.reason,
-            cuda_graphs=graphs.enabled,
-            cuda_graphs_reason=graphs.reason,
+            precision_reason=plan.precision.reason,
+            cuda_graphs=plan.cuda_graphs.enabled,
+            cuda_graphs_reason=plan.cuda_graphs.reason,
+            layout=plan.layout.layout,
+            layout_reason=plan.layout.reason,
+            fallbacks=list(plan.fallbacks),
         )
         log.info(
             "engine loaded",
             extra={
                 "model": card.name,
                 "version": card.version,
-                "provider": info.provider,
-                "graph": info.graph,
-                "graph_file": info.graph_file,
-                "opt_level": info.opt_level,
-                "reason": info.reason,
-                "provider_reason": info.provider_reason,
-                "precision": info.precision,
-                "cuda_graphs": info.cuda_graphs,
+                "provider": provider,
+                "graph": choice.graph,
+                "graph_file": choice.filename,
+                "opt_level": choice.opt_level,
+                "reason": choice.reason,
+                "provider_reason": plan.provider.reason,
+                "precision": choice.precision,
+                "layout": plan.layout.layout,
+                "cuda_graphs": plan.cuda_graphs.enabled,
+                "fallbacks": list(plan.fallbacks),
             },
         )
-        return cls(card, model_dir, session, runner, info)
 
     def warm_up(self, rounds: int = 1) -> float:
-        """Run every batch shape ``rounds`` times; returns the seconds it took."""
+        """Run every batch shape ``rounds`` times; returns the seconds it took. Call it on the
+        thread that will run the batches: ORT's CUDA provider keeps captured graphs per
+        thread. A failure while CUDA graphs are on turns them off (when auto chose them) and
+        warms the new session up instead of failing the engine."""
         t0 = time.perf_counter()
-        shapes = self._runner.warm_shapes(self.info.batch_buckets)
-        blank = np.zeros(self.sample_shape, dtype=self.input_dtype)
-        for b in shapes:
-            for _ in range(rounds):
-                self.run([blank] * b)
+        while True:
+            try:
+                shapes = self._warm_shapes(rounds)
+                break
+            except Exception as e:  # any failure while capturing is the capture's
+                if not self.plan.cuda_graphs.enabled:
+                    raise
+                detail = f"{type(e).__name__}: {e}"
+                plan = fall_back(self.plan, "capture", detail, self.config)
+                log.warning(
+                    "CUDA graph capture failed; rebuilding without graphs",
+                    extra={"cause": detail},
+                )
+                self._build(plan)
         seconds = time.perf_counter() - t0
+        self.warm_thread = threading.get_ident()
         self.info.warm_shapes = tuple(shapes)
         self.info.warmup_seconds = round(seconds, 4)
         log.info(
@@ -233,6 +249,18 @@ class Engine:
             extra={"shapes": list(shapes), "rounds": rounds, "seconds": round(seconds, 3)},
         )
         return seconds
+
+    def _warm_shapes(self, rounds: int) -> tuple[int, ...]:
+        shapes = self._runner.warm_shapes(self.info.batch_buckets)
+        blank = np.zeros(self.sample_shape, dtype=self.input_dtype)
+        for b in shapes:
+            for _ in range(rounds):
+                self.run([blank] * b)
+        return tuple(shapes)
+
+    @property
+    def runner(self) -> PlainRunner | BucketRunner:
+        return self._runner
 
     def run(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Logits [len(images), num_classes] for preprocessed [C, H, W] arrays."""

@@ -3,6 +3,8 @@ buckets on CUDA; and the softmax/top-k that turn logits into answers."""
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -78,6 +80,9 @@ class BucketRunner:
         self.buckets = tuple(sorted(set(buckets)))
         self._slots: dict[int, tuple[np.ndarray, ort.OrtValue, ort.OrtValue, Any]] = {}
         self._run_options: dict[int, ort.RunOptions | None] = {}
+        # Runs per (thread, bucket): ORT captures a bucket's graph once per thread, so a
+        # bucket first run on a new thread captures again.
+        self.runs: collections.Counter[tuple[int, int]] = collections.Counter()
         for graph_id, b in enumerate(self.buckets):
             options = None
             if cuda_graphs:
@@ -110,6 +115,11 @@ class BucketRunner:
         np.stack(images, out=host[:n])
         host[n:] = 0
         if self._device != "cpu":  # on the CPU the OrtValue already wraps ``host``
+            # A pageable copy on the legacy default stream, while ORT computes on its own
+            # non-blocking stream: wait for it (synchronize_inputs syncs the device) before a
+            # run, or a replayed graph can read the tail of the previous batch.
             x.update_inplace(host)
+            binding.synchronize_inputs()
         self._session.run_with_iobinding(binding, self._run_options[bucket])
+        self.runs[threading.get_ident(), bucket] += 1
         return np.array(y.numpy()[:n], copy=True)

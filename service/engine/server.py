@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -150,14 +150,24 @@ class EngineServer:
             conn.send(("state", ready, reason))
 
     async def warm_up(self) -> None:
+        graphs_before = self.engine.info.cuda_graphs
         try:
-            await asyncio.to_thread(self.engine.warm_up, self.config.warmup_rounds)
+            # On the batcher's own thread: the graphs captured now are the ones it replays.
+            await self.batcher.call(self.engine.warm_up, self.config.warmup_rounds)
         except Exception as e:  # a model that cannot run must never report ready
             self.fatal = f"warm-up failed: {type(e).__name__}: {e}"
             log.exception("warm-up failed; the service will not become ready")
             self.set_ready(False, self.fatal)
             self.on_fatal()
             return
+        if self.engine.info.cuda_graphs != graphs_before:
+            # Warm-up rebuilt the session (a capture failed): workers hold the hello that
+            # described the old one, so they reconnect and get the current one.
+            log.warning(
+                "engine rebuilt at warm-up", extra={"fallbacks": self.engine.info.fallbacks}
+            )
+            for conn in list(self.connections):
+                conn.writer.close()
         if not self.draining:
             self.set_ready(True, "")
             log.info("ready", extra={"model": self.engine.card.name})
@@ -268,7 +278,7 @@ class EngineServer:
 
     # ----------------------------------------------------------------- running
 
-    def _run_batch(self, images: list[np.ndarray]) -> np.ndarray:
+    def _run_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.engine.run(images)
 
     async def _run(

@@ -1,5 +1,7 @@
-"""Building the ONNX Runtime session: the op library, session options, provider options
-(one table per provider), and the check that the graph matches the model card."""
+"""Building the ONNX Runtime session for an :class:`~service.engine.plan.EnginePlan`: the op
+library, session options, the providers and their options, the cause of a failure (what
+:func:`~service.engine.plan.fall_back` keys on), and the check that the graph matches the
+model card."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from service.engine.policy import CPU_EP, CUDA_EP, OPT_LEVELS, EngineError, Grap
 
 if TYPE_CHECKING:
     from service.engine.config import EngineConfig
+    from service.engine.plan import Cause, EnginePlan
 
 _ORT_DTYPE = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
@@ -69,7 +72,7 @@ def session_options(
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     else:
         so.intra_op_num_threads = 1
-    if cuda_graphs:
+    if cuda_graphs and provider == "cuda":
         # A graph replays only what ran on the GPU: refuse to build a session that would
         # leave any node on the CPU instead of capturing an incomplete graph.
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -81,7 +84,55 @@ def session_options(
     return so
 
 
-def cuda_options(config: EngineConfig, cuda_graphs: bool = False) -> dict[str, str]:
+class LoadError(EngineError):
+    """A session could not be built; ``cause`` says which choice of the plan it points at."""
+
+    def __init__(self, message: str, cause: Cause, detail: str) -> None:
+        super().__init__(message)
+        self.cause: Cause = cause
+        self.detail = detail
+
+
+# ONNX Runtime's messages, as of 1.31, for the failures a plan can do something about.
+_CAUSES: tuple[tuple[str, Cause], ...] = (
+    ("Conflicting session configuration", "other"),  # our own options contradict: a bug
+    ("fallback to CPU EP has been explicitly disabled", "cpu_node"),
+    ("assigned to the default CPU EP", "cpu_node"),
+    ("Could not find an implementation", "model_file"),
+    ("NOT_IMPLEMENTED", "model_file"),
+    ("INVALID_PROTOBUF", "model_file"),
+    ("INVALID_GRAPH", "model_file"),
+    ("Load model from", "model_file"),
+    ("No Op registered", "model_file"),
+    ("Type Error", "model_file"),
+)
+
+
+def load_cause(message: str) -> Cause:
+    """Which part of the plan an ONNX Runtime error at session creation points at."""
+    for needle, cause in _CAUSES:
+        if needle in message:
+            return cause
+    return "other"
+
+
+def session_providers(
+    provider: str, options: dict[str, str], cuda_graphs: bool
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The providers to list, in order. With CUDA graphs the CPU provider is not listed:
+    ``session.disable_cpu_ep_fallback`` with an explicit CPU provider is an INVALID_ARGUMENT
+    ("Conflicting session configuration") at InferenceSession::Initialize, and ORT still adds
+    the CPU provider itself for the shape computations it allows."""
+    if provider != "cuda":
+        return [CPU_EP]
+    if cuda_graphs:
+        return [(CUDA_EP, options)]
+    return [(CUDA_EP, options), CPU_EP]
+
+
+def cuda_options(
+    config: EngineConfig, cuda_graphs: bool = False, prefer_nhwc: bool = False
+) -> dict[str, str]:
     """CUDA provider options. TF32 is ONNX Runtime's (and PyTorch's) default and about twice
     the fp32 throughput on Ampere and Hopper; ``SERESNET_CUDA_TF32=0`` keeps exact fp32."""
     return {
@@ -94,34 +145,54 @@ def cuda_options(config: EngineConfig, cuda_graphs: bool = False) -> dict[str, s
         "do_copy_in_default_stream": "1",
         "use_tf32": "1" if config.cuda_tf32 else "0",
         "enable_cuda_graph": "1" if cuda_graphs else "0",
+        "prefer_nhwc": "1" if prefer_nhwc else "0",
     }
 
 
+def _model_source(path: Path, channels_last: bool) -> str | bytes:
+    """The file's path, or the bytes of its channels-last form (made in memory: the folder
+    holds one float16 file, and the rewrite takes a fraction of a second)."""
+    if not channels_last:
+        return str(path)
+    import onnx
+
+    import ops
+
+    return bytes(ops.to_channels_last(onnx.load(str(path))).SerializeToString())
+
+
 def make_session(
-    model_dir: Path,
-    provider: str,
-    choice: GraphChoice,
-    config: EngineConfig,
-    cuda_graphs: bool = False,
+    model_dir: Path, plan: EnginePlan, config: EngineConfig
 ) -> tuple[ort.InferenceSession, dict[str, str]]:
+    """The session ``plan`` asks for, or LoadError with the cause of the failure."""
+    choice, provider = plan.graph, plan.provider.provider
+    graphs = plan.cuda_graphs.enabled
     path = model_dir / choice.filename
     if not path.is_file():
-        raise EngineError(
-            f"{path} not found (a model folder needs {UNFUSED_FILE}, docs/design.md §3)"
+        raise LoadError(
+            f"{path} not found (a model folder needs {UNFUSED_FILE}, docs/design.md §3)",
+            "model_file",
+            f"{path.name} not found",
         )
-    so = session_options(choice, provider, config, cuda_graphs)
+    try:
+        so = session_options(choice, provider, config, graphs)
+    except EngineError as e:
+        raise LoadError(str(e), "op_library", str(e)) from e
+    opts: dict[str, str] = {}
     if provider == "cuda":
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
-        opts = cuda_options(config, cuda_graphs)
-        providers: list[Any] = [(CUDA_EP, opts), CPU_EP]
-    else:
-        opts = {}
-        providers = [CPU_EP]
+        opts = cuda_options(config, graphs, prefer_nhwc=plan.layout.layout == "nhwc")
+    providers = session_providers(provider, opts, graphs)
     try:
-        return ort.InferenceSession(str(path), so, providers=providers), opts
+        source = _model_source(path, plan.layout.layout == "nhwc")
+        # enable_fallback=0: ORT's own retry on the CPU provider would hide the cause from
+        # the plan (and with CUDA graphs it fails anyway, on the conflicting options).
+        session = ort.InferenceSession(source, so, providers=providers, enable_fallback=0)
+        return session, opts
     except Exception as e:  # onnxruntime raises several unrelated types
-        raise EngineError(f"cannot load {path}: {type(e).__name__}: {e}") from e
+        detail = f"{type(e).__name__}: {e}"
+        raise LoadError(f"cannot load {path}: {detail}", load_cause(str(e)), detail) from e
 
 
 def check_signature(
