@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from service import wire
-from service.errors import ServiceError
+from service.errors import ServiceError, status_of
 from service.slots import SlotArena, SlotArenaError
 
 log = logging.getLogger("service.ingress.engine")
@@ -29,7 +29,7 @@ RECONNECT_INTERVAL_S = 0.1
 
 
 class EngineCallError(ServiceError):
-    """The engine refused or failed a call; ``status``/``code`` map straight to HTTP."""
+    """The engine refused or failed a call; its code's status is the HTTP status."""
 
 
 class EngineUnavailableError(EngineCallError):
@@ -37,19 +37,9 @@ class EngineUnavailableError(EngineCallError):
         super().__init__(503, "engine_unavailable", message, {"Retry-After": "1"})
 
 
-_FAIL_STATUS = {
-    "queue_full": 503,
-    "not_ready": 503,
-    "shutting_down": 503,
-    "deadline_exceeded": 504,
-    "inference_failed": 500,
-    "internal_error": 500,
-}
-
-
 def _failure(code: str, message: str, retry_after: int | None) -> EngineCallError:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return EngineCallError(_FAIL_STATUS.get(code, 500), code, message, headers)
+    return EngineCallError(status_of(code), code, message, headers)
 
 
 class Lease:
@@ -68,16 +58,14 @@ class Lease:
         """Writable [C, H, W] view of the request's ``i``-th slot."""
         return self._arena.slot(self.slots[i])
 
-    async def run(
-        self, indices: Sequence[int], deadline: float, want: tuple[Any, ...] = ("topk", 5)
-    ) -> Any:
+    async def run(self, indices: Sequence[int], deadline: float) -> np.ndarray:
         """Batch and run the images in slots ``indices`` (the others failed to decode and are
-        given back). ``want`` is ("topk", k) -> (ids int32 [n,k], probs float32 [n,k]) or
-        ("logits",) -> float32 [n, classes]."""
+        given back): their logits, float32 ``[len(indices), classes]``."""
         used = [self.slots[i] for i in indices]
-        return await self._client._call(
-            ("run", self.rid, used, deadline, want), self.rid, self._generation
+        logits: np.ndarray = await self._client._call(
+            ("run", self.rid, used, deadline, ("logits",)), self.rid, self._generation
         )
+        return logits
 
     def release(self) -> None:
         """The caller is gone (or the request failed before its run): give the slots back."""

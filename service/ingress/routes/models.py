@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service import VERSION
-from service.ingress.deps import State, model_or_404
+from service.ingress.deps import State
 from service.ingress.schemas import (
     ModelIndex,
     ModelIndexEntry,
@@ -18,6 +18,8 @@ from service.ingress.schemas import (
     error_responses,
 )
 from service.ingress.state import IngressState
+from service.v2 import metadata as v2meta
+from service.v2.signature import Signature
 
 router = APIRouter(prefix="/v2", tags=["model"])
 
@@ -53,7 +55,7 @@ async def model_version_metadata(name: str, version: str, state: State) -> Model
 
 
 def _metadata(state: IngressState, name: str, version: str | None) -> ModelMetadata:
-    model_or_404(state, name, version)
+    _check(state, name, version)
     card = state.card
     hello = state.engine.hello
     assert card is not None and hello is not None
@@ -99,7 +101,7 @@ def _metadata(state: IngressState, name: str, version: str | None) -> ModelMetad
     "/models/{name}/ready", responses=error_responses(401, 404, 503), summary="Model readiness"
 )
 async def model_ready(name: str, state: State) -> ModelReady:
-    model_or_404(state, name)
+    _check(state, name, None)
     state.check_ready()
     return ModelReady(name=name, ready=True)
 
@@ -110,6 +112,14 @@ async def model_ready(name: str, state: State) -> ModelReady:
     summary="Readiness of one version",
 )
 async def model_version_ready(name: str, version: str, state: State) -> ModelReady:
-    model_or_404(state, name, version)
+    _check(state, name, version)
     state.check_ready()
     return ModelReady(name=name, ready=True)
+
+
+def _check(state: IngressState, name: str, version: str | None) -> None:
+    card = state.card
+    if card is None:
+        state.check_ready()
+        return
+    v2meta.check_model(Signature.from_card(card), name, version)

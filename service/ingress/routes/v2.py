@@ -13,17 +13,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from service.ingress.bodies import BodyError, read_limited
+from service.ingress.bodies import read_limited
 from service.ingress.deps import State
-from service.ingress.errors import ApiError, ClientGoneError
-from service.ingress.middleware import CLIENT_GONE
-from service.ingress.v2plane import MAX_INDEX_BODY, V2Plane, failure_code
-from service.v2.errors import SchemaError, V2Error
+from service.ingress.v2plane import MAX_INDEX_BODY, V2Plane
+from service.v2.errors import SchemaError
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 
 
-def get_v2(request: Request) -> V2Plane:
+async def get_v2(request: Request) -> V2Plane:
     return request.app.state.v2plane
 
 
@@ -74,28 +72,9 @@ _INFER_BODY: dict[str, Any] = {
 async def _infer(
     request: Request, state: State, v2: V2Plane, name: str, version: str | None
 ) -> Response:
-    t0 = time.perf_counter()
     deadline = time.monotonic() + state.settings.request_timeout_s
-    ok = False
-    try:
+    async with v2.pipeline.accounted():
         encoded = await v2.infer(request, name, version, deadline)
-        ok = True
-    except (ApiError, V2Error) as e:
-        if state.metrics is not None:
-            state.metrics.request_failure(failure_code(e))
-        raise
-    except ClientGoneError:
-        if state.metrics is not None:
-            state.metrics.request_failure("client_gone")
-        state.http_metrics.client_gone(request.url.path)
-        request.state.client_gone = True
-        request.state.error_code = "client_gone"
-        return Response(status_code=CLIENT_GONE)
-    finally:
-        if state.metrics is not None:
-            state.metrics.request_finished(time.perf_counter() - t0, ok)
-    if state.metrics is not None:
-        state.metrics.request_success.inc()
     return Response(encoded.body, media_type=encoded.content_type, headers=encoded.headers)
 
 
@@ -189,10 +168,7 @@ async def stats_version(name: str, version: str, v2: V2) -> dict[str, Any]:
     'optional {"ready": true} for the ready ones only)',
 )
 async def repository_index(request: Request, v2: V2) -> JSONResponse:
-    try:
-        raw = await read_limited(request.stream(), MAX_INDEX_BODY)
-    except BodyError as e:
-        raise ApiError(e.status, e.code, e.message) from None
+    raw = await read_limited(request.stream(), MAX_INDEX_BODY)
     ready_only = False
     if raw.strip():
         try:

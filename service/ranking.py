@@ -1,0 +1,27 @@
+"""Top-k of a batch of scores: the one place the service ranks classes.
+
+``/classify`` ranks softmax probabilities, the V2 classification extension ranks the logits
+(as Triton does); both order by score, largest first, ties in class order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (exact enough that ranking ties come from the logits)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids (int32 ``[N, k]``) and scores of the ``k`` best of each row, descending; ties
+    keep class order; ``k`` is clamped to ``1..classes``."""
+    k = max(1, min(int(k), scores.shape[-1]))
+    # A stable sort of the negated values keeps equal scores in class order.
+    order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+    return order.astype(np.int32), np.take_along_axis(scores, order, axis=-1)
