@@ -19,9 +19,9 @@ from service.ingress import auth
 from service.ingress.errors import install_handlers
 from service.ingress.middleware import RequestContext
 from service.ingress.pipeline import Pipeline
-from service.ingress.routes import classify, health, metrics, models, v2
+from service.ingress.routes import classify, metrics, v2
 from service.ingress.state import ENGINE_SOCKET_ENV, IngressState
-from service.ingress.v2plane import EXTENSIONS, V2Plane
+from service.ingress.v2plane import V2Plane
 from service.settings import Settings, load_settings
 
 DESCRIPTION = """\
@@ -70,10 +70,8 @@ def create_app(settings: Settings | None = None, engine_socket: Path | None = No
     app.state.ingress = state
     app.state.pipeline = Pipeline(state)
     app.state.v2plane = V2Plane(state, app.state.pipeline)
-    state.extensions = list(EXTENSIONS)
     install_handlers(app)
-    # v2 before models: its /v2/models/stats must win over models' /v2/models/{name}.
-    for module in (classify, health, v2, models, metrics):
+    for module in (classify, v2, metrics):
         app.include_router(module.router)
     _install_web(app)
     _drop_impossible_422(app)

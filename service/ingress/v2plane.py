@@ -23,12 +23,13 @@ from typing import Any
 
 from starlette.requests import Request
 
+from service import VERSION
 from service import metrics as service_metrics
 from service.ingress.bodies import check_declared_length, read_limited
 from service.ingress.pipeline import Files, Pipeline, Pixels, http_hangup
 from service.ingress.state import IngressState
 from service.v2 import metadata as v2meta
-from service.v2.errors import ImageRejected, V2Error
+from service.v2.errors import ImageRejected
 from service.v2.request import (
     HEADER_LENGTH,
     decode_infer_request,
@@ -48,6 +49,8 @@ EXTENSIONS = (
     v2meta.STATISTICS,
 )
 
+SERVER_NAME = "seresnet-serve"
+
 # A repository-index request body is at most {"ready": true}; anything bigger is not one.
 MAX_INDEX_BODY = 4096
 
@@ -63,13 +66,7 @@ class V2Plane:
     def signature(self) -> Signature:
         """The served model in the protocol's terms; re-read when the engine (re)connects
         with another card."""
-        card = self.state.card
-        if card is None:
-            raise V2Error(
-                "no model is loaded yet (the engine is starting)",
-                status=503,
-                headers={"Retry-After": "1"},
-            )
+        card = self.pipeline.card
         if self._signature is None or self._signature[0] is not card:
             self._signature = (card, Signature.from_card(card))
         return self._signature[1]
@@ -78,6 +75,43 @@ class V2Plane:
         signature = self.signature()
         v2meta.check_model(signature, name, version)
         return signature
+
+    def metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        """The protocol's model metadata, plus the card and how the model is run."""
+        signature = self.check_model(name, version)
+        state = self.state
+        card, hello, s = self.pipeline.card, state.engine.hello, state.settings
+        return {
+            **v2meta.model_metadata(signature),
+            "ready": state.ready,
+            "engine": hello.info if hello is not None else {},
+            "processes": state.processes(),
+            "batching": {
+                "max_batch_size": hello.max_batch_size if hello else None,
+                "max_queue_delay_ms": s.max_queue_delay_ms,
+                "max_queue_size": hello.max_queue_size if hello else None,
+                "batches_across_workers": True,
+            },
+            "limits": {
+                "max_body_bytes": s.max_body_bytes,
+                "max_image_pixels": s.max_image_pixels,
+                "max_images_per_request": s.max_images_per_request,
+                "request_timeout_s": s.request_timeout_s,
+                "decode_memory_mb_per_worker": s.decode_memory_mb,
+                "inflight_body_bytes_per_worker": s.inflight_body_bytes(),
+                "max_header_bytes": s.max_header_bytes,
+                "header_timeout_s": s.header_timeout_s,
+                "max_connections_per_worker": s.max_connections,
+            },
+            "card": card.model_dump(mode="json"),
+        }
+
+    def check_ready(self, name: str, version: str | None) -> None:
+        self.check_model(name, version)
+        self.state.check_ready()
+
+    def server_metadata(self) -> dict[str, Any]:
+        return v2meta.server_metadata(SERVER_NAME, VERSION, EXTENSIONS)
 
     def config(self, name: str, version: str | None) -> dict[str, Any]:
         signature = self.check_model(name, version)

@@ -21,7 +21,7 @@ from service.errors import ServiceError
 from service.ingress.bodies import IMAGE_FIELD, Upload, read_uploads
 from service.ingress.deps import PipelineDep
 from service.ingress.pipeline import Files, Outcome, http_hangup
-from service.ingress.schemas import ClassifyResponse, error_responses
+from service.ingress.schemas import AUTH, BODY, IMAGE, ClassifyResponse, error_responses
 
 router = APIRouter(tags=["classification"])
 
@@ -51,7 +51,17 @@ _BODY: dict[str, Any] = {
     "/classify",
     response_model=ClassifyResponse,
     openapi_extra=_BODY,
-    responses=error_responses(400, 401, 408, 413, 415, 422, 503, 504),
+    responses=error_responses(
+        *AUTH,
+        *BODY,
+        "invalid_multipart",
+        "no_image",
+        "too_many_images",
+        "unsupported_media_type",
+        *IMAGE,
+        "invalid_parameter",
+        "deadline_exceeded",
+    ),
     summary="Classify one or more images (multipart parts named 'images', or a raw body)",
 )
 async def classify(
