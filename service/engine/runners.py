@@ -1,5 +1,5 @@
 """How a batch reaches ONNX Runtime: plain ``session.run`` on the CPU, fixed-shape I/O-bound
-buckets on CUDA (the softmax/top-k are :mod:`service.ranking`'s)."""
+buckets on CUDA."""
 
 from __future__ import annotations
 

@@ -20,9 +20,10 @@ from service.ingress.errors import install_handlers
 from service.ingress.middleware import RequestContext
 from service.ingress.pipeline import Pipeline
 from service.ingress.routes import classify, metrics, v2
-from service.ingress.state import ENGINE_SOCKET_ENV, IngressState
+from service.ingress.state import IngressState
 from service.ingress.v2plane import V2Plane
 from service.settings import Settings, load_settings
+from service.wire import ENGINE_SOCKET_ENV
 
 DESCRIPTION = """\
 SE-ResNet image classification: top-k classes over HTTP, with dynamic batching across every
