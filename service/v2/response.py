@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from service.ranking import top_k
 from service.v2.errors import ImageRejected, V2Error
 from service.v2.request import HEADER_LENGTH, InferRequest, RequestedOutput
 from service.v2.signature import Signature
@@ -49,13 +50,11 @@ class EncodedResponse:
 def classification_strings(logits: np.ndarray, k: int, labels: tuple[str, ...]) -> np.ndarray:
     """``[N, min(k, classes)]`` bytes ``"score:index:label"``, largest score first; ties go to
     the lower index. Scores are printed as C's ``%f``, as Triton does."""
-    k = min(k, logits.shape[1])
-    # A stable sort of the negated values keeps equal scores in index order.
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    out = np.empty((logits.shape[0], k), dtype=object)
-    for row, indices in enumerate(order):
-        for col, idx in enumerate(indices):
-            out[row, col] = f"{logits[row, idx]:f}:{idx}:{labels[idx]}".encode()
+    order, scores = top_k(logits, k)
+    out = np.empty(order.shape, dtype=object)
+    for row, (indices, values) in enumerate(zip(order.tolist(), scores.tolist(), strict=True)):
+        for col, (idx, value) in enumerate(zip(indices, values, strict=True)):
+            out[row, col] = f"{value:f}:{idx}:{labels[idx]}".encode()
     return out
 
 
