@@ -3,6 +3,7 @@ model computes (real ONNX Runtime sessions, fused node run by the op library).""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections import Counter
@@ -136,3 +137,56 @@ def test_fuse_cli_names_an_unparsable_model(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "cannot parse" in proc.stderr and str(bad) in proc.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+NEAR_MISS_REASONS = {
+    "conv3x3": "3x3 excitation",
+    "hardsigmoid": "HardSigmoid gate, not Sigmoid",
+    "gate_reused": "a tensor inside the block is read outside it",
+    "gate_is_output": "a tensor inside the block is a graph output",
+}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("form", sorted(NEAR_MISS_REASONS))
+def test_near_misses_are_counted_with_the_reason(
+    form: str, exporter: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    original = export(SEBlockNet(form), exporter)
+    with caplog.at_level(logging.DEBUG, logger="export.fusion"):
+        _, report = fuse_model(original)
+    reason = NEAR_MISS_REASONS[form]
+    assert dict(report.left_alone) == {reason: 1}
+    assert report.summary().endswith(f"; 1 SE-like block left alone: {reason}")
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(m.endswith(f"left alone: {reason}") for m in debug), debug
+
+
+@pytest.mark.parametrize("form", ["conv", "linear_expand", "matmul"])
+def test_fused_blocks_are_not_near_misses(form: str) -> None:
+    torch.manual_seed(0)
+    _, report = fuse_model(export(SEBlockNet(form), "dynamo"))
+    assert report.fused == 1 and not report.left_alone
+    assert "left alone" not in report.summary()
+
+
+def test_a_resnet_has_no_near_misses(random_onnx) -> None:
+    """A plain ResNet's Muls (none) and a SE-ResNet's classifier pooling are not SE-like."""
+    _, report = fuse_model(onnx.load(str(random_onnx("seresnet14_cifar"))))
+    assert report.fused == 6 and not report.left_alone
+
+
+def test_fuse_cli_says_which_blocks_it_left_alone(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = tmp_path / "conv3x3.onnx"
+    onnx.save(export(SEBlockNet("conv3x3"), "torchscript"), str(src))
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "fuse", str(src), str(tmp_path / "out.onnx")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fused 0 SE blocks" in proc.stdout
+    assert "1 SE-like block left alone: 3x3 excitation" in proc.stdout
