@@ -83,3 +83,13 @@ TEXT = b"this is a text file, not a JPEG\n"
 def truncated_jpeg() -> bytes:
     data = encode(photo(200, 150), "JPEG", quality=90)
     return data[: len(data) // 2]
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """A greyscale (2-D uint8) or RGB (H, W, 3) array as a PNG file."""
+    return encode(Image.fromarray(pixels), "PNG")
+
+
+def noise_png(seed: int, size: int = 28) -> bytes:
+    """A size x size greyscale PNG of uniform noise, different for each seed."""
+    return png(np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8))

@@ -7,7 +7,7 @@ the server.
 
 Typical use::
 
-    from serverutil import running_service
+    from testkit.server import running_service
 
     env = {"SERESNET_MAX_BATCH_SIZE": "8"}
     with running_service(Path("models/fashion-seresnet"), env=env) as svc:

@@ -16,12 +16,11 @@ import ops
 from export.float16 import to_float16
 from export.model_card import input_spec_for
 from export.onnx_export import compare, parity_images
+from testkit.sessions import cpu_session
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    ops.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return cpu_session(model)
 
 
 def _se_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

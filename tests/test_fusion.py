@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from se_forms import SEBlockNet, export
 
-import ops
 from export.fusion import OP_DOMAIN, OP_TYPE, fuse_file, fuse_model
+from testkit.sessions import cpu_session
 
 FUSABLE = [
     "conv",
@@ -32,9 +31,7 @@ EXPORTERS = ["dynamo", "torchscript", "torchscript18"]
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    ops.register(so)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(model)
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 

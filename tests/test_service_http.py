@@ -13,7 +13,12 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from imagesamples import (
+from PIL import Image
+
+from export.fashion_mnist import load as load_fashion_mnist
+from modelcard.preprocessing import load_array
+from modelcard.schema import FUSED_FILE, read_card
+from testkit.images import (
     SVG,
     TEXT,
     animated_gif,
@@ -25,12 +30,8 @@ from imagesamples import (
     png_claiming,
     truncated_jpeg,
 )
-from PIL import Image
-from serverutil import EMBEDDED_MODEL, ServiceProcess, metric_value, running_service
-
-from export.fashion_mnist import load as load_fashion_mnist
-from modelcard.preprocessing import load_array
-from modelcard.schema import FUSED_FILE, read_card
+from testkit.server import EMBEDDED_MODEL, ServiceProcess, metric_value, running_service
+from testkit.sessions import served_graph_session
 
 MAX_BODY = 4 * 2**20
 MAX_IMAGES = 64
@@ -100,13 +101,7 @@ def direct_top_k(
 @pytest.fixture(scope="module")
 def direct_session(client: httpx.Client) -> ort.InferenceSession:
     engine = client.get(f"/v2/models/{CARD.name}").json()["engine"]
-    so = ort.SessionOptions()
-    if engine["graph"] == "fused":
-        import ops
-
-        ops.register(so)
-    path = EMBEDDED_MODEL / engine["graph_file"]
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return served_graph_session(engine, EMBEDDED_MODEL)
 
 
 # ----------------------------------------------------------------------------- contract

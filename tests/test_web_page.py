@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from imagesamples import TEXT, encode, truncated_jpeg
 from PIL import Image
-from serverutil import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_service
+
+from testkit.images import TEXT, encode, truncated_jpeg
+from testkit.server import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_service
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
