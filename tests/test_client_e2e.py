@@ -30,6 +30,8 @@ from modelcard.schema import UNFUSED_FILE, read_card
 from testkit.images import png
 from testkit.server import ServiceProcess, running_service
 
+pytestmark = pytest.mark.e2e
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "models" / "fashion-seresnet"
 N_IMAGES = 200  # CPU is shared: enough for every class, small enough to score in seconds

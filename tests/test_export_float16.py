@@ -18,6 +18,8 @@ from export.model_card import input_spec_for
 from export.onnx_export import compare, parity_images
 from testkit.sessions import cpu_session
 
+pytestmark = pytest.mark.slow
+
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return cpu_session(model)

@@ -13,6 +13,8 @@ from export.model_card import input_spec_for
 from export.onnx_export import compare, parity_images
 from testkit.sessions import cpu_session
 
+pytestmark = pytest.mark.slow
+
 LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,

@@ -18,6 +18,8 @@ from se_forms import SEBlockNet, export
 from export.fusion import OP_DOMAIN, OP_TYPE, fuse_file, fuse_model
 from testkit.sessions import cpu_session
 
+pytestmark = pytest.mark.slow
+
 FUSABLE = [
     "conv",
     "conv_gap",

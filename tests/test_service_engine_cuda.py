@@ -21,7 +21,10 @@ from service.engine.policy import cuda_device_count
 from service.settings import load_settings
 from testkit.server import EMBEDDED_MODEL
 
-pytestmark = pytest.mark.skipif(cuda_device_count() == 0, reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(cuda_device_count() == 0, reason="needs a CUDA GPU"),
+]
 
 
 PARITY = {"cuda_tf32": False, "cudnn_conv_algo_search": "DEFAULT"}

@@ -29,6 +29,8 @@ from modelcard.schema import read_card
 from testkit.images import encode, photo
 from testkit.server import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_service
 
+pytestmark = pytest.mark.e2e
+
 CARD = read_card(EMBEDDED_MODEL)
 MAX_PARTS = 16
 

@@ -33,6 +33,8 @@ from testkit.images import (
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, metric_value, running_service
 from testkit.sessions import served_graph_session
 
+pytestmark = pytest.mark.e2e
+
 MAX_BODY = 4 * 2**20
 MAX_IMAGES = 64
 CARD = read_card(EMBEDDED_MODEL)

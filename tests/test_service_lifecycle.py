@@ -30,6 +30,8 @@ from testkit.server import (
 )
 from testkit.waiting import eventually
 
+pytestmark = pytest.mark.e2e
+
 CARD = read_card(EMBEDDED_MODEL)
 
 

@@ -19,6 +19,8 @@ from testkit.images import noise_png
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, metric_value, running_service
 from testkit.waiting import eventually
 
+pytestmark = pytest.mark.e2e
+
 CARD = read_card(EMBEDDED_MODEL)
 META = f"/v2/models/{CARD.name}"
 

@@ -36,6 +36,8 @@ from testkit.server import (
 )
 from testkit.sessions import served_graph_session
 
+pytestmark = pytest.mark.e2e
+
 CARD = read_card(EMBEDDED_MODEL)
 NAME, VERSION = CARD.name, CARD.version
 INPUT, OUTPUT = CARD.input.tensor, CARD.output.logits

@@ -42,6 +42,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from export import fashion_mnist  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
 WAIT_S = 60
 API_KEY = "page-test-key"
