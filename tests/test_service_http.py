@@ -1,6 +1,6 @@
 """End to end against a real ``python -m service`` on 127.0.0.1 serving the embedded model:
-the HTTP contract of docs/design.md §5, results equal to a direct ONNX Runtime run, the bad-input
-list of issue 4 (and the server keeps serving), request ids, logs and metrics."""
+the HTTP contract of docs/design.md §5, results equal to a direct ONNX Runtime run, every kind
+of bad input (each a clear error; the server keeps serving), request ids, logs and metrics."""
 
 from __future__ import annotations
 
@@ -304,7 +304,8 @@ def test_chunked_body_over_the_limit_is_refused_while_streaming(client: httpx.Cl
 
 def test_unknown_routes_and_models_get_json_errors(client: httpx.Client) -> None:
     assert error_of(client.get("/nope")) == (404, "not_found")
-    # Under /v2 the body is the KServe V2 protocol's {"error": "<string>"} (issue 9).
+    # Under /v2 the body is the KServe V2 protocol's {"error": "<string>"}, which Triton's
+    # clients parse.
     r = client.get("/v2/models/nope")
     assert r.status_code == 404 and list(r.json()) == ["error"]
     assert isinstance(r.json()["error"], str)

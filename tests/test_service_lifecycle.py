@@ -177,7 +177,7 @@ def test_not_ready_until_warmed_up(configured: Started) -> None:
     for r in (configured.early_ready, configured.early_classify):
         assert r.status_code == 503
         assert int(r.headers["retry-after"]) >= 1
-    # /v2 errors are the KServe V2 protocol's {"error": "<string>"} (issue 9).
+    # /v2 errors are the KServe V2 protocol's {"error": "<string>"}, which Triton's clients parse.
     assert "warming up" in configured.early_ready.json()["error"]
     assert configured.early_classify.json()["error"]["code"] == "not_ready"
     assert "warming up" in configured.early_classify.json()["error"]["message"]

@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe V2) end to end: NVIDIA's own ``tritonclient[http]``
-against a real ``python -m service`` serving the embedded model (issue 9).
+against a real ``python -m service`` serving the embedded model.
 
 Every call a Triton user makes — health, server/model metadata (versioned), readiness, model
 configuration, ``infer()`` in JSON and binary form with the model's UINT8 tensor or encoded
