@@ -80,7 +80,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("export.fusion").setLevel(logging.DEBUG)
     report = fuse_file(args.input, args.output)
-    forms = []
+    forms: list[str] = []
     if args.float16 or args.channels_last:
         import onnx
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +88,7 @@ class FusionReport:
         return text
 
 
-FUSIONS: Sequence[type[SqueezeExcitationFusion]] = (
+FUSIONS: Sequence[Callable[[OnnxModel, Shapes, NearMisses], SqueezeExcitationFusion]] = (
     FusionSqueezeExcitationConv,
     FusionSqueezeExcitationLinear,
 )

@@ -186,15 +186,16 @@ class SqueezeExcitationFusion(Fusion, ABC):
             raise Rejected("a tensor inside the block is read outside it", SAFETY)
 
         name = self.model.create_node_name(OP_TYPE, "SE_")
-        weights = []
+        weights: list[str] = []
         for suffix, value in (("w1", se.w1), ("b1", se.b1), ("w2", se.w2), ("b2", se.b2)):
             tensor = numpy_helper.from_array(
                 np.ascontiguousarray(value, np.float32), f"{name}.{suffix}"
             )
             self.model.add_initializer(tensor, self.this_graph_name)
             weights.append(tensor.name)
+        w1, b1, w2, b2 = weights
         fused = make_node(
-            se.pool_input, *weights, output=output, residual=residual, relu=relu, name=name
+            se.pool_input, w1, b1, w2, b2, output=output, residual=residual, relu=relu, name=name
         )
         self.nodes_to_remove.extend(chain)
         self.nodes_to_add.append(fused)

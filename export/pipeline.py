@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from torch import nn
 
 from export import fashion_mnist
-from export.architectures import calibrate_batchnorm, count_parameters, create_model
+from export.architectures import SEResNet, calibrate_batchnorm, count_parameters, create_model
 from export.checkpoint import load_into, read_state_dict, sha256_of
 from export.errors import ExportError
 from export.float16 import CONVERTER, convert_file
@@ -84,7 +83,7 @@ def load_model(
     num_classes: int | None = None,
     in_chans: int | None = None,
     seed: int = 0,
-) -> nn.Module:
+) -> SEResNet:
     """``arch`` with the checkpoint's weights, or random weights (seeded) without one; the
     random net's BN statistics come from real images so its outputs depend on its input."""
     model = create_model(
@@ -270,13 +269,7 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
             parameters=count_parameters(model),
             provenance=_provenance(opts, record),
             metrics=metrics,
-            parity=Parity(
-                images=torch_vs_onnx.images,
-                max_abs_logit_diff_torch_vs_onnx=torch_vs_onnx.max_abs_diff,
-                top5_agreement_torch_vs_onnx=torch_vs_onnx.top5_agreement,
-                max_abs_logit_diff_onnx_vs_fused=onnx_vs_fused and onnx_vs_fused.max_abs_diff,
-                top5_agreement_onnx_vs_fused=onnx_vs_fused and onnx_vs_fused.top5_agreement,
-            ),
+            parity=_parity(torch_vs_onnx, onnx_vs_fused),
             fusion=fusion,
             float16=float16,
             tool_versions=tool_versions(),
@@ -344,6 +337,20 @@ def _test_accuracy(
         },
     )
     return metrics, (test_pixels, labels_true, top1)
+
+
+def _parity(torch_vs_onnx: Comparison, onnx_vs_fused: Comparison | None) -> Parity:
+    return Parity(
+        images=torch_vs_onnx.images,
+        max_abs_logit_diff_torch_vs_onnx=torch_vs_onnx.max_abs_diff,
+        top5_agreement_torch_vs_onnx=torch_vs_onnx.top5_agreement,
+        max_abs_logit_diff_onnx_vs_fused=None
+        if onnx_vs_fused is None
+        else onnx_vs_fused.max_abs_diff,
+        top5_agreement_onnx_vs_fused=None
+        if onnx_vs_fused is None
+        else onnx_vs_fused.top5_agreement,
+    )
 
 
 def _provenance(opts: ExportOptions, record: dict | None) -> Provenance:
