@@ -189,3 +189,35 @@ def test_fuse_cli_says_which_blocks_it_left_alone(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "fused 0 SE blocks" in proc.stdout
     assert "1 SE-like block left alone: 3x3 excitation" in proc.stdout
+
+
+def test_a_max_pool_squeeze_in_a_real_network_is_left_alone_and_named(random_onnx) -> None:
+    """One SE block of an exported SE-ResNet squeezes by max instead of mean: the other five
+    fuse, that one is reported with its reason, and the fused model computes what the edited
+    one does."""
+    original = onnx.load(str(random_onnx("seresnet14_cifar")))
+    readers = Counter(i for n in original.graph.node for i in n.input)
+    squeezes = [
+        n
+        for n in original.graph.node
+        if n.op_type in ("ReduceMean", "GlobalAveragePool")
+        and any(m.op_type == "Conv" and n.output[0] in m.input for m in original.graph.node)
+    ]
+    assert len(squeezes) == 6 and all(readers[s.output[0]] == 1 for s in squeezes)
+    edited = squeezes[2]
+    edited.op_type = "ReduceMax" if edited.op_type == "ReduceMean" else "GlobalMaxPool"
+    before = original.SerializeToString()
+
+    fused, report = fuse_model(onnx.ModelProto.FromString(before))
+    assert report.fused == 5
+    assert dict(report.left_alone) == {f"squeeze by {edited.op_type}, not a global average": 1}
+    assert report.summary().endswith(
+        f"1 SE-like block left alone: squeeze by {edited.op_type}, not a global average"
+    )
+    from export.model_card import input_spec_for
+
+    spec = input_spec_for("seresnet14_cifar")
+    shape = (2, spec.channels, spec.height, spec.width)
+    x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    want = _run(onnx.ModelProto.FromString(before), x)[0]
+    np.testing.assert_allclose(_run(fused, x)[0], want, rtol=0, atol=1e-4)
