@@ -10,7 +10,7 @@ OPS_SOURCES := $(shell find ops -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test lint bench container-check clean gpu-setup gpu-check
+.PHONY: serve test test-fast lint bench container-check clean gpu-setup gpu-check
 
 $(VENV)/.runtime: pyproject.toml $(OPS_SOURCES) scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh runtime
@@ -30,14 +30,19 @@ $(VENV)/.dev: pyproject.toml $(OPS_SOURCES) scripts/setup.sh
 serve: $(VENV)/.runtime
 	bash scripts/foreground.sh $(PY) -m service --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+test: lint
 	$(PY) -m pytest
 
+# Everything but the end-to-end, slow and GPU tests (pytest markers, pyproject.toml): about
+# 40 s on 2 shared cores, the check to run while editing.
+test-fast: lint
+	$(PY) -m pytest -m "not e2e and not slow and not gpu"
+
+# The same checks as .pre-commit-config.yaml (pre-commit install runs them on each commit).
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: $(VENV)/.dev
 	$(PY) -m bench

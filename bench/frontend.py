@@ -46,12 +46,10 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
+from bench.machine import cpu_name
+from testkit.server import EMBEDDED_MODEL, running_service
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the launcher the end-to-end tests use
-
-from serverutil import EMBEDDED_MODEL, running_service  # noqa: E402
-
-from bench.machine import cpu_name  # noqa: E402
 
 BASELINE_REF = "61136c6"  # the last commit of the single-process service
 RESULTS = REPO / "bench" / "results" / "frontend.json"
@@ -97,8 +95,7 @@ def _photos() -> list[Image.Image]:
         names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
         return [Image.fromarray(getattr(data, n)()).convert("RGB") for n in names]
     except Exception:  # optional dependency
-        sys.path.insert(0, str(REPO / "tests"))
-        from imagesamples import photo
+        from testkit.images import photo
 
         return [photo(1000, 750, seed) for seed in range(5)]
 
@@ -285,7 +282,7 @@ def serve(variant: str, baseline: Path | None, log_dir: Path) -> Iterator[tuple[
 @contextlib.contextmanager
 def _in_dir(folder: Path) -> Iterator[None]:
     # serverutil starts the process in the repo root; the baseline must run from its tree.
-    import serverutil
+    from testkit import server as serverutil
 
     old = serverutil.REPO_ROOT
     serverutil.REPO_ROOT = folder

@@ -28,14 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.frontend import _closed_loop, _jpeg, _multipart, _photos, _requests
+from bench.gpu_summary import served_problem
+from bench.machine import cpu_name, gpu_memory_mib, gpu_name
+from testkit.server import running_service
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from serverutil import running_service  # noqa: E402
-
-from bench.frontend import _closed_loop, _jpeg, _multipart, _photos, _requests  # noqa: E402
-from bench.gpu_summary import served_problem  # noqa: E402
-from bench.machine import cpu_name, gpu_memory_mib, gpu_name  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "gpu_frontend.json"
 

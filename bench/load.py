@@ -41,12 +41,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench.machine import cpu_name
+from testkit.server import EMBEDDED_MODEL, running_service
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the launcher the end-to-end tests use
-
-from serverutil import EMBEDDED_MODEL, running_service  # noqa: E402
-
-from bench.machine import cpu_name  # noqa: E402
 
 Upload = tuple[str, bytes, str]  # filename, bytes, content type
 

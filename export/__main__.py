@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,8 +76,11 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from export.fusion import fuse_file
 
+    if args.verbose:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("export.fusion").setLevel(logging.DEBUG)
     report = fuse_file(args.input, args.output)
-    forms = []
+    forms: list[str] = []
     if args.float16 or args.channels_last:
         import onnx
 
@@ -177,14 +181,7 @@ def _add_model_args(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m export",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train the embedded default on Fashion-MNIST",
@@ -214,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_onnx(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "onnx",
         help="checkpoint -> model folder with model.onnx, model.se.onnx and model.json",
@@ -243,14 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.set_defaults(func=_cmd_onnx)
 
+
+def _add_fuse(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fuse",
         help="fuse every SE block of IN.onnx into one node, write OUT.onnx",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Rewrite each Squeeze-and-Excitation subgraph (pool -> FC/1x1 conv -> ReLU ->\n"
         "FC/1x1 conv -> sigmoid -> Mul, with the residual Add and ReLU after it) into one\n"
-        "ai.seresnet::SqueezeExcitation node, and say how many were fused. A model without SE\n"
-        "blocks is copied unchanged.\n\nexamples:\n"
+        "ai.seresnet::SqueezeExcitation node, and say how many were fused. SE-like blocks\n"
+        "left alone are counted with the reason (e.g. '3x3 excitation'); --verbose logs why\n"
+        "each candidate was rejected. A model without SE blocks is copied unchanged.\n\n"
+        "examples:\n"
         "  python -m export fuse models/x/model.onnx models/x/model.se.onnx\n"
         "  python -m export fuse --fp16 models/x/model.onnx models/x/model.fp16.se.onnx",
     )
@@ -268,8 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="SE nodes on [N,H,W,C] between Transposes, for ORT's CUDA provider with "
         "prefer_nhwc=1, which cancels them against its own (ops/layout.py)",
     )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="log each rejected SE candidate and why"
+    )
     p.set_defaults(func=_cmd_fuse)
 
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify",
         help="re-check a model folder against PyTorch and itself",
@@ -283,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-images", type=int, default=1000, help="default: %(default)s")
     p.set_defaults(func=_cmd_verify)
 
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build",
         help="the whole chain for a model folder that holds checkpoint.pt",
@@ -302,6 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="training record of the no-SE twin (default: FOLDER/baseline.train.json)",
     )
     p.set_defaults(func=_cmd_build)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_train(sub)
+    _add_onnx(sub)
+    _add_fuse(sub)
+    _add_verify(sub)
+    _add_build(sub)
     return parser
 
 

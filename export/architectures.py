@@ -147,6 +147,9 @@ class SEResNet(nn.Module):
     single 3x3/1 conv and no pool, for small inputs such as 28x28 Fashion-MNIST.
     """
 
+    conv1: nn.Conv2d
+    fc: nn.Linear
+
     def __init__(
         self,
         block: type[BasicBlock] | type[Bottleneck],
@@ -275,6 +278,7 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
                 c = m.num_features
                 m.weight.copy_(torch.empty(c).uniform_(0.2, 0.6, generator=generator))
                 m.bias.copy_(torch.empty(c).uniform_(-0.1, 0.1, generator=generator))
+                assert m.running_mean is not None and m.running_var is not None  # tracked stats
                 m.running_mean.copy_(torch.empty(c).uniform_(-0.1, 0.1, generator=generator))
                 m.running_var.copy_(torch.empty(c).uniform_(0.5, 1.5, generator=generator))
 

@@ -6,6 +6,7 @@ import hashlib
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    state: Any  # a state dict, or a wrapper around one, until checked below
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -35,7 +35,7 @@ def input_spec_for(
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ([0.5], [0.5])
     small = spec.stem == "cifar"
     return InputSpec(
-        channels=channels,
+        channels=1 if channels == 1 else 3,
         height=size,
         width=size,
         color="L" if channels == 1 else "RGB",

@@ -36,10 +36,13 @@ class ParityError(ExportError):
 class PixelInput(nn.Module):
     """Wrap ``model`` so it takes uint8 pixels; the card's normalisation happens inside."""
 
+    offset: torch.Tensor
+
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()
-        stem: nn.Conv2d = self.model.conv1
+        stem = self.model.conv1
+        assert isinstance(stem, nn.Conv2d)
         scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=stem.weight.dtype)
         with torch.no_grad():
             stem.weight.mul_(scale[None, :, None, None])

@@ -128,8 +128,10 @@ def train(recipe: TrainRecipe, checkpoint: Path, progress: bool = True) -> Train
     yt = torch.from_numpy(test_y)
 
     model = create_model(recipe.arch, num_classes=10, in_chans=1, seed=recipe.seed)
-    model = model.to(memory_format=torch.channels_last).train()
-    decay, no_decay = [], []
+    # torch's stubs lack Module.to's memory_format overload (it exists at run time)
+    model = model.to(memory_format=torch.channels_last).train()  # type: ignore[call-overload]
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD(

@@ -17,6 +17,8 @@ from export.architectures import (
 )
 from export.checkpoint import CheckpointError, load_into, read_state_dict
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     ("arch", "params"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import http.client
-import io
 import json
 import os
 import signal
@@ -24,11 +23,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from PIL import Image
-from serverutil import ServiceProcess, running_service
 
 from export import fashion_mnist
 from modelcard import load_array
 from modelcard.schema import UNFUSED_FILE, read_card
+from testkit.images import png
+from testkit.server import ServiceProcess, running_service
+
+pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "models" / "fashion-seresnet"
@@ -329,12 +331,6 @@ def test_resume_after_a_kill_mid_run(
     assert len(read_rows(out)) == N_IMAGES
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_corrupt_files_non_images_and_unreadable_files(
     service: ServiceProcess, tmp_path: Path
 ) -> None:
@@ -342,8 +338,8 @@ def test_corrupt_files_non_images_and_unreadable_files(
     folder = tmp_path / "mixed"
     folder.mkdir()
     for i in range(3):
-        (folder / f"good{i}.png").write_bytes(_png(images[i]))
-    (folder / "truncated.png").write_bytes(_png(images[3])[:60])
+        (folder / f"good{i}.png").write_bytes(png(images[i]))
+    (folder / "truncated.png").write_bytes(png(images[3])[:60])
     (folder / "text.jpg").write_text("this is not a JPEG\n")
     (folder / "notes.txt").write_text("not an image name: never sent\n")
     (folder / "empty.png").write_bytes(b"")
@@ -377,7 +373,7 @@ def test_corrupt_files_non_images_and_unreadable_files(
 
     # --resume retries what the client could not read, keeps verdicts, duplicates nothing.
     (folder / "dangling.png").unlink()
-    (folder / "dangling.png").write_bytes(_png(images[4]))
+    (folder / "dangling.png").write_bytes(png(images[4]))
     again = run_client(folder, service.url, out, "--resume")
     assert again.returncode == 1
     rows_after = read_rows(out)
@@ -433,7 +429,7 @@ def test_api_key_from_the_option_or_the_environment(tmp_path: Path) -> None:
     folder = tmp_path / "few"
     folder.mkdir()
     for i in range(3):
-        (folder / f"{i}.png").write_bytes(_png(images[i]))
+        (folder / f"{i}.png").write_bytes(png(images[i]))
     with running_service(MODEL_DIR, env={"SERESNET_API_KEY": "s3cret"}) as svc:
         refused = run_client(folder, svc.url, tmp_path / "a.jsonl")
         assert refused.returncode == 3

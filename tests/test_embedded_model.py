@@ -15,6 +15,8 @@ from export import fashion_mnist
 from export.onnx_export import accuracy, compare
 from modelcard import read_card
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def test_set() -> tuple[np.ndarray, np.ndarray]:

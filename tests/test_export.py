@@ -26,6 +26,8 @@ from export.onnx_export import (
 )
 from modelcard import read_card
 
+pytestmark = pytest.mark.slow
+
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(

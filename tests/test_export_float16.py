@@ -16,12 +16,13 @@ import ops
 from export.float16 import to_float16
 from export.model_card import input_spec_for
 from export.onnx_export import compare, parity_images
+from testkit.sessions import cpu_session
+
+pytestmark = pytest.mark.slow
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    ops.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return cpu_session(model)
 
 
 def _se_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:

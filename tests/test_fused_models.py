@@ -11,6 +11,9 @@ import pytest
 import ops
 from export.model_card import input_spec_for
 from export.onnx_export import compare, parity_images
+from testkit.sessions import cpu_session
+
+pytestmark = pytest.mark.slow
 
 LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -21,9 +24,7 @@ LEVELS = {
 def _session(path, level: str, fused: bool) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[level]
-    if fused:
-        ops.register(so)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return cpu_session(path, fused=fused, options=so)
 
 
 def _inputs(arch: str, batch: int, kind: str) -> np.ndarray:

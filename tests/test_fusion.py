@@ -3,6 +3,7 @@ model computes (real ONNX Runtime sessions, fused node run by the op library).""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections import Counter
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from se_forms import SEBlockNet, export
 
-import ops
 from export.fusion import OP_DOMAIN, OP_TYPE, fuse_file, fuse_model
+from testkit.sessions import cpu_session
+
+pytestmark = pytest.mark.slow
 
 FUSABLE = [
     "conv",
@@ -31,9 +33,7 @@ EXPORTERS = ["dynamo", "torchscript", "torchscript18"]
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    ops.register(so)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = cpu_session(model)
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 
@@ -136,3 +136,88 @@ def test_fuse_cli_names_an_unparsable_model(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "cannot parse" in proc.stderr and str(bad) in proc.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+NEAR_MISS_REASONS = {
+    "conv3x3": "3x3 excitation",
+    "hardsigmoid": "HardSigmoid gate, not Sigmoid",
+    "gate_reused": "a tensor inside the block is read outside it",
+    "gate_is_output": "a tensor inside the block is a graph output",
+}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("form", sorted(NEAR_MISS_REASONS))
+def test_near_misses_are_counted_with_the_reason(
+    form: str, exporter: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    original = export(SEBlockNet(form), exporter)
+    with caplog.at_level(logging.DEBUG, logger="export.fusion"):
+        _, report = fuse_model(original)
+    reason = NEAR_MISS_REASONS[form]
+    assert dict(report.left_alone) == {reason: 1}
+    assert report.summary().endswith(f"; 1 SE-like block left alone: {reason}")
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(m.endswith(f"left alone: {reason}") for m in debug), debug
+
+
+@pytest.mark.parametrize("form", ["conv", "linear_expand", "matmul"])
+def test_fused_blocks_are_not_near_misses(form: str) -> None:
+    torch.manual_seed(0)
+    _, report = fuse_model(export(SEBlockNet(form), "dynamo"))
+    assert report.fused == 1 and not report.left_alone
+    assert "left alone" not in report.summary()
+
+
+def test_a_resnet_has_no_near_misses(random_onnx) -> None:
+    """A plain ResNet's Muls (none) and a SE-ResNet's classifier pooling are not SE-like."""
+    _, report = fuse_model(onnx.load(str(random_onnx("seresnet14_cifar"))))
+    assert report.fused == 6 and not report.left_alone
+
+
+def test_fuse_cli_says_which_blocks_it_left_alone(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = tmp_path / "conv3x3.onnx"
+    onnx.save(export(SEBlockNet("conv3x3"), "torchscript"), str(src))
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", "fuse", str(src), str(tmp_path / "out.onnx")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fused 0 SE blocks" in proc.stdout
+    assert "1 SE-like block left alone: 3x3 excitation" in proc.stdout
+
+
+def test_a_max_pool_squeeze_in_a_real_network_is_left_alone_and_named(random_onnx) -> None:
+    """One SE block of an exported SE-ResNet squeezes by max instead of mean: the other five
+    fuse, that one is reported with its reason, and the fused model computes what the edited
+    one does."""
+    original = onnx.load(str(random_onnx("seresnet14_cifar")))
+    readers = Counter(i for n in original.graph.node for i in n.input)
+    squeezes = [
+        n
+        for n in original.graph.node
+        if n.op_type in ("ReduceMean", "GlobalAveragePool")
+        and any(m.op_type == "Conv" and n.output[0] in m.input for m in original.graph.node)
+    ]
+    assert len(squeezes) == 6 and all(readers[s.output[0]] == 1 for s in squeezes)
+    edited = squeezes[2]
+    edited.op_type = "ReduceMax" if edited.op_type == "ReduceMean" else "GlobalMaxPool"
+    before = original.SerializeToString()
+
+    fused, report = fuse_model(onnx.ModelProto.FromString(before))
+    assert report.fused == 5
+    assert dict(report.left_alone) == {f"squeeze by {edited.op_type}, not a global average": 1}
+    assert report.summary().endswith(
+        f"1 SE-like block left alone: squeeze by {edited.op_type}, not a global average"
+    )
+    from export.model_card import input_spec_for
+
+    spec = input_spec_for("seresnet14_cifar")
+    shape = (2, spec.channels, spec.height, spec.width)
+    x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    want = _run(onnx.ModelProto.FromString(before), x)[0]
+    np.testing.assert_allclose(_run(fused, x)[0], want, rtol=0, atol=1e-4)

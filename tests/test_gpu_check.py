@@ -57,6 +57,7 @@ def test_bad_arguments_exit_2_and_say_why(args: list[str], message: str) -> None
     assert message in proc.stderr and "--help" in proc.stderr
 
 
+@pytest.mark.slow
 def test_the_short_dry_run_fits_six_minutes_and_names_each_step(tmp_path: Path) -> None:
     proc = _run("--dry-run", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -72,6 +73,7 @@ def test_the_short_dry_run_fits_six_minutes_and_names_each_step(tmp_path: Path) 
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
+@pytest.mark.slow
 def test_the_frontend_dry_run_and_option_order(tmp_path: Path) -> None:
     a = _run("--frontend", "--dry-run", "--out", str(tmp_path))
     b = _run("--dry-run", "--out", str(tmp_path), "--frontend")
@@ -80,6 +82,7 @@ def test_the_frontend_dry_run_and_option_order(tmp_path: Path) -> None:
     assert list(_steps(a.stdout)) == ["engine", "export", "frontend"]
 
 
+@pytest.mark.slow
 def test_full_has_its_own_budget_and_a_small_budget_fails() -> None:
     full = _run("--full", "--dry-run")
     assert full.returncode == 0, full.stdout + full.stderr

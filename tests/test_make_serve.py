@@ -20,7 +20,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make"),
+]
 
 
 def _as_from_a_terminal() -> None:

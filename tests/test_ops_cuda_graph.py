@@ -22,7 +22,10 @@ from test_ops_kernel import (
 import ops
 
 CUDA = "CUDAExecutionProvider"
-pytestmark = pytest.mark.skipif(CUDA not in usable_providers(), reason="needs a usable GPU")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(CUDA not in usable_providers(), reason="needs a usable GPU"),
+]
 BATCHES = (2, 5)  # one captured graph each
 
 

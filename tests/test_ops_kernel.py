@@ -448,6 +448,7 @@ def _cuda_sources_ptx(tmp_path) -> str:
     return out.read_text()
 
 
+@pytest.mark.slow
 def test_channels_first_gate_scale_has_no_64_bit_division(tmp_path) -> None:
     """A 64-bit division costs dozens of instructions; the channels-first scale used one per
     element on planes that are not a multiple of the vector width (fp16 14x14 and 7x7: 9 of

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from serverutil import EMBEDDED_MODEL
 
 from service.engine.batcher import (
     Batcher,
@@ -21,6 +20,7 @@ from service.engine.batcher import (
     DeadlineExceededError,
     QueueFullError,
 )
+from testkit.server import EMBEDDED_MODEL
 
 
 class Recorder:

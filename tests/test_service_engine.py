@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from serverutil import EMBEDDED_MODEL
 
 from modelcard.schema import FUSED_FILE, UNFUSED_FILE, read_card
 from service.engine.config import EngineConfig
@@ -29,6 +28,7 @@ from service.engine.session import OpsStatus, probe_ops
 from service.ranking import softmax
 from service.ranking import top_k as top_k_rows
 from service.settings import load_settings
+from testkit.server import EMBEDDED_MODEL
 
 
 def _settings(model_dir: Path = EMBEDDED_MODEL, **kw: object) -> EngineConfig:

@@ -14,14 +14,17 @@ import threading
 
 import numpy as np
 import pytest
-from serverutil import EMBEDDED_MODEL
 
 from service.engine.batcher import Batcher
 from service.engine.model import Engine
 from service.engine.policy import cuda_device_count
 from service.settings import load_settings
+from testkit.server import EMBEDDED_MODEL
 
-pytestmark = pytest.mark.skipif(cuda_device_count() == 0, reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(cuda_device_count() == 0, reason="needs a CUDA GPU"),
+]
 
 
 PARITY = {"cuda_tf32": False, "cudnn_conv_algo_search": "DEFAULT"}

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from serverutil import EMBEDDED_MODEL
 
 from modelcard.schema import FP16_FUSED_FILE, FUSED_FILE, UNFUSED_FILE, read_card
 from service.engine.batcher import Batcher
@@ -42,6 +41,7 @@ from service.engine.session import (
     session_options,
     session_providers,
 )
+from testkit.server import EMBEDDED_MODEL
 
 OPS_ALL = OpsStatus(True, frozenset({CPU_EP, CUDA_EP}), "lib", fp16_cuda=True)
 FOLDER_ALL = FolderFacts(fused_present=True, fp16_present=True)

@@ -23,11 +23,13 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from imagesamples import encode, photo
 from PIL import Image
-from serverutil import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_service
 
 from modelcard.schema import read_card
+from testkit.images import encode, photo
+from testkit.server import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_service
+
+pytestmark = pytest.mark.e2e
 
 CARD = read_card(EMBEDDED_MODEL)
 MAX_PARTS = 16

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagesamples import SVG, TEXT, encode, gif_claiming, photo, png_claiming
 from PIL import Image
 
 from modelcard.preprocessing import load_array
 from modelcard.schema import InputSpec
 from service.ingress.imaging import ImageError, decode
+from testkit.images import SVG, TEXT, encode, gif_claiming, photo, png_claiming
 
 GRAY28 = InputSpec(channels=1, height=28, width=28, color="L", mean=[0.5], std=[0.5])
 RGB224 = InputSpec(

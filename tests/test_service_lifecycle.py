@@ -11,41 +11,37 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 import pytest
-from imagesamples import encode
-from PIL import Image
-from serverutil import EMBEDDED_MODEL, ServiceProcess, running_service, start_service, wait_until
 
 from modelcard.schema import read_card
+from testkit.images import noise_png
+from testkit.server import (
+    EMBEDDED_MODEL,
+    ServiceProcess,
+    running_service,
+    start_service,
+    wait_until,
+)
+from testkit.waiting import eventually
+
+pytestmark = pytest.mark.e2e
 
 CARD = read_card(EMBEDDED_MODEL)
-
-
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
-    return encode(Image.fromarray(pixels, "L"), "PNG")
 
 
 def post_png(
     url: str, seed: int, headers: dict[str, str] | None = None, count: int = 1
 ) -> httpx.Response:
-    files = [("images", (f"{seed}-{i}.png", png(seed + i), "image/png")) for i in range(count)]
+    files = [
+        ("images", (f"{seed}-{i}.png", noise_png(seed + i), "image/png")) for i in range(count)
+    ]
     return httpx.post(f"{url}/classify", files=files, headers=headers or {}, timeout=120)
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.02)
 
 
 # ----------------------------------------------------------------------------- limits
@@ -86,7 +82,7 @@ def test_full_queue_is_503_with_retry_after_and_a_deadline_is_504(held: ServiceP
 
 def test_a_caller_that_hangs_up_costs_no_model_run(held: ServiceProcess) -> None:
     before = held.metric("seresnet_dropped_images_total", reason="cancelled")
-    body = png(7)
+    body = noise_png(7)
     parts = urlsplit(held.url)
     request = (
         f"POST /classify HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: image/png\r\n"
@@ -181,7 +177,7 @@ def test_not_ready_until_warmed_up(configured: Started) -> None:
     for r in (configured.early_ready, configured.early_classify):
         assert r.status_code == 503
         assert int(r.headers["retry-after"]) >= 1
-    # /v2 errors are the KServe V2 protocol's {"error": "<string>"} (issue 9).
+    # /v2 errors are the KServe V2 protocol's {"error": "<string>"}, which Triton's clients parse.
     assert "warming up" in configured.early_ready.json()["error"]
     assert configured.early_classify.json()["error"]["code"] == "not_ready"
     assert "warming up" in configured.early_classify.json()["error"]["message"]

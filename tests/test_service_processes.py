@@ -7,31 +7,28 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from imagesamples import encode
-from PIL import Image
-from serverutil import EMBEDDED_MODEL, ServiceProcess, metric_value, running_service
 
 from modelcard.schema import read_card
+from testkit.images import noise_png
+from testkit.server import EMBEDDED_MODEL, ServiceProcess, metric_value, running_service
+from testkit.waiting import eventually
+
+pytestmark = pytest.mark.e2e
 
 CARD = read_card(EMBEDDED_MODEL)
 META = f"/v2/models/{CARD.name}"
 
 
-def png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
-    return encode(Image.fromarray(pixels, "L"), "PNG")
-
-
 def post(url: str, seed: int, count: int = 1) -> httpx.Response:
-    files = [("images", (f"{seed}-{i}.png", png(seed + i), "image/png")) for i in range(count)]
+    files = [
+        ("images", (f"{seed}-{i}.png", noise_png(seed + i), "image/png")) for i in range(count)
+    ]
     return httpx.post(f"{url}/classify", files=files, timeout=60)
 
 
@@ -50,19 +47,6 @@ def children(pid: int) -> set[int]:
         if b"resource_tracker" not in cmdline:
             out.add(child)
     return out
-
-
-def eventually(check, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
 
 
 def processes(svc: ServiceProcess) -> dict:

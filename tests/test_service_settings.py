@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from serverutil import EMBEDDED_MODEL, REPO_ROOT
 
 from service.settings import Settings, SettingsError, load_settings
+from testkit.server import EMBEDDED_MODEL, REPO_ROOT
 
 
 def test_defaults_and_derived_values(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from conftest import EMBEDDED_MODEL
-from imagesamples import encode, photo
 from tritonclient.http import InferInput, InferRequestedOutput, InferResult
 
 from modelcard.schema import ModelCard, read_card
@@ -38,6 +37,7 @@ from service.v2.request import (
 )
 from service.v2.response import IMAGE_ERRORS_OUTPUT, encode_infer_response
 from service.v2.signature import Signature
+from testkit.images import encode, photo
 
 MAX_BATCH = 8
 

@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe V2) end to end: NVIDIA's own ``tritonclient[http]``
-against a real ``python -m service`` serving the embedded model (issue 9).
+against a real ``python -m service`` serving the embedded model.
 
 Every call a Triton user makes — health, server/model metadata (versioned), readiness, model
 configuration, ``infer()`` in JSON and binary form with the model's UINT8 tensor or encoded
@@ -21,14 +21,22 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
-from imagesamples import TEXT, encode, photo, truncated_jpeg
-from PIL import Image
-from serverutil import EMBEDDED_MODEL, ServiceProcess, running_service, start_service, wait_until
 from tritonclient.utils import InferenceServerException
 
 from export.fashion_mnist import load as load_fashion_mnist
 from modelcard.preprocessing import load_array
 from modelcard.schema import UNFUSED_FILE, read_card
+from testkit.images import TEXT, encode, photo, png, truncated_jpeg
+from testkit.server import (
+    EMBEDDED_MODEL,
+    ServiceProcess,
+    running_service,
+    start_service,
+    wait_until,
+)
+from testkit.sessions import served_graph_session
+
+pytestmark = pytest.mark.e2e
 
 CARD = read_card(EMBEDDED_MODEL)
 NAME, VERSION = CARD.name, CARD.version
@@ -70,14 +78,7 @@ def fashion() -> np.ndarray:
 def served_session(svc: ServiceProcess) -> ort.InferenceSession:
     """The graph the service runs (fused with the op library, or not), run directly."""
     engine = httpx.get(f"{svc.url}/v2/models/{NAME}", timeout=30).json()["engine"]
-    so = ort.SessionOptions()
-    if engine["graph"] == "fused":
-        import ops
-
-        ops.register(so)
-    return ort.InferenceSession(
-        str(EMBEDDED_MODEL / engine["graph_file"]), so, providers=["CPUExecutionProvider"]
-    )
+    return served_graph_session(engine, EMBEDDED_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +95,6 @@ def direct(session: ort.InferenceSession, pixels: np.ndarray) -> np.ndarray:
 def pixels_of(images: np.ndarray) -> np.ndarray:
     """Fashion-MNIST 28x28 images as the model's UINT8 [N, 1, 28, 28]."""
     return np.ascontiguousarray(images[:, None, :, :], dtype=np.uint8)
-
-
-def png(image: np.ndarray) -> bytes:
-    return encode(Image.fromarray(image, "L"), "PNG")
 
 
 def uint8_input(pixels: np.ndarray, binary: bool) -> triton.InferInput:

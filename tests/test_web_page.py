@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from imagesamples import TEXT, encode, truncated_jpeg
 from PIL import Image
-from serverutil import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_service
+
+from testkit.images import TEXT, encode, truncated_jpeg
+from testkit.server import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_service
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -40,6 +41,8 @@ from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from export import fashion_mnist  # noqa: E402
+
+pytestmark = pytest.mark.e2e
 
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
 WAIT_S = 60

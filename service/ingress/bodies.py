@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import ServiceError
+
+if TYPE_CHECKING:  # a typing-only name in python-multipart
+    from python_multipart.multipart import MultipartCallbacks
 
 IMAGE_FIELD = "images"
 RAW_TYPES = ("application/octet-stream",)
@@ -90,7 +94,7 @@ class _MultipartCollector:
         self._name = ""
         self._filename = ""
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda d, s, e: self._field.extend(d[s:e]),

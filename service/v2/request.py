@@ -107,7 +107,10 @@ class InferRequest:
 
     @property
     def batch_size(self) -> int:
-        return len(self.files) if self.files is not None else int(self.pixels.shape[0])
+        if self.files is not None:
+            return len(self.files)
+        assert self.pixels is not None  # __post_init__: exactly one of the two
+        return int(self.pixels.shape[0])
 
 
 def parse_header_length(value: str | None) -> int | None:
@@ -177,7 +180,10 @@ def decode_infer_request(
             f"or BYTES [N] of encoded image files"
         )
     outputs = _outputs(
-        parsed.outputs, parsed.parameters.get("binary_data_output", False), signature
+        # a boolean by now: _request_parameters refused anything else
+        parsed.outputs,
+        parsed.parameters.get("binary_data_output") is True,
+        signature,
     )
     return InferRequest(
         id=parsed.id, pixels=pixels, files=files, outputs=outputs, timeout_us=timeout_us
