@@ -230,7 +230,7 @@ class DataPlane:
 
     async def classify(self, request: Request, k: int, deadline: float) -> dict[str, Any]:
         state = self.state
-        state.check_ready()
+        state.check_serving()
         uploads, held = await self.read_body(request, deadline)
         request.state.images = len(uploads)
         try:

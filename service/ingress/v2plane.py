@@ -140,7 +140,7 @@ class V2Plane:
         self, request: Request, name: str, version: str | None, deadline: float
     ) -> EncodedResponse:
         state = self.state
-        state.check_ready()
+        state.check_serving()
         signature = self.check_model(name, version)
         settings = state.settings
         header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
