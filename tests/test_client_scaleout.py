@@ -133,7 +133,8 @@ def test_several_urls_spread_the_job_and_skip_a_dead_one(
     assert sorted(r["path"] for r in got) == sorted(str(p) for p in images)
     assert all("predictions" in r for r in got)
     assert f"skipping {closed_url}" in run.stderr
-    served = [svc.metric("seresnet_inference_count_total") - b0 for svc, b0 in zip(replicas, before)]
+    after = [svc.metric("seresnet_inference_count_total") for svc in replicas]
+    served = [n - b0 for n, b0 in zip(after, before, strict=True)]
     assert sum(served) == N_IMAGES
     assert min(served) >= N_IMAGES / 4, served  # round-robin: both replicas took a share
 
