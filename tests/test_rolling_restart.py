@@ -233,7 +233,8 @@ def scenario(name: str, images: Path, tmp_path: Path, delay_s: float, kill: bool
                 r.start()
                 r.wait_ready()
                 print(
-                    f"replica {r.port}: stop {t_stop - t0:.1f}s, ready {time.monotonic() - t_stop:.1f}s"
+                    f"replica {r.port}: stopped in {t_stop - t0:.1f} s, "
+                    f"ready again in {time.monotonic() - t_stop:.1f} s"
                 )
                 time.sleep(1.5)  # HAProxy's `rise 2` at 500 ms: back in the rotation
             _, stderr = client.communicate(timeout=900)
