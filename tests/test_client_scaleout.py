@@ -154,3 +154,17 @@ def test_no_url_that_serves_is_a_service_error(
         str(tmp_path / "none.jsonl"),
     )
     assert run.returncode == 3, run.stderr
+
+
+def test_a_sharded_csv_records_its_shard_in_a_column(
+    images: list[Path], replicas: tuple[ServiceProcess, ServiceProcess], tmp_path: Path
+) -> None:
+    url, folder, out = replicas[0].url, str(images[0].parent), tmp_path / "part.csv"
+    first = client(folder, "--url", url, "--out", str(out), "--shard", "1/2", "--quiet")
+    assert first.returncode == 0, first.stderr
+    header, *lines = out.read_text().splitlines()
+    assert header.split(",")[-1] == "shard" and all(line.endswith(",1/2") for line in lines)
+    again = client(folder, "--url", url, "--out", str(out), "--shard", "1/2", "--resume")
+    assert again.returncode == 0 and out.read_text().count("\n") == len(lines) + 1
+    other = client(folder, "--url", url, "--out", str(out), "--shard", "0/2", "--resume")
+    assert other.returncode == 2 and "--shard 1/2" in other.stderr, other.stderr
