@@ -357,3 +357,26 @@ def test_the_indexed_job_scores_its_shard_with_resume() -> None:
     # The arguments are the real client's.
     parsed = build_parser().parse_args([*args[: -0 or None]])
     assert parsed.resume and parsed.shard == shard
+
+
+def test_the_kserve_runtime_serves_the_inferenceservice_name_over_v2_on_8080() -> None:
+    ((_, runtime),) = of_kind("ServingRuntime")
+    ((_, isvc),) = of_kind("InferenceService")
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["v2"]
+    (container,) = spec["containers"]
+    env = env_of(container)
+    # KServe substitutes {{.Name}} with the InferenceService's name, the one in its URLs.
+    assert env["SERESNET_MODEL_NAME"] == "{{.Name}}"
+    assert env["SERESNET_PORT"] == "8080" and container["ports"][0]["containerPort"] == 8080
+    assert env["SERESNET_MODEL_DIR"] == "/mnt/models"  # where the storage initializer writes
+    assert spec["annotations"]["prometheus.kserve.io/port"] == "8080"
+    assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in spec["supportedModelFormats"]}
+    pdbs = [o for w, o in of_kind("PodDisruptionBudget") if w == "kserve"]
+    name = isvc["metadata"]["name"]
+    assert pdbs[0]["spec"]["selector"]["matchLabels"] == {
+        "serving.kserve.io/inferenceservice": name
+    }
