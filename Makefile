@@ -10,7 +10,7 @@ OPS_SOURCES := $(shell find ops -name '*.cc' -o -name '*.cu' -o -name '*.h' -o -
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test test-fast lint bench container-check clean gpu-setup gpu-check
+.PHONY: serve test test-fast lint bench container-check clean gpu-setup gpu-check rolling-check
 
 $(VENV)/.runtime: pyproject.toml $(OPS_SOURCES) scripts/setup.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh runtime
@@ -51,6 +51,15 @@ bench: $(VENV)/.dev
 # Debian's packages (root; no registry needed): scripts/container-e2e.sh --help.
 container-check:
 	bash scripts/container-e2e.sh
+
+# Rolling restarts behind a real HAProxy (Debian's package, unpacked into the cache): three
+# replicas, the scoring client at --retries 0, each replica SIGTERMed in turn, then one
+# SIGKILLed; prints and writes the table (images, lost, duplicated). docs/scaling.md.
+ROLLING_SUMMARY ?= rolling-check.json
+rolling-check: $(VENV)/.dev
+	SERESNET_ROLLING_CHECK=1 SERESNET_ROLLING_SUMMARY=$(ROLLING_SUMMARY) \
+	  $(PY) -m pytest tests/test_rolling_restart.py -p no:randomly -q -s
+	@cat $(ROLLING_SUMMARY)
 
 # A machine with an NVIDIA GPU (driver installed) and a network: onnxruntime-gpu's CUDA and
 # cuDNN wheels into .venv, at the onnxruntime-gpu version .venv already has, then the GPU

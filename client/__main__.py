@@ -18,6 +18,7 @@ from client.job import (
     run_job,
 )
 from client.scoring import Settings
+from client.shards import parse_shard
 
 DESCRIPTION = """\
 Score images through a running seresnet-serve service and write one result row per image.
@@ -40,6 +41,10 @@ examples:
 
   # continue after Ctrl-C, a crash or a service outage: skips what is already done
   python -m client score fashion-test/ --labels-from-dirs --out fashion.jsonl --resume
+
+  # one of 8 processes sharing a job (each with its own --out), over three replicas
+  python -m client score @manifest.txt --shard 3/8 --out part-3.jsonl --resume \\
+      --url http://gpu-a:8000 --url http://gpu-b:8000 --url http://gpu-c:8000
 
   # paths from another tool, CSV out, bigger requests
   find archive -name '*.jpg' -newer stamp | python -m client score @- --url http://gpu-box:8000 \\
@@ -106,9 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("paths", nargs="+", metavar="PATH", help="image file, folder, or @LIST")
     score.add_argument(
         "--url",
-        default=os.environ.get("SERESNET_URL") or DEFAULT_URL,
+        action="append",
         help=f"the service's base URL (default: $SERESNET_URL, else {DEFAULT_URL}, where "
-        "`make serve` listens)",
+        "`make serve` listens). Repeat it (or give $SERESNET_URL as a comma-separated list) "
+        "to spread the job over replicas without a balancer: batches go round-robin to those "
+        "that pass /v2/health/ready, and a request that fails on one goes to the next",
+    )
+    score.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="score only shard I of N (0 <= I < N), by a hash of each path: N processes with "
+        "the same PATHs split the job between them, e.g. an Indexed Job's "
+        "--shard $(JOB_COMPLETION_INDEX)/N. Rows record the shard; --resume refuses a file "
+        "of another shard",
     )
     score.add_argument(
         "--out",
@@ -179,12 +194,27 @@ def _output(args: argparse.Namespace) -> tuple[str, str]:
     return out, fmt
 
 
+def urls_of(args: argparse.Namespace) -> list[str]:
+    """The replicas' base URLs: every --url, else $SERESNET_URL (comma-separated), else the
+    local service; each once, in order."""
+    given = args.url or (os.environ.get("SERESNET_URL") or DEFAULT_URL).split(",")
+    return list(dict.fromkeys(u.strip().rstrip("/") for u in given if u.strip()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    url = args.url.strip()
-    if not url.startswith(("http://", "https://")):
-        print(f"error: --url {url!r} must start with http:// or https://", file=sys.stderr)
-        return EXIT_USAGE
+    urls = urls_of(args)
+    for url in urls or [""]:
+        if not url.startswith(("http://", "https://")):
+            print(f"error: --url {url!r} must start with http:// or https://", file=sys.stderr)
+            return EXIT_USAGE
+    shard = None
+    if args.shard is not None:
+        try:
+            shard = parse_shard(args.shard)
+        except ValueError as e:
+            print(f"error: --shard {e}", file=sys.stderr)
+            return EXIT_USAGE
     key = args.api_key
     if key and not (key.isascii() and key.isprintable()):
         # An HTTP header carries only visible ASCII; say so instead of failing mid-request.
@@ -196,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     out, fmt = _output(args)
     settings = Settings(
-        url=url,
+        url=urls[0],
         top_k=args.top_k,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
@@ -214,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overwrite=args.overwrite,
         summary_json=args.summary_json,
         quiet=args.quiet,
+        shard=shard,
+        urls=urls,
     )
     try:
         return run_job(opts)

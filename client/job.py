@@ -21,15 +21,16 @@ from client.discovery import Item, check_arguments, iter_items, true_label
 from client.labels import ClassLabels
 from client.output import OutputError, Row, Writer, open_writer, read_existing
 from client.progress import Progress
+from client.replicas import Replicas
 from client.scoring import (
     FileProblem,
     Image,
-    Scorer,
     ServiceError,
     Settings,
     error_row,
     read_image_file,
 )
+from client.shards import Shard
 from client.summary import Summary
 
 EXIT_OK = 0  # every image of the job has predictions
@@ -57,6 +58,12 @@ class JobOptions:
     quiet: bool = False
     progress: bool | None = None  # None: when standard error is a terminal
     done: set[str] = field(default_factory=set)
+    shard: Shard | None = None
+    #: Replicas to spread the job over; empty: ``settings.url`` alone.
+    urls: list[str] = field(default_factory=list)
+
+    def replica_urls(self) -> list[str]:
+        return self.urls or [self.settings.url]
 
 
 def _check(opts: JobOptions) -> None:
@@ -93,7 +100,7 @@ class _Pipeline:
         self.labels = ClassLabels()
         self._labels_asked: asyncio.Task[list[str]] | None = None
 
-    async def learn_labels(self, scorer: Scorer) -> None:
+    async def learn_labels(self, scorer: Replicas) -> None:
         """With --labels-from-dirs, learn the model's class labels once (asked as soon as the
         model's name is known), so that rows name the class (``Ankle boot``), not the folder
         (``Ankle_boot``)."""
@@ -112,6 +119,9 @@ class _Pipeline:
             for row in rows:
                 if "true_label" in row:
                     row["true_label"] = self.labels.canonical(row["true_label"])
+        if self.opts.shard is not None:
+            for row in rows:
+                row["shard"] = str(self.opts.shard)
         self.writer.write(rows)
         for row in rows:
             self.summary.add(row)
@@ -128,6 +138,8 @@ class _Pipeline:
             item = next(self.items, None)
             if item is None:
                 return images, rows, skipped, True
+            if self.opts.shard is not None and not self.opts.shard.holds(item.path):
+                continue
             if item.path in self.opts.done:
                 skipped += 1
                 continue
@@ -145,8 +157,9 @@ class _Pipeline:
 
     async def run(self) -> None:
         settings = self.settings
-        async with Scorer.make_client(settings) as client:
-            scorer = Scorer(settings, client, self.progress.notice, self.summary.note_model)
+        urls = self.opts.replica_urls()
+        notice, on_model = self.progress.notice, self.summary.note_model
+        async with Replicas.open(settings, urls, notice, on_model) as scorer:
             await scorer.wait_ready()
             if self.opts.labels_from_dirs:
                 self.labels = ClassLabels(await scorer.class_labels())
@@ -177,7 +190,7 @@ class _Pipeline:
                         raise ServiceError(
                             f"{scorer.failure_streak} requests in a row failed (last: "
                             f"{scorer.last_failure}); stopping. Rerun with --resume when the "
-                            f"service at {settings.url} works again"
+                            f"service at {', '.join(urls)} works again"
                         )
 
             try:
@@ -230,13 +243,13 @@ def run_job(opts: JobOptions) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     s = opts.settings
-    summary = Summary(top_k=s.top_k, url=s.url, output=opts.out)
+    summary = Summary(top_k=s.top_k, url=", ".join(opts.replica_urls()), output=opts.out)
     show_bar = opts.progress if opts.progress is not None else sys.stderr.isatty()
     progress = Progress(enabled=show_bar and not opts.quiet, quiet=opts.quiet)
     if opts.resume:
         try:
             existing = read_existing(
-                opts.out, opts.fmt, s.top_k, lambda r: summary.add(r, previous=True)
+                opts.out, opts.fmt, s.top_k, lambda r: summary.add(r, previous=True), opts.shard
             )
         except OutputError as e:
             progress.close()
@@ -250,8 +263,8 @@ def run_job(opts: JobOptions) -> int:
             )
         if existing.dropped_tail:
             progress.notice(f"{opts.out}: dropped a last line cut short by the previous run")
-    progress.count_in_background(opts.paths, opts.done)
-    writer = open_writer(opts.out, opts.fmt, s.top_k, append=opts.resume)
+    progress.count_in_background(opts.paths, opts.done, opts.shard)
+    writer = open_writer(opts.out, opts.fmt, s.top_k, append=opts.resume, sharded=bool(opts.shard))
     code = EXIT_OK
     summary.started = time.monotonic()  # throughput counts from here, not from reading --resume
     try:

@@ -50,11 +50,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def csv_header(top_k: int) -> list[str]:
+def csv_header(top_k: int, sharded: bool = False) -> list[str]:
     cols = ["path", "true_label", "status"]
     for i in range(1, top_k + 1):
         cols += [f"top{i}_label", f"top{i}_class_id", f"top{i}_score"]
-    return [*cols, "error_code", "error_message", "error_scope"]
+    return [*cols, "error_code", "error_message", "error_scope", *(["shard"] if sharded else [])]
 
 
 def row_to_csv(row: Row, top_k: int) -> list[str]:
@@ -73,6 +73,7 @@ def row_to_csv(row: Row, top_k: int) -> list[str]:
         error.get("code", ""),
         _one_line(error.get("message", "")),
         error.get("scope", ""),
+        *([row["shard"]] if "shard" in row else []),
     ]
 
 
@@ -80,6 +81,8 @@ def row_from_csv(cells: dict[str, str], top_k: int) -> Row:
     row: Row = {"path": cells["path"]}
     if cells.get("true_label"):
         row["true_label"] = cells["true_label"]
+    if cells.get("shard"):
+        row["shard"] = cells["shard"]
     if cells.get("status") == "error":
         row["error"] = {
             "code": cells.get("error_code", ""),
@@ -131,11 +134,13 @@ class JsonlWriter(_StreamWriter):
 
 
 class CsvWriter(_StreamWriter):
-    def __init__(self, stream: IO[str], owned: bool, top_k: int, header: bool) -> None:
+    def __init__(
+        self, stream: IO[str], owned: bool, top_k: int, header: bool, sharded: bool = False
+    ) -> None:
         super().__init__(stream, owned)
         self._top_k = top_k
         if header:
-            self._write_lines([csv_header(top_k)])
+            self._write_lines([csv_header(top_k, sharded)])
 
     def _write_lines(self, lines: list[list[str]]) -> None:
         buf = io.StringIO()
@@ -168,13 +173,13 @@ class _OnFirstRows:
             self._writer.close()
 
 
-def open_writer(path: str, fmt: str, top_k: int, append: bool) -> Writer:
+def open_writer(path: str, fmt: str, top_k: int, append: bool, sharded: bool = False) -> Writer:
     """A writer for ``path`` (``-``: standard output), opened with the first rows written;
-    ``append`` continues an existing file."""
-    return _OnFirstRows(lambda: _open_now(path, fmt, top_k, append))
+    ``append`` continues an existing file; ``sharded`` rows carry their shard (a CSV column)."""
+    return _OnFirstRows(lambda: _open_now(path, fmt, top_k, append, sharded))
 
 
-def _open_now(path: str, fmt: str, top_k: int, append: bool) -> Writer:
+def _open_now(path: str, fmt: str, top_k: int, append: bool, sharded: bool) -> Writer:
     if path == "-":
         stream, owned, fresh = sys.stdout, False, True
     else:
@@ -182,7 +187,7 @@ def _open_now(path: str, fmt: str, top_k: int, append: bool) -> Writer:
         stream = open(path, "w" if fresh else "a", encoding="utf-8", newline="")  # noqa: SIM115
         owned = True
     if fmt == "csv":
-        return CsvWriter(stream, owned, top_k, header=fresh)
+        return CsvWriter(stream, owned, top_k, header=fresh, sharded=sharded)
     return JsonlWriter(stream, owned)
 
 
@@ -215,8 +220,27 @@ def _sniff(path: str) -> str | None:
     return "jsonl" if head.startswith(b"{") else "csv"
 
 
-def read_existing(path: str, fmt: str, top_k: int, on_row: Callable[[Row], None]) -> Existing:
-    """Read an earlier output for --resume: the set of paths not to score again.
+def _check_shard(path: str, row: Row, shard: object) -> None:
+    found = row.get("shard")
+    expected = None if shard is None else str(shard)
+    if found != expected:
+        by = f"--shard {found}" if found else "a run without --shard"
+        fix = f"add --shard {found}" if found else "drop --shard"
+        raise OutputError(
+            f"{path} holds the results of {by}; {fix} to resume it, or give this shard its "
+            "own --out file"
+        )
+
+
+def read_existing(
+    path: str,
+    fmt: str,
+    top_k: int,
+    on_row: Callable[[Row], None],
+    shard: object = None,
+) -> Existing:
+    """Read an earlier output for --resume: the set of paths not to score again. Every row
+    must come from the same ``shard`` (None: an unsharded run), else :class:`OutputError`.
 
     Final rows (see :func:`is_final`) go to ``on_row`` and into the set. Rows to retry and a
     cut-short last line are removed from the file (rewritten through a temporary file and an
@@ -235,7 +259,7 @@ def read_existing(path: str, fmt: str, top_k: int, on_row: Callable[[Row], None]
     for number, text, complete, end in _lines(path):
         if fmt == "csv" and header is None:
             header = next(csv.reader([text]))
-            if header != csv_header(top_k):
+            if header not in (csv_header(top_k), csv_header(top_k, sharded=True)):
                 k = sum(1 for h in header if h.endswith("_class_id"))
                 raise OutputError(
                     f"{path} was written with --top-k {k} (columns differ); resume it with "
@@ -263,6 +287,7 @@ def read_existing(path: str, fmt: str, top_k: int, on_row: Callable[[Row], None]
             # Parsed, but its newline never made it: cheaper to score it again than to patch.
             existing.dropped_tail = True
             break
+        _check_shard(path, row, shard)
         good_end = end
         if is_final(row):
             existing.done.add(row["path"])
@@ -284,16 +309,18 @@ def _rewrite_final_rows(path: str, fmt: str, good_end: int) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
             header_seen = False
+            scope_at = 0
             for _number, text, _complete, end in _lines(path):
                 if end > good_end:
                     break
                 if fmt == "csv" and not header_seen:
                     header_seen = True
+                    scope_at = next(csv.reader([text])).index("error_scope")
                     out.write(text + "\n")
                     continue
                 if fmt == "csv":
                     cells = next(csv.reader([text]))
-                    scope = cells[-1] if cells else ""
+                    scope = cells[scope_at] if len(cells) > scope_at else ""
                     final = scope not in RETRIED_SCOPES
                 else:
                     final = is_final(json.loads(text))

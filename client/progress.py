@@ -14,6 +14,7 @@ from collections.abc import Collection, Sequence
 from tqdm import tqdm
 
 from client.discovery import iter_items
+from client.shards import Shard
 
 
 class Progress:
@@ -26,20 +27,22 @@ class Progress:
                 unit="img", dynamic_ncols=True, smoothing=0.1, file=sys.stderr, mininterval=0.5
             )
 
-    def count_in_background(self, paths: Sequence[str], done: Collection[str]) -> None:
+    def count_in_background(
+        self, paths: Sequence[str], done: Collection[str], shard: Shard | None = None
+    ) -> None:
         """Start counting the images still to score; stdin lists (``@-``) cannot be read twice
         and are not counted (no ETA then)."""
         if self._bar is None or "@-" in paths:
             return
-        threading.Thread(target=self._count, args=(list(paths), done), daemon=True).start()
+        threading.Thread(target=self._count, args=(list(paths), done, shard), daemon=True).start()
 
-    def _count(self, paths: list[str], done: Collection[str]) -> None:
+    def _count(self, paths: list[str], done: Collection[str], shard: Shard | None) -> None:
         total = 0
         try:
             for item in iter_items(paths):
                 if self._stop.is_set():
                     return
-                if item.path not in done:
+                if item.path not in done and (shard is None or shard.holds(item.path)):
                     total += 1
         except OSError:
             return  # the scoring walk reports whatever went wrong here

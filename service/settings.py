@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "SERESNET_"
 DEFAULT_MODEL = Path("models") / "fashion-seresnet"
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def default_model_dir() -> Path:
@@ -163,6 +165,19 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long in-flight requests may take to finish"
     )
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="on SIGTERM, report not ready at once but keep serving this long before "
+        "draining, so a balancer that polls readiness (a Kubernetes Service, HAProxy) stops "
+        "sending first; 0 = drain at once (a Kubernetes preStop sleep does the same)",
+    )
+    model_name: str | None = Field(
+        None,
+        description="name to serve the model under (/v2/models/NAME, /classify's 'model'), "
+        "e.g. a KServe InferenceService's name; unset = the model card's name",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json lines or plain text")
 
@@ -172,6 +187,17 @@ class Settings(BaseSettings):
         if not value.is_dir():
             raise ValueError(
                 f"{str(value)!r} is not a directory (a model folder, docs/design.md §3)"
+            )
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _url_safe_name(cls, value: str | None) -> str | None:
+        # The name is a path segment of every /v2/models/NAME route: keep it URL-safe.
+        if value is not None and not MODEL_NAME_PATTERN.fullmatch(value):
+            raise ValueError(
+                "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
+                "digit (it is a URL path segment)"
             )
         return value
 
@@ -193,6 +219,7 @@ class Settings(BaseSettings):
         "max_queue_delay_ms",
         "request_timeout_s",
         "drain_timeout_s",
+        "shutdown_delay_s",
         "header_timeout_s",
         "keepalive_timeout_s",
     )

@@ -9,7 +9,9 @@ ingress workers under uvicorn's multiprocess supervisor, and keeps all of them a
                └─ ingress worker N ────────────────────────────────────┘  to the engine
 
 A worker that dies is replaced by uvicorn's supervisor. An engine that dies is restarted here;
-meanwhile the workers answer 503 and report not ready. SIGTERM or Ctrl-C: the engine stops
+meanwhile the workers answer 503 and report not ready. SIGTERM with a shutdown delay first
+reports not ready on every worker and keeps serving for the delay. Then (or at once: Ctrl-C,
+no delay, a second SIGTERM) the drain: the engine stops
 holding images for fuller batches, the workers finish what they accepted and exit, then the
 engine runs what is left and exits.
 """
@@ -38,7 +40,7 @@ from service import metrics
 from service.engine.config import EXIT_WARMUP_FAILED, EngineConfig
 from service.settings import Settings
 from service.slots import choose_path, make_run_dir
-from service.wire import ENGINE_SOCKET_ENV
+from service.wire import ENGINE_SOCKET_ENV, LEAVING_MARKER
 
 log = logging.getLogger("service")
 
@@ -222,12 +224,21 @@ class WorkerSupervisor(Multiprocess):
     after a worker it replaces."""
 
     def __init__(
-        self, config: uvicorn.Config, sockets: list[socket.socket], engine: EngineSupervisor
+        self,
+        config: uvicorn.Config,
+        sockets: list[socket.socket],
+        engine: EngineSupervisor,
+        shutdown_delay_s: float = 0.0,
     ) -> None:
         super().__init__(config, sockets)
         self.engine = engine
+        self.shutdown_delay_s = shutdown_delay_s
+        self._drain_at: float | None = None
 
     def keep_subprocess_alive(self) -> None:
+        if self._drain_at is not None and time.monotonic() >= self._drain_at:
+            self._drain("shutdown delay over")
+            return
         before = {p.pid for p in self.processes}
         super().keep_subprocess_alive()
         for pid in before - {p.pid for p in self.processes}:
@@ -236,15 +247,28 @@ class WorkerSupervisor(Multiprocess):
         if not self.should_exit.is_set() and not self.engine.keep_alive():
             self.should_exit.set()
 
-    def handle_term(self) -> None:
-        log.info("shutting down", extra={"signal": "SIGTERM"})
+    def _drain(self, cause: str) -> None:
+        log.info("shutting down", extra={"cause": cause})
+        self._drain_at = None
         self.engine.begin_drain()
         self.should_exit.set()
 
+    def handle_term(self) -> None:
+        # A balancer learns of a leaving replica only at its next readiness check: report not
+        # ready now and keep serving through the delay, so no new connection meets a closed
+        # socket. A second SIGTERM (or Ctrl-C) cuts the delay short.
+        if self.shutdown_delay_s > 0 and self._drain_at is None and not self.should_exit.is_set():
+            (self.engine.run_dir / LEAVING_MARKER).touch()
+            self._drain_at = time.monotonic() + self.shutdown_delay_s
+            log.info(
+                "leaving: not ready, still serving until the shutdown delay is over",
+                extra={"signal": "SIGTERM", "shutdown_delay_s": self.shutdown_delay_s},
+            )
+            return
+        self._drain("SIGTERM")
+
     def handle_int(self) -> None:
-        log.info("shutting down", extra={"signal": "SIGINT"})
-        self.engine.begin_drain()
-        self.should_exit.set()
+        self._drain("SIGINT")
 
 
 def raise_open_file_limit() -> None:
@@ -309,7 +333,7 @@ def serve(settings: Settings) -> int:
                 "engine_pid": engine.handle.process.pid if engine.handle else None,
             },
         )
-        supervisor = WorkerSupervisor(config, [sock], engine)
+        supervisor = WorkerSupervisor(config, [sock], engine, settings.shutdown_delay_s)
         supervisor.run()
         t0 = time.monotonic()
         log.info("workers stopped; stopping the engine")

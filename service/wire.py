@@ -125,3 +125,8 @@ async def read_message(reader: asyncio.StreamReader) -> Message:
     if not isinstance(message, _MESSAGE_TYPES):
         raise ProtocolError(f"not a message: {type(message).__name__}")
     return message
+
+
+# Beside the engine socket: the supervisor creates it when SIGTERM starts the shutdown delay,
+# so every worker reports not ready while it still serves.
+LEAVING_MARKER = "leaving"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from client.__main__ import build_parser
+from client.__main__ import build_parser, urls_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +117,7 @@ def test_a_service_that_is_down_leaves_earlier_results_as_they_were(
 
 def test_the_url_defaults_to_the_local_service() -> None:
     args = build_parser().parse_args(["score", "photos"])
-    assert args.url == "http://127.0.0.1:8000"  # where `make serve` listens
+    assert urls_of(args) == ["http://127.0.0.1:8000"]  # where `make serve` listens
 
 
 def test_the_url_can_come_from_the_environment(images: Path, closed_port: int) -> None:

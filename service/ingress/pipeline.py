@@ -112,7 +112,7 @@ class Pipeline:
         self.settings = state.settings
 
     def check_ready(self) -> None:
-        self.state.check_ready()
+        self.state.check_serving()
 
     @property
     def card(self) -> ModelCard:

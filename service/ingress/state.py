@@ -22,6 +22,7 @@ from service.settings import Settings
 log = logging.getLogger("service.ingress")
 
 ENGINE_SOCKET_ENV = wire.ENGINE_SOCKET_ENV  # set by the supervisor for its workers
+LEAVING_MARKER = wire.LEAVING_MARKER
 
 
 class IngressState:
@@ -38,13 +39,20 @@ class IngressState:
         self.metrics: IngressMetrics | None = None
         self.card: ModelCard | None = None
         self.draining = False
+        self._leaving = engine_socket.parent / LEAVING_MARKER
         self._labels: dict[str, str] | None = None
 
     def _on_hello(self, hello: wire.EngineHello) -> None:
         if hello.metric_labels != self._labels:
             self._labels = dict(hello.metric_labels)
             self.metrics = IngressMetrics(self._labels)
-        self.card = ModelCard.model_validate(hello.card)
+        card = ModelCard.model_validate(hello.card)
+        # The one place the card enters a worker: a configured name (a KServe
+        # InferenceService's, which KServe puts in every /v2/models/NAME URL) replaces the
+        # card's for every route.
+        if self.settings.model_name:
+            card = card.model_copy(update={"name": self.settings.model_name})
+        self.card = card
 
     async def start(self) -> None:
         disable_pillow_bomb_check()
@@ -62,13 +70,26 @@ class IngressState:
     # ----------------------------------------------------------------- readiness
 
     @property
+    def leaving(self) -> bool:
+        """Shutting down: draining, or inside the shutdown delay (still serving)."""
+        return self.draining or self._leaving.exists()
+
+    @property
     def ready(self) -> bool:
-        return self.engine.connected and self.engine.ready and not self.draining
+        return self.engine.connected and self.engine.ready and not self.leaving
 
     def check_ready(self) -> None:
-        if self.ready:
+        """Readiness (health and model-ready routes): false from the first SIGTERM on."""
+        self._raise_unless(self.ready)
+
+    def check_serving(self) -> None:
+        """Whether work is taken: through the shutdown delay too, until the drain begins."""
+        self._raise_unless(self.engine.connected and self.engine.ready and not self.draining)
+
+    def _raise_unless(self, ok: bool) -> None:
+        if ok:
             return
-        if self.draining:
+        if self.leaving:
             why = "shutting down"
         elif not self.engine.connected:
             why = "waiting for the engine process (starting or restarting)"
