@@ -139,7 +139,11 @@ class DataPlane:
         for i, data in enumerate(blobs):
             t0 = time.perf_counter()
             try:
-                image = imaging.open_checked(data, self.settings.max_image_pixels)
+                image = imaging.open_checked(
+                    data,
+                    self.settings.max_image_pixels,
+                    lambda: guard.cancelled or time.monotonic() > deadline,
+                )
                 imaging.draft(image, spec)
                 cost = imaging.decode_cost(image, spec)
                 try:
