@@ -34,8 +34,7 @@ from service.v2.errors import ImageRejected, V2Error
 from service.v2.request import (
     HEADER_LENGTH,
     InferRequest,
-    decode_infer_request,
-    decompress,
+    decode_body,
     parse_header_length,
 )
 from service.v2.response import EncodedResponse, encode_infer_response
@@ -156,11 +155,16 @@ class V2Plane:
         try:
             # A compressed body is counted against the budget at its wire size; inflating
             # is bounded by SERESNET_MAX_BODY_BYTES like any body.
-            body = decompress(
-                body, request.headers.get("content-encoding"), settings.max_body_bytes
-            )
-            infer = decode_infer_request(
-                body, header_length, signature, settings.max_images_per_request
+            # Parsed in a decode thread, off the event loop (bounded: see check_structure).
+            infer = await asyncio.get_running_loop().run_in_executor(
+                state.pool,
+                decode_body,
+                body,
+                request.headers.get("content-encoding"),
+                header_length,
+                signature,
+                settings.max_images_per_request,
+                settings.max_body_bytes,
             )
             request.state.images = infer.batch_size
             if infer.timeout_us:
