@@ -220,3 +220,49 @@ def test_a_flood_of_slow_header_senders_does_not_lock_clients_out(svc: ServicePr
             s.close()
     assert statuses == [200] * 20, statuses
     assert max(latencies) < 3, latencies
+
+
+def test_health_answers_head(svc: ServiceProcess) -> None:
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        r = httpx.head(f"{svc.url}{path}", timeout=10)
+        assert r.status_code == 200, (path, r.status_code)
+        assert r.content == b""
+
+
+def test_repeated_wrong_keys_are_slowed_down_but_the_right_key_is_not() -> None:
+    """One connection guessing in a loop (4,400-7,700 guesses/s before), then 60 guesses at
+    once: a burst of ten, then about two a second, 429 beyond five seconds of backlog; the
+    right key from the same address meanwhile is answered at once."""
+    env = {"SERESNET_WORKERS": "1", "SERESNET_API_KEY": KEY}
+    with running_service(EMBEDDED_MODEL, env=env) as s:
+        url = f"{s.url}/v2/models"
+        with httpx.Client(timeout=30) as client:
+            t0 = time.monotonic()
+            statuses = [
+                client.get(url, headers={"Authorization": f"Bearer guess{i}"}).status_code
+                for i in range(16)
+            ]
+            sequential = time.monotonic() - t0
+        assert statuses == [401] * 16
+        assert sequential > 2.0, f"16 wrong keys in {sequential:.2f} s"
+
+        results: list[int] = []
+        shared = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=100))
+
+        def guess(i: int) -> None:
+            results.append(shared.get(url, headers={"Authorization": f"Bearer p{i}"}).status_code)
+
+        threads = [threading.Thread(target=guess, args=(i,)) for i in range(60)]
+        with shared, httpx.Client(timeout=30) as right:
+            right.get(f"{s.url}/v2/health/live")
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            assert right.get(url, headers=AUTH).status_code == 200
+            assert time.monotonic() - t0 < 2
+            for t in threads:
+                t.join()
+        assert set(results) <= {401, 429}
+        assert results.count(429) >= 30, results
+        assert results.count(401) <= 15, results

@@ -10,13 +10,15 @@ from service.ingress.schemas import Live, Ready, error_responses
 router = APIRouter(prefix="/v2/health", tags=["health"])
 
 
-@router.get("/live", summary="Liveness: the worker answers")
+# HEAD too: some probes (load balancers, uptime checkers) send HEAD.
+@router.api_route("/live", methods=["GET", "HEAD"], summary="Liveness: the worker answers")
 async def live() -> Live:
     return Live()
 
 
-@router.get(
+@router.api_route(
     "/ready",
+    methods=["GET", "HEAD"],
     summary="Readiness: 200 once the engine has warmed every batch shape",
     responses=error_responses(503),
 )
