@@ -9,6 +9,7 @@ worker -> engine
     ("admit", rid, n)                     reserve n slots (the global admission bound)
     ("run", rid, slots, deadline, want)   run these slots; want = ("topk", k) or ("logits",)
     ("release", rid)                      the caller is gone: drop its images, free its slots
+    ("ping", rid)                         heartbeat: is the engine's loop answering?
 
 engine -> worker
     ("hello", EngineHello)                on connect
@@ -16,6 +17,7 @@ engine -> worker
     ("lease", rid, slots)                 admit granted
     ("done", rid, payload)                (indices int32 [n,k], probs float32 [n,k]) or logits
     ("fail", rid, code, message, retry_after_s | None)
+    ("pong", rid, None)                   heartbeat answered
 """
 
 from __future__ import annotations

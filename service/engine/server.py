@@ -218,6 +218,8 @@ class EngineServer:
             lease = conn.leases.get(message[1])
             if lease is not None:
                 self._release(lease, "cancelled")
+        elif kind == "ping":  # the worker's heartbeat: this loop still answers
+            conn.send(("pong", message[1], None))
         else:
             raise wire.ProtocolError(f"unknown message {kind!r}")
 
