@@ -10,9 +10,10 @@ sub-blocks); the bombs are thousands to millions of times over them.
 
 Pillow decodes by reading its file in blocks, so a file object that checks a stop condition on
 every read ends a runaway decode within one block's work (tens of milliseconds; blocks are kept
-small for that). Measured against the alternatives (``bench``-free numbers, in the design doc):
-a process per decode costs a fork and a copy of the result per image and still needs these caps
-for memory; the caps alone leave a decode running after its request has given up.
+small for that). Of the ways to stop a runaway decode this one was measured cheapest (the
+numbers are in docs/design.md, section 7): a process per decode costs a fork and a copy of the
+result per image and still needs these caps for memory; the caps alone leave a decode running
+after its request has given up.
 """
 
 from __future__ import annotations
