@@ -34,6 +34,9 @@ RECONNECT_INTERVAL_S = 0.1
 # event loop answers at once even while a batch runs: inference is on the batcher's thread).
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TIMEOUT_S = 2.0
+# A live engine answers 504 itself at the deadline (and counts the drop); the worker's own
+# timeout waits this much longer so that it only fires when the engine cannot answer.
+ENGINE_GRACE_S = 0.25
 
 
 class EngineCallError(ServiceError):
@@ -89,7 +92,9 @@ class Lease:
         try:
             # The engine answers 504 itself at the deadline; this holds when it cannot (a
             # stopped or hung engine). The caller's release withdraws the images.
-            return await asyncio.wait_for(call, max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(
+                call, max(0.0, deadline - time.monotonic()) + ENGINE_GRACE_S
+            )
         except TimeoutError:
             raise EngineCallError(
                 504, "deadline_exceeded", "deadline passed while the engine ran the images"
