@@ -18,6 +18,8 @@ from service.ingress.schemas import (
     error_responses,
 )
 from service.ingress.state import IngressState
+from service.v2 import metadata as v2meta
+from service.v2.signature import Signature
 
 router = APIRouter(prefix="/v2", tags=["model"])
 
@@ -57,19 +59,13 @@ def _metadata(state: IngressState, name: str, version: str | None) -> ModelMetad
     card = state.card
     hello = state.engine.hello
     assert card is not None and hello is not None
-    spec = card.input
+    signature = Signature.from_card(card)
     s = state.settings
     return ModelMetadata(
         name=card.name,
         versions=[card.version],
         platform="onnxruntime_onnx",
-        inputs=[
-            {
-                "name": spec.tensor,
-                "datatype": "UINT8" if spec.dtype == "uint8" else "FP32",
-                "shape": [-1, spec.channels, spec.height, spec.width],
-            }
-        ],
+        inputs=v2meta.model_inputs(signature),
         outputs=[{"name": card.output.logits, "datatype": "FP32", "shape": [-1, card.num_classes]}],
         ready=state.ready,
         engine=hello.info,
