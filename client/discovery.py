@@ -13,12 +13,13 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, TextIO
 
-#: File name extensions a folder walk picks up (lower case). Files named explicitly, on the
-#: command line or in a list file, are sent whatever their name.
+#: File name extensions a folder walk picks up (lower case): those of the formats the service
+#: reads (tests/test_tables.py ties the two). Files named explicitly, on the command line or in
+#: a list file, are sent whatever their name.
 IMAGE_EXTENSIONS = frozenset(
     {
-        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff",
-        ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
+        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".gif", ".bmp", ".tif", ".tiff",
+        ".webp",
     }
 )  # fmt: skip
 

@@ -36,9 +36,9 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 
 from service import metrics
 from service.engine.config import EXIT_WARMUP_FAILED, EngineConfig
-from service.ingress.state import ENGINE_SOCKET_ENV
 from service.settings import Settings
 from service.slots import choose_path, make_run_dir
+from service.wire import ENGINE_SOCKET_ENV
 
 log = logging.getLogger("service")
 

@@ -1,21 +1,22 @@
 """The engine protocol: how ingress workers talk to the engine process.
 
-One Unix stream socket per worker. Each message is a 4-byte big-endian length and a pickled
-tuple whose first item names it. Pixel data never travels here: a worker writes preprocessed
-images into shared-memory slots (:mod:`service.slots`) and sends only slot numbers; results
-come back as small arrays (top-k or logits).
+One Unix stream socket per worker (the supervisor names its path in :data:`ENGINE_SOCKET_ENV`
+for the workers). Each message is a 4-byte big-endian length and a pickled frozen dataclass of
+this module. Pixel data never travels here: a worker writes preprocessed images into
+shared-memory slots (:mod:`service.slots`) and sends only slot numbers; the engine answers
+with the logits of the images it ran (the worker ranks them, :mod:`service.ranking`).
 
 worker -> engine
-    ("admit", rid, n)                     reserve n slots (the global admission bound)
-    ("run", rid, slots, deadline, want)   run these slots; want = ("topk", k) or ("logits",)
-    ("release", rid)                      the caller is gone: drop its images, free its slots
+    Admit(rid, n)                 reserve n slots (the global admission bound)
+    Run(rid, slots, deadline)     run these slots
+    Release(rid)                  the caller is gone: drop its images, free its slots
 
 engine -> worker
-    ("hello", EngineHello)                on connect
-    ("state", ready, reason)              readiness changed
-    ("lease", rid, slots)                 admit granted
-    ("done", rid, payload)                (indices int32 [n,k], probs float32 [n,k]) or logits
-    ("fail", rid, code, message, retry_after_s | None)
+    EngineHello                   on connect
+    StateChanged(ready, reason)   readiness changed
+    Granted(rid, slots)           admit granted
+    Done(rid, logits)             float32 [len(slots), classes]
+    Failed(rid, code, message, retry_after_s | None)
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-_HEADER = struct.Struct(">I")
-# Control messages are small (slot lists, top-k rows, logits of a batch); anything near this
-# is a bug or a corrupted stream, never a legitimate message.
-MAX_MESSAGE_BYTES = 64 * 2**20
+import numpy as np
 
-Message = tuple[Any, ...]
+ENGINE_SOCKET_ENV = "SERESNET_ENGINE_SOCKET"  # set by the supervisor for its workers
+
+_HEADER = struct.Struct(">I")
+# Control messages are small (slot lists, logits of a batch); anything near this is a bug or
+# a corrupted stream, never a legitimate message.
+MAX_MESSAGE_BYTES = 64 * 2**20
 
 
 class ProtocolError(RuntimeError):
@@ -57,6 +60,56 @@ class EngineHello:
     max_batch_size: int
 
 
+@dataclass(frozen=True)
+class Admit:
+    rid: int
+    n: int
+
+
+@dataclass(frozen=True)
+class Run:
+    rid: int
+    slots: tuple[int, ...]
+    deadline: float  # time.monotonic() of the deadline (one clock for every process)
+
+
+@dataclass(frozen=True)
+class Release:
+    rid: int
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    ready: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Granted:
+    rid: int
+    slots: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Done:
+    rid: int
+    logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class Failed:
+    rid: int
+    code: str  # a code of service.errors.CODES
+    message: str
+    retry_after_s: int | None = None
+
+
+ToEngine = Admit | Run | Release
+ToWorker = EngineHello | StateChanged | Granted | Done | Failed
+Message = ToEngine | ToWorker
+_MESSAGE_TYPES = (Admit, Run, Release, EngineHello, StateChanged, Granted, Done, Failed)
+
+
 def encode(message: Message) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(body)) + body
@@ -69,6 +122,6 @@ async def read_message(reader: asyncio.StreamReader) -> Message:
     if size > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {size} bytes announced")
     message = pickle.loads(await reader.readexactly(size))
-    if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
+    if not isinstance(message, _MESSAGE_TYPES):
         raise ProtocolError(f"not a message: {type(message).__name__}")
     return message

@@ -24,8 +24,10 @@ from service.engine.policy import (
     choose_provider,
     cuda_device_count,
 )
-from service.engine.runners import BucketRunner, softmax, top_k_rows
+from service.engine.runners import BucketRunner
 from service.engine.session import OpsStatus, probe_ops
+from service.ranking import softmax
+from service.ranking import top_k as top_k_rows
 from service.settings import load_settings
 
 

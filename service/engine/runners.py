@@ -1,5 +1,5 @@
 """How a batch reaches ONNX Runtime: plain ``session.run`` on the CPU, fixed-shape I/O-bound
-buckets on CUDA; and the softmax/top-k that turn logits into answers."""
+buckets on CUDA."""
 
 from __future__ import annotations
 
@@ -12,23 +12,10 @@ import numpy as np
 import onnxruntime as ort
 
 from service.engine.policy import EngineError
+from service.ranking import softmax
+from service.ranking import top_k as top_k_rows
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (exact enough that ranking ties come from the logits)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
-
-
-def top_k_rows(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class ids (int32) and probabilities of the ``k`` best of each row, descending; ties
-    keep class order; ``k`` is clamped to the number of classes."""
-    k = max(1, min(int(k), probs.shape[-1]))
-    order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return order.astype(np.int32), np.take_along_axis(probs, order, axis=-1)
+__all__ = ["softmax", "top_k_rows"]  # the one ranking, for the engine's top-k answers
 
 
 class PlainRunner:

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -42,7 +41,6 @@ from service.engine.batcher import (
 from service.engine.config import EXIT_LOAD_FAILED, EXIT_WARMUP_FAILED, EngineConfig
 from service.engine.model import Engine
 from service.engine.policy import EngineError
-from service.engine.runners import softmax, top_k_rows
 from service.metrics import EngineMetrics
 from service.slots import SlotArena
 
@@ -79,7 +77,7 @@ class _Connection:
     writer: asyncio.StreamWriter
     leases: dict[int, _Lease] = field(default_factory=dict)
 
-    def send(self, message: wire.Message) -> None:
+    def send(self, message: wire.ToWorker) -> None:
         if not self.writer.is_closing():
             self.writer.write(wire.encode(message))
 
@@ -147,7 +145,7 @@ class EngineServer:
         self.ready, self.not_ready_reason = ready, reason
         self.metrics.ready.set(1 if ready else 0)
         for conn in list(self.connections):
-            conn.send(("state", ready, reason))
+            conn.send(wire.StateChanged(ready, reason))
 
     async def warm_up(self) -> None:
         graphs_before = self.engine.info.cuda_graphs
@@ -184,7 +182,7 @@ class EngineServer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Connection(writer)
         self.connections.add(conn)
-        conn.send(("hello", self.hello()))
+        conn.send(self.hello())
         try:
             while True:
                 message = await wire.read_message(reader)
@@ -201,25 +199,23 @@ class EngineServer:
             writer.close()
 
     def _dispatch(self, conn: _Connection, message: wire.Message) -> None:
-        kind = message[0]
-        if kind == "admit":
-            _, rid, n = message[:3]
-            self._admit(conn, rid, n)
-        elif kind == "run":
-            _, rid, slots, deadline, want = message
-            lease = conn.leases.get(rid)
-            if lease is None:
-                conn.send(("fail", rid, "internal_error", "run without a lease", None))
-                return
-            lease.task = asyncio.get_running_loop().create_task(
-                self._run(lease, list(slots), deadline, tuple(want))
-            )
-        elif kind == "release":
-            lease = conn.leases.get(message[1])
-            if lease is not None:
-                self._release(lease, "cancelled")
-        else:
-            raise wire.ProtocolError(f"unknown message {kind!r}")
+        match message:
+            case wire.Admit(rid, n):
+                self._admit(conn, rid, n)
+            case wire.Run(rid, slots, deadline):
+                lease = conn.leases.get(rid)
+                if lease is None:
+                    conn.send(wire.Failed(rid, "internal_error", "run without a lease"))
+                    return
+                lease.task = asyncio.get_running_loop().create_task(
+                    self._run(lease, list(slots), deadline)
+                )
+            case wire.Release(rid):
+                lease = conn.leases.get(rid)
+                if lease is not None:
+                    self._release(lease, "cancelled")
+            case _:
+                raise wire.ProtocolError(f"unexpected message {type(message).__name__}")
 
     # ----------------------------------------------------------------- admission
 
@@ -239,14 +235,13 @@ class EngineServer:
     def _admit(self, conn: _Connection, rid: int, n: int) -> None:
         if self.fatal is not None or not self.ready:
             why = self.fatal or f"the service is {self.not_ready_reason}"
-            conn.send(("fail", rid, "not_ready", why, 1))
+            conn.send(wire.Failed(rid, "not_ready", why, 1))
             return
         bound = self.config.max_queue_size
         if self.waiting + n > bound or n > len(self._free):
             self.metrics.on_dropped("queue_full", n)
             conn.send(
-                (
-                    "fail",
+                wire.Failed(
                     rid,
                     "queue_full",
                     f"{self.waiting} images in progress; {n} more exceed "
@@ -258,7 +253,7 @@ class EngineServer:
         slots = [self._free.popleft() for _ in range(n)]
         conn.leases[rid] = _Lease(conn, rid, slots)
         self.metrics.admitted.set(self.held)
-        conn.send(("lease", rid, slots))
+        conn.send(wire.Granted(rid, tuple(slots)))
 
     def _release(self, lease: _Lease, reason: str) -> None:
         """The caller is gone: drop its queued images; free its slots once no batch reads
@@ -281,9 +276,7 @@ class EngineServer:
     def _run_batch(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.engine.run(images)
 
-    async def _run(
-        self, lease: _Lease, used: list[int], deadline: float, want: tuple[Any, ...]
-    ) -> None:
+    async def _run(self, lease: _Lease, used: list[int], deadline: float) -> None:
         conn, rid = lease.conn, lease.rid
         # Images that failed to decode never reach the queue; their slots go back now.
         keep = set(used) & set(lease.slots)
@@ -300,21 +293,18 @@ class EngineServer:
         except asyncio.CancelledError:
             return  # released: _release frees the slots
         except QueueFullError as e:
-            reply: wire.Message = ("fail", rid, "queue_full", str(e), e.retry_after_s)
+            reply: wire.ToWorker = wire.Failed(rid, "queue_full", str(e), e.retry_after_s)
         except DeadlineExceededError as e:
-            reply = ("fail", rid, "deadline_exceeded", str(e), None)
+            reply = wire.Failed(rid, "deadline_exceeded", str(e))
         except BatcherClosedError as e:
-            reply = ("fail", rid, "shutting_down", str(e), 1)
+            reply = wire.Failed(rid, "shutting_down", str(e), 1)
         except BatchFailedError as e:
-            reply = ("fail", rid, "inference_failed", str(e), None)
+            reply = wire.Failed(rid, "inference_failed", str(e))
         except Exception as e:  # a bug here must answer the caller, not hang it
             log.exception("run failed")
-            reply = ("fail", rid, "internal_error", f"{type(e).__name__}", None)
+            reply = wire.Failed(rid, "internal_error", f"{type(e).__name__}")
         else:
-            if want[0] == "logits":
-                reply = ("done", rid, np.ascontiguousarray(logits, dtype=np.float32))
-            else:
-                reply = ("done", rid, top_k_rows(softmax(logits), int(want[1])))
+            reply = wire.Done(rid, np.ascontiguousarray(logits, dtype=np.float32))
         if conn.leases.pop(rid, None) is not None:
             asyncio.get_running_loop().create_task(self._free_after_batch(lease.slots))
         conn.send(reply)

@@ -16,13 +16,14 @@ from fastapi import FastAPI
 
 from service import VERSION, logs
 from service.ingress import auth
-from service.ingress.dataplane import DataPlane
-from service.ingress.errors import V2ErrorShape, install_handlers
+from service.ingress.errors import install_handlers
 from service.ingress.middleware import RequestContext
-from service.ingress.routes import classify, health, metrics, models, v2
-from service.ingress.state import ENGINE_SOCKET_ENV, IngressState
-from service.ingress.v2plane import EXTENSIONS, V2Plane
+from service.ingress.pipeline import Pipeline
+from service.ingress.routes import classify, metrics, v2
+from service.ingress.state import IngressState
+from service.ingress.v2plane import V2Plane
 from service.settings import Settings, load_settings
+from service.wire import ENGINE_SOCKET_ENV
 
 DESCRIPTION = """\
 SE-ResNet image classification: top-k classes over HTTP, with dynamic batching across every
@@ -68,20 +69,16 @@ def create_app(settings: Settings | None = None, engine_socket: Path | None = No
         redoc_url=None,
     )
     app.state.ingress = state
-    app.state.plane = DataPlane(state)
-    app.state.v2plane = V2Plane(state, app.state.plane)
-    state.extensions = list(EXTENSIONS)
+    app.state.pipeline = Pipeline(state)
+    app.state.v2plane = V2Plane(state, app.state.pipeline)
     install_handlers(app)
-    # v2 before models: its /v2/models/stats must win over models' /v2/models/{name}.
-    for module in (classify, health, v2, models, metrics):
+    for module in (classify, v2, metrics):
         app.include_router(module.router)
     _install_web(app)
     _drop_impossible_422(app)
     if settings.api_key is not None:
         app.add_middleware(auth.ApiKeyGate, api_key=settings.api_key.get_secret_value())
     app.add_middleware(RequestContext)  # every answer gets a request id
-    # Outermost: reshapes /v2 error bodies made by the gate and RequestContext too.
-    app.add_middleware(V2ErrorShape)
     return app
 
 

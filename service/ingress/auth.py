@@ -33,10 +33,9 @@ class ApiKeyGate:
         if hmac.compare_digest(candidate, self._expected):
             await self.app(scope, receive, send)
             return
-        scope.setdefault("state", {})["error_code"] = "unauthorized"
         await send_error(
+            scope,
             send,
-            401,
             "unauthorized",
             "send the API key as 'Authorization: Bearer KEY'",
             {"WWW-Authenticate": "Bearer"},

@@ -7,8 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.ingress.dataplane import DataPlane
-from service.ingress.errors import ApiError
+from service.ingress.pipeline import Pipeline
 from service.ingress.state import IngressState
 
 
@@ -16,22 +15,9 @@ async def get_state(request: Request) -> IngressState:
     return request.app.state.ingress
 
 
-async def get_plane(request: Request) -> DataPlane:
-    return request.app.state.plane
+async def get_pipeline(request: Request) -> Pipeline:
+    return request.app.state.pipeline
 
 
 State = Annotated[IngressState, Depends(get_state)]
-Plane = Annotated[DataPlane, Depends(get_plane)]
-
-
-def model_or_404(state: IngressState, name: str, version: str | None = None) -> None:
-    card = state.card
-    if card is None or name != card.name:
-        served = card.name if card else "none loaded yet"
-        raise ApiError(404, "model_not_found", f"no model {name!r} (served: {served})")
-    if version is not None and version != card.version:
-        raise ApiError(
-            404,
-            "model_version_not_found",
-            f"model {name!r} has no version {version!r} (served: {card.version})",
-        )
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from service import wire
-from service.errors import ServiceError
+from service.errors import ServiceError, status_of
 from service.slots import SlotArena, SlotArenaError
 
 log = logging.getLogger("service.ingress.engine")
@@ -29,7 +29,7 @@ RECONNECT_INTERVAL_S = 0.1
 
 
 class EngineCallError(ServiceError):
-    """The engine refused or failed a call; ``status``/``code`` map straight to HTTP."""
+    """The engine refused or failed a call; its code's status is the HTTP status."""
 
 
 class EngineUnavailableError(EngineCallError):
@@ -37,19 +37,9 @@ class EngineUnavailableError(EngineCallError):
         super().__init__(503, "engine_unavailable", message, {"Retry-After": "1"})
 
 
-_FAIL_STATUS = {
-    "queue_full": 503,
-    "not_ready": 503,
-    "shutting_down": 503,
-    "deadline_exceeded": 504,
-    "inference_failed": 500,
-    "internal_error": 500,
-}
-
-
 def _failure(code: str, message: str, retry_after: int | None) -> EngineCallError:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return EngineCallError(_FAIL_STATUS.get(code, 500), code, message, headers)
+    return EngineCallError(status_of(code), code, message, headers)
 
 
 class Lease:
@@ -68,16 +58,14 @@ class Lease:
         """Writable [C, H, W] view of the request's ``i``-th slot."""
         return self._arena.slot(self.slots[i])
 
-    async def run(
-        self, indices: Sequence[int], deadline: float, want: tuple[Any, ...] = ("topk", 5)
-    ) -> Any:
+    async def run(self, indices: Sequence[int], deadline: float) -> np.ndarray:
         """Batch and run the images in slots ``indices`` (the others failed to decode and are
-        given back). ``want`` is ("topk", k) -> (ids int32 [n,k], probs float32 [n,k]) or
-        ("logits",) -> float32 [n, classes]."""
+        given back): their logits, float32 ``[len(indices), classes]``."""
         used = [self.slots[i] for i in indices]
-        return await self._client._call(
-            ("run", self.rid, used, deadline, want), self.rid, self._generation
+        logits: np.ndarray = await self._client._call(
+            wire.Run(self.rid, tuple(used), deadline), self.rid, self._generation
         )
+        return logits
 
     def release(self) -> None:
         """The caller is gone (or the request failed before its run): give the slots back."""
@@ -154,10 +142,9 @@ class EngineClient:
             await asyncio.sleep(RECONNECT_INTERVAL_S)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        message = await wire.read_message(reader)
-        if message[0] != "hello":
-            raise wire.ProtocolError(f"expected hello, got {message[0]!r}")
-        hello: wire.EngineHello = message[1]
+        hello = await wire.read_message(reader)
+        if not isinstance(hello, wire.EngineHello):
+            raise wire.ProtocolError(f"expected hello, got {type(hello).__name__}")
         if self._arena is None or self.hello is None or hello.shm_path != self.hello.shm_path:
             if self._arena is not None:
                 self._arena.close()
@@ -175,20 +162,29 @@ class EngineClient:
             extra={"engine_pid": hello.pid, "generation": hello.generation, "ready": hello.ready},
         )
         while True:
-            message = await wire.read_message(reader)
-            kind = message[0]
-            if kind == "state":
-                self.ready, self.not_ready_reason = bool(message[1]), str(message[2])
-                continue
-            future = self._pending.pop(message[1], None)
-            if future is None or future.done():
-                continue  # the caller gave up meanwhile
-            if kind == "lease" or kind == "done":
-                future.set_result(message[2])
-            elif kind == "fail":
-                future.set_exception(_failure(message[2], message[3], message[4]))
-            else:
-                raise wire.ProtocolError(f"unknown message {kind!r}")
+            self._receive(await wire.read_message(reader))
+
+    def _receive(self, message: wire.Message) -> None:
+        match message:
+            case wire.StateChanged(ready, reason):
+                self.ready, self.not_ready_reason = ready, reason
+            case wire.Granted(rid, slots):
+                self._resolve(rid, result=list(slots))
+            case wire.Done(rid, logits):
+                self._resolve(rid, result=logits)
+            case wire.Failed(rid, code, text, retry_after):
+                self._resolve(rid, error=_failure(code, text, retry_after))
+            case _:
+                raise wire.ProtocolError(f"unexpected message {type(message).__name__}")
+
+    def _resolve(self, rid: int, result: Any = None, error: EngineCallError | None = None) -> None:
+        future = self._pending.pop(rid, None)
+        if future is None or future.done():
+            return  # the caller gave up meanwhile
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
     def _lost(self, writer: asyncio.StreamWriter) -> None:
         was_connected = self._connected.is_set()
@@ -210,12 +206,12 @@ class EngineClient:
 
     # ----------------------------------------------------------------- calls
 
-    def _send(self, message: wire.Message) -> None:
+    def _send(self, message: wire.ToEngine) -> None:
         if self._writer is None or self._writer.is_closing():
             raise EngineUnavailableError("the engine process is not running; retry")
         self._writer.write(wire.encode(message))
 
-    async def _call(self, message: wire.Message, rid: int, generation: int | None = None) -> Any:
+    async def _call(self, message: wire.ToEngine, rid: int, generation: int | None = None) -> Any:
         if generation is not None and (
             self.hello is None or self.hello.generation != generation or not self.connected
         ):
@@ -237,7 +233,7 @@ class EngineClient:
         generation = self.hello.generation
         arena = self._arena
         try:
-            slots = await self._call(("admit", rid, n), rid)
+            slots = await self._call(wire.Admit(rid, n), rid)
         except asyncio.CancelledError:
             # The caller gave up (deadline, disconnect) while the grant may be on its way:
             # release it, or its slots would stay leased until this worker reconnects.
@@ -249,4 +245,4 @@ class EngineClient:
         self._pending.pop(rid, None)
         if self.hello is not None and self.hello.generation == generation:
             with contextlib.suppress(EngineUnavailableError):
-                self._send(("release", rid))
+                self._send(wire.Release(rid))

@@ -25,18 +25,11 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.ingress.errors import error_body
+from service.errors import error_content, reason
 from service.metrics import http_metrics
 from service.settings import load_settings
 
 log = logging.getLogger("service.http")
-
-_REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    431: b"Request Header Fields Too Large",
-    503: b"Service Unavailable",
-}
 
 
 @dataclass(frozen=True)
@@ -59,10 +52,10 @@ def limits() -> HttpLimits:
 
 
 def raw_json_response(status: int, code: str, message: str) -> bytes:
-    body = json.dumps(error_body(code, message)).encode()
+    body = json.dumps(error_content("", code, message)).encode()
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
+        b"connection: close\r\n\r\n" % (status, reason(status), len(body))
     )
     return head + body
 

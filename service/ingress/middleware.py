@@ -12,14 +12,13 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
-from service.ingress.errors import internal_error_message, send_error
+from service.ingress.errors import CLIENT_GONE, internal_error_message, send_error
 
 access_log = logging.getLogger("service.access")
 log = logging.getLogger("service.ingress")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _QUIET_PATHS = ("/v2/health/", "/metrics", "/static/")
-CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never sent
 
 
 def header(scope: Scope, name: bytes) -> bytes:
@@ -81,8 +80,8 @@ class RequestContext:
             if started:
                 raise
             await send_error(
+                scope,
                 send_with_id,
-                503,
                 "shutting_down",
                 "the service stopped before this request finished; retry",
                 {"Retry-After": "1", "Connection": "close"},
@@ -93,8 +92,7 @@ class RequestContext:
             if started:
                 raise
             log.error("unhandled error", exc_info=exc)
-            scope.setdefault("state", {})["error_code"] = "internal_error"
-            await send_error(send_with_id, 500, "internal_error", internal_error_message())
+            await send_error(scope, send_with_id, "internal_error", internal_error_message())
         finally:
             state = scope.get("state") or {}
             if state.get("client_gone"):

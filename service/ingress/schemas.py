@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from service.errors import CODES
+
 
 class Prediction(BaseModel):
     label: str = Field(examples=["Ankle boot"])
@@ -122,19 +124,34 @@ class ModelMetadata(BaseModel):
     card: dict[str, Any]
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the statuses a route really returns."""
-    return {s: {"model": ErrorResponse, "description": _ERROR_TEXT[s]} for s in statuses}
+class V2ErrorResponse(BaseModel):
+    """The Open Inference Protocol's error body, answered on every ``/v2`` route."""
+
+    error: str = Field(examples=["unknown model 'resnet'; this server serves 'fashion-seresnet'"])
 
 
-_ERROR_TEXT = {
-    400: "no image, or a single image that is empty or corrupt",
-    401: "missing or wrong API key",
-    404: "no such model",
-    408: "the request body did not arrive in time",
-    413: "body, image, image count or decode memory over the limits",
-    415: "unsupported content type or image format",
-    422: "invalid parameter",
-    503: "queue full, too many bytes in flight, engine restarting or not ready (Retry-After)",
-    504: "deadline exceeded",
-}
+# The codes a route may answer, in groups that recur.
+BUSY = ("busy", "queue_full", "not_ready", "engine_unavailable", "shutting_down")
+NOT_READY = ("not_ready",)
+AUTH = ("unauthorized",)
+BODY = ("invalid_request", "request_timeout", "body_too_large", *BUSY)
+IMAGE = ("empty_image", "corrupt_image", "image_too_large", "unsupported_format")
+
+
+def error_responses(*codes: str, v2: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the codes a route really answers: per status, the words of
+    its codes (:data:`service.errors.CODES`), and the body shape of the route's path."""
+    by_status: dict[int, dict[str, list[str]]] = {}
+    for code in dict.fromkeys(codes):
+        entry = CODES[code]
+        by_status.setdefault(entry.status, {}).setdefault(entry.words, []).append(code)
+    model = V2ErrorResponse if v2 else ErrorResponse
+    return {
+        status: {
+            "model": model,
+            "description": "; ".join(
+                f"{words} ({', '.join(names)})" for words, names in groups.items()
+            ),
+        }
+        for status, groups in sorted(by_status.items())
+    }

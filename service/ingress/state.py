@@ -21,7 +21,7 @@ from service.settings import Settings
 
 log = logging.getLogger("service.ingress")
 
-ENGINE_SOCKET_ENV = "SERESNET_ENGINE_SOCKET"  # set by the supervisor for its workers
+ENGINE_SOCKET_ENV = wire.ENGINE_SOCKET_ENV  # set by the supervisor for its workers
 
 
 class IngressState:

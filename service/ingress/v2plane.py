@@ -1,5 +1,6 @@
 """The Open Inference Protocol (KServe V2) on the data plane: what the ``/v2`` routes do
-between the protocol codec (:mod:`service.v2`, pure) and the engine (:class:`DataPlane`).
+between the protocol codec (:mod:`service.v2`, pure) and the worker's one request pipeline
+(:class:`~service.ingress.pipeline.Pipeline`).
 
 ``/infer`` takes the same path as ``/classify``: the body is read under the same byte limits,
 worker budget and deadline (408), the images are admitted at the engine under the one global
@@ -17,23 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-import numpy as np
 from starlette.requests import Request
 
+from service import VERSION
 from service import metrics as service_metrics
 from service.ingress.bodies import check_declared_length, read_limited
-from service.ingress.dataplane import DataPlane
-from service.ingress.engine_client import EngineCallError
-from service.ingress.errors import ApiError, v2_error_code
+from service.ingress.pipeline import Files, Pipeline, Pixels, http_hangup
 from service.ingress.state import IngressState
 from service.v2 import metadata as v2meta
-from service.v2.errors import ImageRejected, V2Error
+from service.v2.errors import ImageRejected
 from service.v2.request import (
     HEADER_LENGTH,
-    InferRequest,
     decode_infer_request,
     decompress,
     parse_header_length,
@@ -51,14 +49,16 @@ EXTENSIONS = (
     v2meta.STATISTICS,
 )
 
+SERVER_NAME = "seresnet-serve"
+
 # A repository-index request body is at most {"ready": true}; anything bigger is not one.
 MAX_INDEX_BODY = 4096
 
 
 class V2Plane:
-    def __init__(self, state: IngressState, plane: DataPlane) -> None:
+    def __init__(self, state: IngressState, pipeline: Pipeline) -> None:
         self.state = state
-        self.plane = plane
+        self.pipeline = pipeline
         self._signature: tuple[object, Signature] | None = None
 
     # ----------------------------------------------------------------- the model
@@ -66,13 +66,7 @@ class V2Plane:
     def signature(self) -> Signature:
         """The served model in the protocol's terms; re-read when the engine (re)connects
         with another card."""
-        card = self.state.card
-        if card is None:
-            raise V2Error(
-                "no model is loaded yet (the engine is starting)",
-                status=503,
-                headers={"Retry-After": "1"},
-            )
+        card = self.pipeline.card
         if self._signature is None or self._signature[0] is not card:
             self._signature = (card, Signature.from_card(card))
         return self._signature[1]
@@ -81,6 +75,43 @@ class V2Plane:
         signature = self.signature()
         v2meta.check_model(signature, name, version)
         return signature
+
+    def metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        """The protocol's model metadata, plus the card and how the model is run."""
+        signature = self.check_model(name, version)
+        state = self.state
+        card, hello, s = self.pipeline.card, state.engine.hello, state.settings
+        return {
+            **v2meta.model_metadata(signature),
+            "ready": state.ready,
+            "engine": hello.info if hello is not None else {},
+            "processes": state.processes(),
+            "batching": {
+                "max_batch_size": hello.max_batch_size if hello else None,
+                "max_queue_delay_ms": s.max_queue_delay_ms,
+                "max_queue_size": hello.max_queue_size if hello else None,
+                "batches_across_workers": True,
+            },
+            "limits": {
+                "max_body_bytes": s.max_body_bytes,
+                "max_image_pixels": s.max_image_pixels,
+                "max_images_per_request": s.max_images_per_request,
+                "request_timeout_s": s.request_timeout_s,
+                "decode_memory_mb_per_worker": s.decode_memory_mb,
+                "inflight_body_bytes_per_worker": s.inflight_body_bytes(),
+                "max_header_bytes": s.max_header_bytes,
+                "header_timeout_s": s.header_timeout_s,
+                "max_connections_per_worker": s.max_connections,
+            },
+            "card": card.model_dump(mode="json"),
+        }
+
+    def check_ready(self, name: str, version: str | None) -> None:
+        self.check_model(name, version)
+        self.state.check_ready()
+
+    def server_metadata(self) -> dict[str, Any]:
+        return v2meta.server_metadata(SERVER_NAME, VERSION, EXTENSIONS)
 
     def config(self, name: str, version: str | None) -> dict[str, Any]:
         signature = self.check_model(name, version)
@@ -139,100 +170,52 @@ class V2Plane:
     async def infer(
         self, request: Request, name: str, version: str | None, deadline: float
     ) -> EncodedResponse:
-        state = self.state
-        state.check_ready()
+        """``/infer``: the body read as ``/classify``'s is, decoded by the codec, run by the
+        pipeline (encoded files decoded into the slots, or the client's pixels copied), the
+        logits encoded by the codec."""
+        pipeline = self.pipeline
+        pipeline.check_ready()
         signature = self.check_model(name, version)
-        settings = state.settings
+        settings = self.state.settings
         header_length = parse_header_length(request.headers.get(HEADER_LENGTH))
-        body, held = await self._read_body(request, deadline)
-
-        def body_done() -> None:
-            # The body's bytes leave the worker's in-flight budget once they are in the
-            # slots, as /classify's do; exactly once, whichever way the request ends.
-            nonlocal held
-            state.body_budget.give(held)
-            held = 0
-
-        try:
-            # A compressed body is counted against the budget at its wire size; inflating
-            # is bounded by SERESNET_MAX_BODY_BYTES like any body.
-            body = decompress(
-                body, request.headers.get("content-encoding"), settings.max_body_bytes
-            )
-            infer = decode_infer_request(
-                body, header_length, signature, settings.max_images_per_request
-            )
-            request.state.images = infer.batch_size
-            if infer.timeout_us:
-                # The client's own deadline (Triton's "timeout" parameter; 0 means none, as
-                # in Triton) may only shorten the server's.
-                deadline = min(deadline, time.monotonic() + infer.timeout_us / 1e6)
-            logits, errors = await self._run(request, infer, signature, deadline, body_done)
-        finally:
-            body_done()
-        return encode_infer_response(infer, logits, signature, errors)
-
-    async def _run(
-        self,
-        request: Request,
-        infer: InferRequest,
-        signature: Signature,
-        deadline: float,
-        body_done: Callable[[], None],
-    ) -> tuple[np.ndarray, dict[int, ImageRejected]]:
-        """Admit, fill the slots, run; the logits of every image (rows of failed images are
-        zeros) and the images that failed, by index. ``body_done`` is called once the body's
-        bytes are no longer needed."""
-        plane = self.plane
-        n = infer.batch_size
-        metrics = self.state.metrics
-        errors: dict[int, ImageRejected] = {}
-        try:
-            lease = await plane.admit(n, deadline)
-            finished = False
-            try:
-                if infer.pixels is not None:
-                    # On the event loop, synchronously: a copy of at most
-                    # SERESNET_MAX_BODY_BYTES, and no thread can still be writing into the
-                    # slots if the lease is given back.
-                    for i in range(n):
-                        lease.slot(i)[...] = infer.pixels[i]
-                else:
-                    assert infer.files is not None
-                    failures = await plane.decode_into(infer.files, lease, deadline)
-                    for i, err in enumerate(failures):
-                        if err is not None:
-                            errors[i] = ImageRejected(err.message, status=err.status)
-                            if metrics is not None:
-                                metrics.image_failure(err.code)
-                body_done()
-                good = [i for i in range(n) if i not in errors]
-                logits = np.zeros((n, signature.num_classes), dtype=np.float32)
-                if good:
-                    logits[good] = await plane.run(
-                        lease, good, deadline, ("logits",), request.receive
-                    )
-                else:
-                    lease.release()  # nothing to run: every image failed to decode
-                finished = True
-            finally:
-                if not finished:
-                    lease.release()
-        except EngineCallError as e:
-            raise ApiError(e.status, e.code, e.message, e.headers) from None
-        return logits, errors
-
-    async def _read_body(self, request: Request, deadline: float) -> tuple[bytes, int]:
-        """The raw body under SERESNET_MAX_BODY_BYTES, the worker's in-flight byte budget and
-        the deadline, as ``/classify``'s is read; with the bytes it holds against the budget
-        (give them back with ``state.body_budget.give``)."""
-        limit = self.state.settings.max_body_bytes
+        limit = settings.max_body_bytes
 
         async def whole(chunks: AsyncIterator[bytes]) -> bytes:
             check_declared_length(request.headers, limit)
             return await read_limited(chunks, limit)
 
-        return await self.plane.read_limited_body(request, deadline, whole)
+        body = await pipeline.read_body(request, deadline, whole)
+        try:
+            # A compressed body is counted against the budget at its wire size; inflating
+            # is bounded by SERESNET_MAX_BODY_BYTES like any body.
+            raw = decompress(body.value, request.headers.get("content-encoding"), limit)
+            infer = decode_infer_request(
+                raw, header_length, signature, settings.max_images_per_request
+            )
+        except BaseException:
+            body.give()
+            raise
+        request.state.images = infer.batch_size
+        if infer.timeout_us:
+            # The client's own deadline (Triton's "timeout" parameter; 0 means none, as in
+            # Triton) may only shorten the server's.
+            deadline = min(deadline, time.monotonic() + infer.timeout_us / 1e6)
+        if infer.pixels is not None:
+            images: Files | Pixels = Pixels(infer.pixels)
+        else:
+            assert infer.files is not None
+            images = Files(infer.files)
+        outcome = await pipeline.run(
+            images, deadline, held=body, hangup=http_hangup(request.receive)
+        )
+        errors = {
+            i: ImageRejected(err.message, status=err.status)
+            for i, err in enumerate(outcome.errors)
+            if err is not None
+        }
+        encoded = encode_infer_response(infer, outcome.logits, signature, errors)
+        pipeline.answered(outcome)
+        return encoded
 
 
 def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> ModelCounters:
@@ -295,12 +278,3 @@ def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> 
         compute_infer=duration("seresnet_compute_duration_seconds"),
         batches=by_size,
     )
-
-
-def failure_code(exc: BaseException) -> str:
-    """The code a failed request is counted under in the metrics."""
-    if isinstance(exc, ApiError):
-        return exc.code
-    if isinstance(exc, V2Error):
-        return v2_error_code(exc)
-    return "internal_error"

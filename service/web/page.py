@@ -1,12 +1,16 @@
-"""``GET /`` (the page) and ``GET /static/{name}`` (its script and styles)."""
+"""``GET /`` (the page) and ``GET /static/{name}`` (its script and styles, and the words of
+the service's error codes, written from :data:`service.errors.CODES`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException
+
+from service.errors import CODES
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # "no-cache" still lets the browser keep a copy, but it revalidates (ETag) so that a service
@@ -44,6 +48,23 @@ async def page() -> FileResponse:
         media_type=_TYPES[".html"],
         headers={**_CACHE, "Content-Security-Policy": _CSP},
     )
+
+
+ERROR_WORDS_SCRIPT = "error-words.js"
+
+
+def error_words_script() -> str:
+    """The page's table of short words per error code (it shows them before the message)."""
+    words = {code: entry.words for code, entry in CODES.items()}
+    return f"const SERVICE_ERROR_WORDS = {json.dumps(words, indent=2)};\n"
+
+
+_ERROR_WORDS_JS = error_words_script()
+
+
+@router.get(f"/static/{ERROR_WORDS_SCRIPT}")
+async def error_words() -> Response:
+    return Response(_ERROR_WORDS_JS, media_type=_TYPES[".js"], headers=_CACHE)
 
 
 @router.get("/static/{name}")

@@ -1,1 +1,1 @@
-"""One router per resource: classification, health, models, metrics."""
+"""One router per resource: classification, KServe V2 (everything under /v2), metrics."""

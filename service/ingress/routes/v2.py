@@ -1,52 +1,168 @@
-"""The Open Inference Protocol (KServe V2) routes Triton's clients use beyond health and
-metadata: ``/infer`` (JSON and binary tensor data, classification extension), Triton's model
-configuration and statistics, and the repository index. Errors are ``{"error": "<string>"}``
-(:mod:`service.ingress.errors` shapes every answer under ``/v2``)."""
+"""Every ``/v2`` route (KServe V2 / Open Inference Protocol, with Triton's extensions): health,
+server and model metadata, readiness, ``/infer``, Triton's model configuration and
+statistics, and the repository index, in one router over :class:`V2Plane` (which answers with
+the codec's bodies, :mod:`service.v2`). A model route and its ``/versions/{version}`` form
+share one handler. Every error body here is the protocol's ``{"error": "<string>"}``
+(:func:`service.errors.error_content`)."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 
-from service.ingress.bodies import BodyError, read_limited
+from service.ingress.bodies import read_limited
 from service.ingress.deps import State
-from service.ingress.errors import ApiError, ClientGoneError
-from service.ingress.middleware import CLIENT_GONE
-from service.ingress.v2plane import MAX_INDEX_BODY, V2Plane, failure_code
-from service.v2.errors import SchemaError, V2Error
+from service.ingress.schemas import (
+    AUTH,
+    BODY,
+    BUSY,
+    IMAGE,
+    NOT_READY,
+    Live,
+    ModelIndex,
+    ModelIndexEntry,
+    ModelMetadata,
+    ModelReady,
+    Ready,
+    ServerMetadata,
+    error_responses,
+)
+from service.ingress.v2plane import MAX_INDEX_BODY, V2Plane
+from service.v2.errors import SchemaError
 
-router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+router = APIRouter(prefix="/v2")
 
 
-def get_v2(request: Request) -> V2Plane:
+async def get_v2(request: Request) -> V2Plane:
     return request.app.state.v2plane
 
 
 V2 = Annotated[V2Plane, Depends(get_v2)]
 
 
-class V2ErrorBody(BaseModel):
-    error: str = Field(examples=["unknown model 'resnet'; this server serves 'fashion-seresnet'"])
+@dataclass(frozen=True)
+class ModelRef:
+    """The model a per-model route names: ``version`` is None on the unversioned path."""
+
+    name: str
+    version: str | None
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    text = {
-        400: "the request does not fit the protocol or the model (says which)",
-        401: "missing or wrong API key",
-        404: "no such model or version",
-        408: "the request body did not arrive in time",
-        413: "body, image or decoded image over the limits",
-        415: "an encoded image of an unsupported format (the only image sent)",
-        503: "queue full, engine restarting or not ready (Retry-After)",
-        504: "deadline exceeded",
-    }
-    return {s: {"model": V2ErrorBody, "description": text[s]} for s in statuses}
+async def get_model_ref(request: Request, name: str) -> ModelRef:
+    return ModelRef(name, request.path_params.get("version"))
 
+
+Model = Annotated[ModelRef, Depends(get_model_ref)]
+
+_VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+NOT_FOUND = ("model_not_found",)
+
+
+def _versioned(
+    method: str, path: str, summary: str, **kwargs: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Serve a handler on ``/models/{name}{path}`` and ``/models/{name}/versions/{version}
+    {path}``; the handler reads the version from its :class:`ModelRef`."""
+    extra = kwargs.pop("openapi_extra", None) or {}
+
+    def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(
+            f"/models/{{name}}{path}",
+            handler,
+            methods=[method],
+            summary=summary,
+            openapi_extra=extra or None,
+            **kwargs,
+        )
+        versioned_extra = {**extra, "parameters": [_VERSION_PARAM]}
+        router.add_api_route(
+            f"/models/{{name}}/versions/{{version}}{path}",
+            handler,
+            methods=[method],
+            summary=f"{summary}, of one version",
+            openapi_extra=versioned_extra,
+            **kwargs,
+        )
+        return handler
+
+    return register
+
+
+# ----------------------------------------------------------------------------- health
+
+
+@router.get("/health/live", tags=["health"], summary="Liveness: the worker answers")
+async def live() -> Live:
+    return Live()
+
+
+@router.get(
+    "/health/ready",
+    tags=["health"],
+    summary="Readiness: 200 once the engine has warmed every batch shape",
+    responses=error_responses(*NOT_READY, v2=True),
+)
+async def ready(state: State) -> Ready:
+    state.check_ready()
+    return Ready()
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@router.get("", tags=["model"], summary="Server metadata (KServe V2)")
+async def server_metadata(v2: V2) -> ServerMetadata:
+    return ServerMetadata(**v2.server_metadata())
+
+
+@router.get("/models", tags=["model"], summary="The models served, with their versions")
+async def model_index(state: State) -> ModelIndex:
+    card = state.card
+    entries = [ModelIndexEntry(name=card.name, versions=[card.version])] if card else []
+    return ModelIndex(models=entries)
+
+
+# Before /models/{name}: the first matching route wins.
+@router.get(
+    "/models/stats",
+    tags=["kserve-v2"],
+    responses=error_responses(*AUTH, *NOT_READY, v2=True),
+    summary="Triton's inference statistics of every model",
+)
+async def stats_all(v2: V2) -> dict[str, Any]:
+    return await v2.statistics(None, None)
+
+
+@_versioned(
+    "GET",
+    "",
+    "Model metadata (KServe V2) plus the card, the engine and the processes",
+    tags=["model"],
+    responses=error_responses(*AUTH, *NOT_FOUND, *NOT_READY, v2=True),
+)
+async def model_metadata(model: Model, v2: V2) -> ModelMetadata:
+    return ModelMetadata(**v2.metadata(model.name, model.version))
+
+
+@_versioned(
+    "GET",
+    "/ready",
+    "Model readiness",
+    tags=["model"],
+    responses=error_responses(*AUTH, *NOT_FOUND, *NOT_READY, v2=True),
+)
+async def model_ready(model: Model, v2: V2) -> ModelReady:
+    v2.check_ready(model.name, model.version)
+    return ModelReady(name=model.name, ready=True)
+
+
+# ----------------------------------------------------------------------------- infer
 
 _INFER_BODY: dict[str, Any] = {
     "requestBody": {
@@ -67,116 +183,64 @@ _INFER_BODY: dict[str, Any] = {
     }
 }
 
+_INFER_CODES = (
+    *AUTH,
+    *BODY,
+    *NOT_FOUND,
+    *IMAGE,
+    "schema_error",
+    "unknown_tensor",
+    "datatype_mismatch",
+    "shape_mismatch",
+    "binary_data_error",
+    "batch_too_large",
+    "unsupported",
+    "image_rejected",
+    "payload_too_large",
+    "deadline_exceeded",
+)
 
-# ----------------------------------------------------------------------------- infer
 
-
-async def _infer(
-    request: Request, state: State, v2: V2Plane, name: str, version: str | None
-) -> Response:
-    t0 = time.perf_counter()
-    deadline = time.monotonic() + state.settings.request_timeout_s
-    ok = False
-    try:
-        encoded = await v2.infer(request, name, version, deadline)
-        ok = True
-    except (ApiError, V2Error) as e:
-        if state.metrics is not None:
-            state.metrics.request_failure(failure_code(e))
-        raise
-    except ClientGoneError:
-        if state.metrics is not None:
-            state.metrics.request_failure("client_gone")
-        state.http_metrics.client_gone(request.url.path)
-        request.state.client_gone = True
-        request.state.error_code = "client_gone"
-        return Response(status_code=CLIENT_GONE)
-    finally:
-        if state.metrics is not None:
-            state.metrics.request_finished(time.perf_counter() - t0, ok)
-    if state.metrics is not None:
-        state.metrics.request_success.inc()
+@_versioned(
+    "POST",
+    "/infer",
+    "Inference (KServe V2): the model's UINT8 tensor or BYTES encoded images; "
+    "logits, or top-k with parameters.classification",
+    tags=["kserve-v2"],
+    openapi_extra=_INFER_BODY,
+    response_class=Response,
+    responses=error_responses(*_INFER_CODES, *BUSY, v2=True),
+)
+async def infer(request: Request, model: Model, v2: V2) -> Response:
+    deadline = time.monotonic() + v2.state.settings.request_timeout_s
+    async with v2.pipeline.accounted():
+        encoded = await v2.infer(request, model.name, model.version, deadline)
     return Response(encoded.body, media_type=encoded.content_type, headers=encoded.headers)
 
 
-_INFER_SUMMARY = (
-    "Inference (KServe V2): the model's UINT8 tensor or BYTES encoded images; "
-    "logits, or top-k with parameters.classification"
+# ----------------------------------------------------------------------------- config, stats
+
+
+@_versioned(
+    "GET",
+    "/config",
+    "Triton's model configuration (max_batch_size, dims, dynamic batching)",
+    tags=["kserve-v2"],
+    responses=error_responses(*AUTH, *NOT_FOUND, *NOT_READY, v2=True),
 )
+async def config(model: Model, v2: V2) -> dict[str, Any]:
+    return v2.config(model.name, model.version)
 
 
-@router.post(
-    "/models/{name}/infer",
-    openapi_extra=_INFER_BODY,
-    response_class=Response,
-    responses=_errors(400, 401, 404, 408, 413, 415, 503, 504),
-    summary=_INFER_SUMMARY,
+@_versioned(
+    "GET",
+    "/stats",
+    "Triton's inference statistics of a model",
+    tags=["kserve-v2"],
+    responses=error_responses(*AUTH, *NOT_FOUND, *NOT_READY, v2=True),
 )
-async def infer(name: str, request: Request, state: State, v2: V2) -> Response:
-    return await _infer(request, state, v2, name, None)
-
-
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    openapi_extra=_INFER_BODY,
-    response_class=Response,
-    responses=_errors(400, 401, 404, 408, 413, 415, 503, 504),
-    summary=_INFER_SUMMARY,
-)
-async def infer_version(
-    name: str, version: str, request: Request, state: State, v2: V2
-) -> Response:
-    return await _infer(request, state, v2, name, version)
-
-
-# ----------------------------------------------------------------------------- config
-
-
-@router.get(
-    "/models/{name}/config",
-    responses=_errors(401, 404),
-    summary="Triton's model configuration (max_batch_size, dims, dynamic batching)",
-)
-async def config(name: str, v2: V2) -> dict[str, Any]:
-    return v2.config(name, None)
-
-
-@router.get(
-    "/models/{name}/versions/{version}/config",
-    responses=_errors(401, 404),
-    summary="Triton's model configuration of one version",
-)
-async def config_version(name: str, version: str, v2: V2) -> dict[str, Any]:
-    return v2.config(name, version)
-
-
-# ----------------------------------------------------------------------------- statistics
-# /v2/models/stats must be matched before /v2/models/{name}: this router is included first.
-
-
-@router.get(
-    "/models/stats", responses=_errors(401), summary="Triton's inference statistics of every model"
-)
-async def stats_all(v2: V2) -> dict[str, Any]:
-    return await v2.statistics(None, None)
-
-
-@router.get(
-    "/models/{name}/stats",
-    responses=_errors(401, 404),
-    summary="Triton's inference statistics of a model",
-)
-async def stats(name: str, v2: V2) -> dict[str, Any]:
-    return await v2.statistics(name, None)
-
-
-@router.get(
-    "/models/{name}/versions/{version}/stats",
-    responses=_errors(401, 404),
-    summary="Triton's inference statistics of one version",
-)
-async def stats_version(name: str, version: str, v2: V2) -> dict[str, Any]:
-    return await v2.statistics(name, version)
+async def stats(model: Model, v2: V2) -> dict[str, Any]:
+    return await v2.statistics(model.name, model.version)
 
 
 # ----------------------------------------------------------------------------- repository
@@ -184,15 +248,13 @@ async def stats_version(name: str, version: str, v2: V2) -> dict[str, Any]:
 
 @router.post(
     "/repository/index",
-    responses=_errors(400, 401),
+    tags=["kserve-v2"],
+    responses=error_responses(*AUTH, "schema_error", "body_too_large", v2=True),
     summary="The model repository: every model version and its state (body: "
     'optional {"ready": true} for the ready ones only)',
 )
 async def repository_index(request: Request, v2: V2) -> JSONResponse:
-    try:
-        raw = await read_limited(request.stream(), MAX_INDEX_BODY)
-    except BodyError as e:
-        raise ApiError(e.status, e.code, e.message) from None
+    raw = await read_limited(request.stream(), MAX_INDEX_BODY)
     ready_only = False
     if raw.strip():
         try:

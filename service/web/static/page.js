@@ -9,20 +9,10 @@ const KEY_STORE = "seresnet-serve.api-key";
 const PART_OVERHEAD = 320;
 const MAX_503_RETRIES = 3;
 
-// Short words for the service's error codes; its message follows them.
+// Short words for the service's error codes (its message follows them): the service's own
+// table (static/error-words.js), plus the page's own failure to reach it.
 const ERROR_WORDS = {
-  corrupt_image: "Not a readable image",
-  empty_image: "Empty file",
-  unsupported_format: "Not an image format the service reads",
-  unsupported_media_type: "Not an image format the service reads",
-  image_too_large: "Image too large",
-  body_too_large: "Too large to send",
-  too_many_images: "Too many images in one request",
-  unauthorized: "API key needed",
-  queue_full: "The service is busy",
-  not_ready: "The service is not ready",
-  shutting_down: "The service is shutting down",
-  deadline_exceeded: "The service took too long",
+  ...SERVICE_ERROR_WORDS,
   network_error: "Could not reach the service",
 };
 

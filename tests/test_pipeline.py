@@ -1,0 +1,138 @@
+"""The one request pipeline under every protocol, and the seams it stands on.
+
+A real service answers ``/classify`` and ``/v2`` infer (tritonclient, encoded images) of the
+same images with the same logits and the same ranking; failed images and requests leave no
+slot leased. The typed engine messages survive the real framing, and anything else on the
+socket is refused. The ranking's fast path is the full stable sort's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from imagesamples import TEXT, encode, truncated_jpeg
+from PIL import Image
+from serverutil import EMBEDDED_MODEL, ServiceProcess, running_service
+
+from export.fashion_mnist import load as load_fashion_mnist
+from modelcard.schema import read_card
+from service import ranking, wire
+
+CARD = read_card(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="module")
+def svc() -> Iterator[ServiceProcess]:
+    with running_service(EMBEDDED_MODEL, env={"SERESNET_WORKERS": "1"}) as service:
+        yield service
+
+
+def _pngs(n: int) -> list[bytes]:
+    images, _ = load_fashion_mnist("test")
+    return [encode(Image.fromarray(images[i], "L"), "PNG") for i in range(n)]
+
+
+def test_both_protocols_give_the_same_answer(svc: ServiceProcess) -> None:
+    files = _pngs(6)
+    bad = [files[0], TEXT, files[1], truncated_jpeg(), *files[2:]]
+    parts = [("images", (f"{i}.png", b, "application/octet-stream")) for i, b in enumerate(bad)]
+    answer = httpx.post(f"{svc.url}/classify", files=parts, params={"top_k": 10}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [("error" in r) for r in results] == [
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
+
+    client = triton.InferenceServerClient(svc.url.removeprefix("http://"), network_timeout=60)
+    try:
+        inp = triton.InferInput(CARD.input.tensor, [len(bad)], "BYTES")
+        inp.set_data_from_numpy(np.array(bad, dtype=np.object_), binary_data=True)
+        out = client.infer(CARD.name, [inp])
+    finally:
+        client.close()
+    logits = out.as_numpy(CARD.output.logits)
+    errors = [e.decode() for e in out.as_numpy("image_errors")]
+    for i, result in enumerate(results):
+        if "error" in result:
+            assert np.isnan(logits[i]).all()
+            assert errors[i] and result["error"]["message"] == errors[i]
+            continue
+        assert not errors[i]
+        ids, probs = ranking.top_k(ranking.softmax(logits[i : i + 1]), 10)
+        preds = result["predictions"]
+        assert [p["class_id"] for p in preds] == ids[0].tolist()
+        # The engine may batch the two requests' images differently: float rounding only.
+        np.testing.assert_allclose([p["score"] for p in preds], probs[0], rtol=0, atol=1e-6)
+
+
+def test_no_slot_stays_leased(svc: ServiceProcess) -> None:
+    files = _pngs(2)
+    with httpx.Client(base_url=svc.url, timeout=60) as c:
+        for body in (TEXT, truncated_jpeg(), files[0]):
+            c.post("/classify", content=body, headers={"Content-Type": "image/png"})
+        parts = [("images", ("a.png", files[1], "image/png")), ("images", ("t", TEXT, "image/png"))]
+        assert c.post("/classify", files=parts).status_code == 200
+        bad_v2 = c.post(f"/v2/models/{CARD.name}/infer", content=b'{"inputs": []}')
+        assert bad_v2.status_code == 400
+    deadline = time.monotonic() + 30
+    while svc.metric("seresnet_admitted_images") != 0:
+        assert time.monotonic() < deadline, "slots still leased after every request ended"
+        time.sleep(0.1)
+
+
+async def _round_trip(messages: list[object]) -> list[wire.Message]:
+    reader = asyncio.StreamReader()
+    for message in messages:
+        reader.feed_data(wire.encode(message))  # type: ignore[arg-type]
+    reader.feed_eof()
+    return [await wire.read_message(reader) for _ in messages]
+
+
+def test_engine_messages_survive_the_framing() -> None:
+    logits = np.arange(6, dtype=np.float32).reshape(2, 3)
+    sent: list[object] = [
+        wire.Admit(1, 3),
+        wire.Run(1, (4, 5), 12.5),
+        wire.Release(1),
+        wire.StateChanged(False, "warming up"),
+        wire.Granted(2, (0, 1)),
+        wire.Failed(3, "queue_full", "busy", 1),
+    ]
+    assert asyncio.run(_round_trip(sent)) == sent
+    (done,) = asyncio.run(_round_trip([wire.Done(4, logits)]))
+    assert isinstance(done, wire.Done) and np.array_equal(done.logits, logits)
+
+
+@pytest.mark.parametrize("junk", [("admit", 1, 3), {"rid": 1}, "run"])
+def test_anything_else_on_the_socket_is_refused(junk: object) -> None:
+    with pytest.raises(wire.ProtocolError):
+        asyncio.run(_round_trip([junk]))
+
+
+def test_ranking_is_the_full_stable_sort() -> None:
+    rng = np.random.default_rng(7)
+    for trial in range(2000):
+        n, classes, k = int(rng.integers(0, 5)), int(rng.integers(1, 40)), int(rng.integers(0, 45))
+        # Every other trial is all ties, where only the stable order decides.
+        if trial % 2:
+            scores = rng.integers(0, 3, (n, classes)).astype(np.float64)
+        else:
+            scores = rng.standard_normal((n, classes))
+        ids, values = ranking.top_k(scores, k)
+        kk = max(1, min(k, classes))
+        order = np.argsort(-scores, axis=-1, kind="stable")[:, :kk]
+        assert ids.dtype == np.int32 and np.array_equal(ids, order)
+        assert np.array_equal(values, np.take_along_axis(scores, order, axis=-1))
