@@ -66,6 +66,32 @@ CODES: Mapping[str, Code] = {
     "internal_error": Code(500, "Internal error"),
 }
 
+# The gRPC status of each code (names of grpc.StatusCode; the protocol's gRPC side has no
+# HTTP status). A request the client may retry later is RESOURCE_EXHAUSTED (the service is
+# busy: with retry information) or UNAVAILABLE (not ready, restarting, shutting down).
+GRPC_STATUS: Mapping[str, str] = {
+    **{c: "INVALID_ARGUMENT" for c, entry in CODES.items() if entry.status in (400, 415, 422)},
+    "unauthorized": "UNAUTHENTICATED",
+    "not_found": "NOT_FOUND",
+    "model_not_found": "NOT_FOUND",
+    "method_not_allowed": "UNIMPLEMENTED",
+    "request_timeout": "DEADLINE_EXCEEDED",
+    "body_too_large": "RESOURCE_EXHAUSTED",
+    "payload_too_large": "RESOURCE_EXHAUSTED",
+    "headers_too_large": "RESOURCE_EXHAUSTED",
+    "too_many_images": "INVALID_ARGUMENT",
+    "image_too_large": "INVALID_ARGUMENT",
+    "busy": "RESOURCE_EXHAUSTED",
+    "queue_full": "RESOURCE_EXHAUSTED",
+    "too_many_connections": "RESOURCE_EXHAUSTED",
+    "not_ready": "UNAVAILABLE",
+    "engine_unavailable": "UNAVAILABLE",
+    "shutting_down": "UNAVAILABLE",
+    "deadline_exceeded": "DEADLINE_EXCEEDED",
+    "inference_failed": "INTERNAL",
+    "internal_error": "INTERNAL",
+}
+
 # Codes whose message may hold a cause the caller must not see (it goes to the log instead).
 HIDDEN_CAUSE = frozenset({"inference_failed", "internal_error"})
 
