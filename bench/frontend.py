@@ -41,7 +41,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -51,6 +50,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the launcher the end-to-end tests use
 
 from serverutil import EMBEDDED_MODEL, running_service  # noqa: E402
 
+from bench.loadgen import closed_loop, http_request, raw_http_users  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
 
 BASELINE_REF = "61136c6"  # the last commit of the single-process service
@@ -127,26 +127,7 @@ def workloads(n: int = 64) -> dict[str, list[bytes]]:
 
 
 def _requests(url: str, bodies: list[tuple[bytes, str]]) -> list[bytes]:
-    parts = urlsplit(url)
-    return [
-        (
-            f"POST /classify HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        + body
-        for body, ctype in bodies
-    ]
-
-
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:])
-    await reader.readexactly(length)
-    return status
+    return [http_request(url, "/classify", body, {"Content-Type": ctype}) for body, ctype in bodies]
 
 
 @dataclass
@@ -160,40 +141,9 @@ class Run:
 async def _closed_loop(
     url: str, raw: list[bytes], concurrency: int, warmup: float, duration: float
 ) -> Run:
-    parts = urlsplit(url)
-    latencies: list[float] = []
-    errors = 0
-    start = time.perf_counter()
-    record_from = start + warmup
-    stop_at = record_from + duration
-
-    async def user(k: int) -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        j = k
-        try:
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                writer.write(raw[j % len(raw)])
-                j += concurrency
-                try:
-                    status = await _read_response(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    errors += 1
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-                    continue
-                t1 = time.perf_counter()
-                if record_from <= t1 <= stop_at:
-                    if status == 200:
-                        latencies.append((t1 - t0) * 1000)
-                    else:
-                        errors += 1
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(user(k) for k in range(concurrency)))
-    return Run(len(latencies), errors, duration, latencies)
+    """bench.loadgen's closed loop (the one every HTTP benchmark uses) over ``raw`` requests."""
+    r = await closed_loop(raw_http_users(url, raw, concurrency), warmup, duration)
+    return Run(r.requests, r.errors, r.seconds, [s * 1000 for s in r.samples])
 
 
 # ----------------------------------------------------------------------------- CPU

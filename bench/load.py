@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the launcher the end-to-end tests use
 
 from serverutil import EMBEDDED_MODEL, running_service  # noqa: E402
 
+from bench.loadgen import closed_loop, http_request, raw_http_users  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
 
 Upload = tuple[str, bytes, str]  # filename, bytes, content type
@@ -147,41 +148,14 @@ async def _closed_loop(
     duration: float,
     per_request: int,
 ) -> tuple[list[float], int, int, float]:
-    """(latencies of requests finished in the window, images ok, errors, window seconds)."""
-    latencies: list[float] = []
-    images_ok = 0
-    errors = 0
-    start = time.perf_counter()
-    record_from = start + warmup
-    stop_at = record_from + duration
-    bodies = multipart_bodies(files, per_request)
-    # One client (one keep-alive connection) per simulated user: a single shared httpx pool
-    # serialises on its own bookkeeping at high concurrency and would measure itself.
-    one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-
-    async def worker(k: int) -> None:
-        nonlocal images_ok, errors
-        j = k
-        async with httpx.AsyncClient(base_url=url, limits=one, timeout=300) as client:
-            while time.perf_counter() < stop_at:
-                body, headers = bodies[j % len(bodies)]
-                j += concurrency
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/classify", content=body, headers=headers)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                t1 = time.perf_counter()
-                if record_from <= t1 <= stop_at:
-                    if ok:
-                        latencies.append(t1 - t0)
-                        images_ok += per_request
-                    else:
-                        errors += 1
-
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return latencies, images_ok, errors, duration
+    """(latencies of requests finished in the window, images ok, errors, window seconds):
+    bench.loadgen's closed loop, one keep-alive connection per simulated user."""
+    raw = [
+        http_request(url, "/classify", body, headers)
+        for body, headers in multipart_bodies(files, per_request)
+    ]
+    r = await closed_loop(raw_http_users(url, raw, concurrency, per_request), warmup, duration)
+    return r.samples, r.images, r.errors, duration
 
 
 def _histogram(text: str) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO / "models" / "fashion-seresnet"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules
+# Tests compare the service with float32 references, and on a CPU where the embedded card's
+# int8 graph is faster auto would serve int8: tests pin float32 (the services they start
+# inherit it) unless they ask for a precision themselves, as tests/test_int8.py does.
+os.environ.setdefault("SERESNET_PRECISION", "fp32")
 
 
 @pytest.fixture(scope="session")
