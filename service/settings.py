@@ -106,7 +106,7 @@ class Settings(BaseSettings):
         0, ge=0, description="decode/resize threads per worker; 0 = two"
     )
     decode_memory_mb: int = Field(
-        1024,
+        768,
         ge=16,
         description="per worker: memory concurrent decodes may use (estimated from "
         "each header: pixels, mode conversions, EXIF transposes); an image that cannot fit is 413",
