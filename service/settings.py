@@ -143,10 +143,12 @@ class Settings(BaseSettings):
         description="TF32 convolutions on CUDA (ONNX Runtime's default, ~2x fp32 on "
         "Ampere/Hopper); 0 keeps exact fp32",
     )
-    precision: Literal["auto", "fp32", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
         "auto",
-        description="fp16 = model.fp16.se.onnx on CUDA; auto = fp16 when the folder "
-        "has it and the op library has the float16 CUDA kernel, else fp32",
+        description="fp16 = model.fp16.se.onnx on CUDA; int8 = model.int8.se.onnx on the "
+        "CPU (the card must list it); auto = fp16 when the folder has it and the op library "
+        "has the float16 CUDA kernel, int8 on the CPU when the card vouches for it and timed "
+        "it faster on a CPU with the same int8 instructions, else fp32",
     )
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="capture one CUDA graph per batch bucket at warm-up; auto = on for CUDA"
