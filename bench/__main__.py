@@ -9,6 +9,7 @@ import sys
 BENCHMARKS = {
     "load": "bench.load",  # the service under HTTP load vs a naive baseline
     "frontend": "bench.frontend",  # CPU per request and throughput, workers vs one process
+    "peers": "bench.peers",  # beside KServe and TorchServe (skips a peer without its venv)
     "se-kernel": "bench.se_kernel_bench",  # fused SE op vs unfused ORT ops
     "fusion": "bench.fusion",  # SE-ResNet-50 fused/unfused vs ResNet-50 vs PyTorch
     # (bench.gpu_checks, the GPU checks that are not timings, runs from scripts/gpu-check.sh)

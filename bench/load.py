@@ -7,6 +7,8 @@ per request, no batching) in turn with the same real files: Fashion-MNIST test i
 to 224x224 JPEG and the original 28x28 PNGs, alternating; then a few large photos. For each
 concurrency it reports images/s and p50/p90/p99 latency, and for the service the batch-size
 distribution read from its own /metrics; ratios service/naive are given per concurrency.
+With ``--baseline-env SERESNET_X=V`` the baseline is the service itself with those settings
+(a before/after of one setting, side by side in one run) instead of the naive server.
 
 Part 2 — SE-ResNet-50 at 224x224 (random weights, exported into a temporary folder): images/s
 of the raw engine (service.engine.Engine.run on preprocessed arrays, batch B) against images/s
@@ -273,6 +275,7 @@ class Config:
     resnet50_duration: float
     rounds: int = 2
     service_env: dict[str, str] = field(default_factory=dict)
+    baseline_env: dict[str, str] = field(default_factory=dict)  # empty: the naive server
 
 
 def part_embedded(cfg: Config, work: Path, skip_naive: bool) -> dict:
@@ -295,11 +298,19 @@ def part_embedded(cfg: Config, work: Path, skip_naive: bool) -> dict:
     ]
     with contextlib.ExitStack() as stack:
         svc = stack.enter_context(running_service(cfg.model_dir, env=cfg.service_env, log_dir=work))
-        naive = (
-            None
-            if skip_naive
-            else stack.enter_context(running_service(None, command=naive_cmd, log_dir=work))
-        )
+        if cfg.baseline_env:
+            baseline_env = {**cfg.service_env, **cfg.baseline_env}
+            naive = stack.enter_context(
+                running_service(cfg.model_dir, env=baseline_env, log_dir=work)
+            )
+        else:
+            naive = (
+                None
+                if skip_naive
+                else stack.enter_context(running_service(None, command=naive_cmd, log_dir=work))
+            )
+        other = "baseline" if cfg.baseline_env else "naive"
+        with_metrics = {"service": svc, other: naive if cfg.baseline_env else None}
         engine = httpx.get(f"{svc.url}/v2/models/{_model_name(cfg.model_dir)}").json()["engine"]
         if engine.get("ops", {}).get("path"):  # where it was installed says nothing of the run
             engine["ops"]["path"] = Path(engine["ops"]["path"]).name
@@ -308,7 +319,7 @@ def part_embedded(cfg: Config, work: Path, skip_naive: bool) -> dict:
         ]
         for r in range(cfg.rounds):
             for workload, files, c in plan:
-                servers = [("service", svc)] + ([("naive", naive)] if naive else [])
+                servers = [("service", svc)] + ([(other, naive)] if naive else [])
                 for name, server in servers if r % 2 == 0 else servers[::-1]:
                     levels.append(
                         run_level(
@@ -319,7 +330,9 @@ def part_embedded(cfg: Config, work: Path, skip_naive: bool) -> dict:
                             c,
                             cfg.warmup,
                             cfg.duration,
-                            metrics_url=f"{svc.url}/metrics" if name == "service" else None,
+                            metrics_url=(
+                                f"{with_metrics[name].url}/metrics" if with_metrics[name] else None
+                            ),
                         )
                     )
         levels.append(
@@ -338,7 +351,7 @@ def part_embedded(cfg: Config, work: Path, skip_naive: bool) -> dict:
     return {
         "engine": engine,
         "levels": [asdict(lv) for lv in levels],
-        "side_by_side": _side_by_side(levels),
+        "side_by_side": _side_by_side(levels, other),
     }
 
 
@@ -349,8 +362,9 @@ def _median_level(levels: list[Level]) -> Level:
     return ranked[(len(ranked) - 1) // 2]
 
 
-def _side_by_side(levels: list[Level]) -> list[dict]:
-    """Per workload and concurrency: the median round of each server, and the ratios."""
+def _side_by_side(levels: list[Level], other: str = "naive") -> list[dict]:
+    """Per workload and concurrency: the median round of the service and of ``other`` (the
+    naive server, or the service with --baseline-env), and the ratios."""
     groups: dict[tuple, list[Level]] = {}
     for lv in levels:
         groups.setdefault(
@@ -358,11 +372,11 @@ def _side_by_side(levels: list[Level]) -> list[dict]:
         ).append(lv)
     rows = []
     for (server, workload, c, per), runs in sorted(groups.items()):
-        naive_runs = groups.get(("naive", workload, c, 1))
-        if server != "service" or per != 1 or not naive_runs:
+        other_runs = groups.get((other, workload, c, 1))
+        if server != "service" or per != 1 or not other_runs:
             continue
-        svc, naive = _median_level(runs), _median_level(naive_runs)
-        if not naive.images_per_s or not svc.latency_ms or not naive.latency_ms:
+        svc, base = _median_level(runs), _median_level(other_runs)
+        if not base.images_per_s or not svc.latency_ms or not base.latency_ms:
             continue
         rows.append(
             {
@@ -370,12 +384,15 @@ def _side_by_side(levels: list[Level]) -> list[dict]:
                 "concurrency": c,
                 "rounds": len(runs),
                 "service_images_per_s": svc.images_per_s,
-                "naive_images_per_s": naive.images_per_s,
-                "throughput_ratio": round(svc.images_per_s / naive.images_per_s, 2),
+                f"{other}_images_per_s": base.images_per_s,
+                "throughput_ratio": round(svc.images_per_s / base.images_per_s, 2),
+                "service_p50_ms": svc.latency_ms["p50"],
+                f"{other}_p50_ms": base.latency_ms["p50"],
                 "service_p99_ms": svc.latency_ms["p99"],
-                "naive_p99_ms": naive.latency_ms["p99"],
-                "p99_ratio": round(svc.latency_ms["p99"] / naive.latency_ms["p99"], 2),
+                f"{other}_p99_ms": base.latency_ms["p99"],
+                "p99_ratio": round(svc.latency_ms["p99"] / base.latency_ms["p99"], 2),
                 "service_batching": svc.batching,
+                f"{other}_batching": base.batching,
             }
         )
     return rows
@@ -540,6 +557,14 @@ def main(argv: list[str] | None = None) -> int:
         "round is reported (default: %(default)s)",
     )
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument(
+        "--baseline-env",
+        action="append",
+        default=[],
+        metavar="SERESNET_X=V",
+        help="compare against the service with this setting (repeatable) instead of the "
+        "naive server, e.g. SERESNET_BATCH_WAIT=always",
+    )
     p.add_argument("--skip-resnet50", action="store_true")
     p.add_argument("--quick", action="store_true", help="2 s levels, c=1,16, short part 2")
     p.add_argument(
@@ -560,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         resnet50_batch=args.resnet50_batch,
         resnet50_duration=args.resnet50_duration,
         service_env=dict(e.split("=", 1) for e in args.env),
+        baseline_env=dict(e.split("=", 1) for e in args.baseline_env),
         rounds=args.rounds,
     )
     if args.quick:
@@ -581,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     for row in result["embedded"]["side_by_side"]:
         print(
-            f"  {row['workload']:<8} c={row['concurrency']:<3} service/naive images/s "
+            f"  {row['workload']:<8} c={row['concurrency']:<3} service/baseline images/s "
             f"{row['throughput_ratio']:>5}x   p99 ratio {row['p99_ratio']}"
         )
     if "seresnet50_224" in result:

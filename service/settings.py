@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(
         2.0, ge=0, le=60_000, description="longest an image waits for a batch to fill"
     )
+    batch_wait: Literal["expected", "always"] = Field(
+        "expected",
+        description="when a batch that is not full waits (up to the delay): expected = only "
+        "while other admitted images are still being decoded, so a lone request runs at once; "
+        "always = every time (a fixed delay, as Triton's dynamic batcher)",
+    )
     max_queue_size: int = Field(
         1024, ge=1, description="images admitted but not yet run; beyond it 503 + Retry-After"
     )

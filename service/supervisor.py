@@ -119,6 +119,7 @@ class EngineSupervisor:
             generation=self.generation,
             max_queue_size=s.max_queue_size,
             max_queue_delay_ms=s.max_queue_delay_ms,
+            batch_wait=s.batch_wait,
             warmup_rounds=s.warmup_rounds,
             drain_timeout_s=s.drain_timeout_s,
             log_level=s.log_level,

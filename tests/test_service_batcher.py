@@ -149,6 +149,94 @@ def test_a_wrongly_shaped_result_is_a_failure_not_a_mix_up() -> None:
     asyncio.run(main())
 
 
+async def settle_down() -> None:
+    """Let the batcher's loop act on what it has (it runs only between awaits)."""
+    for _ in range(20):
+        await asyncio.sleep(0.005)
+
+
+def test_a_lone_request_is_dispatched_without_waiting_for_the_delay() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = make(rec, max_batch_size=64, max_queue_delay_s=600)  # a fixed delay: 10 minutes
+        b.start()
+        b.expect(1)  # admitted, decoding
+        b.settle(1)  # decoded: nothing else is on its way
+        out = await asyncio.wait_for(b.submit([img(3)]), 30)
+        await b.close()
+        assert out[0, 1] == 3 and rec.batches == [[3.0]]
+
+    asyncio.run(main())
+
+
+def test_a_request_waits_for_the_other_admitted_images_and_runs_with_them() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = make(rec, max_batch_size=64, max_queue_delay_s=600)
+        b.start()
+        b.expect(1)
+        b.expect(2)  # a second request's two images, still decoding
+        b.settle(1)
+        first = asyncio.ensure_future(b.submit([img(1)]))
+        await settle_down()
+        assert rec.batches == [] and b.depth == 1 and b.expected == 2  # held for the others
+        b.settle(2)
+        second = asyncio.ensure_future(b.submit([img(2), img(3)]))
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        await b.close()
+        assert rec.batches == [[1.0, 2.0, 3.0]]  # one model run for both
+
+    asyncio.run(main())
+
+
+def test_images_that_never_come_release_the_batch_waiting_for_them() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = make(rec, max_batch_size=64, max_queue_delay_s=600)
+        b.start()
+        b.expect(3)
+        b.settle(1)
+        pending = asyncio.ensure_future(b.submit([img(1)]))
+        await settle_down()
+        assert rec.batches == []
+        b.settle(2)  # failed to decode, or the caller hung up: not coming
+        await asyncio.wait_for(pending, 30)
+        await b.close()
+        assert rec.batches == [[1.0]] and b.expected == 0
+
+    asyncio.run(main())
+
+
+def test_a_full_batch_goes_without_waiting_for_images_on_their_way() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = make(rec, max_batch_size=4, max_queue_delay_s=600)
+        b.start()
+        b.expect(10)
+        b.settle(4)
+        out = await asyncio.wait_for(b.submit([img(i) for i in range(4)]), 30)
+        assert list(out[:, 1]) == [0, 1, 2, 3] and b.expected == 6
+        b.settle(100)  # more than expected: never below zero
+        assert b.expected == 0
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_always_wait_holds_a_lone_request_for_the_delay() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b = make(rec, max_batch_size=64, max_queue_delay_s=600, always_wait=True)
+        b.start()
+        pending = asyncio.ensure_future(b.submit([img(1)]))
+        await settle_down()
+        assert rec.batches == [] and b.depth == 1  # nothing on its way, and still held
+        await asyncio.wait_for(b.close(), 30)  # draining runs it without waiting
+        assert pending.result()[0, 1] == 1
+
+    asyncio.run(main())
+
+
 def test_inference_runs_in_its_own_thread_and_the_loop_stays_free() -> None:
     async def main() -> None:
         rec = Recorder()

@@ -391,6 +391,7 @@ def test_a_client_that_half_closes_is_client_gone() -> None:
         "SERESNET_WORKERS": "1",
         "SERESNET_MAX_BATCH_SIZE": "64",
         "SERESNET_MAX_QUEUE_DELAY_MS": "3000",
+        "SERESNET_BATCH_WAIT": "always",
     }
     with running_service(EMBEDDED_MODEL, env=env) as s:
         body = small_png()

@@ -53,6 +53,7 @@ def held() -> Iterator[ServiceProcess]:
     env = {
         "SERESNET_MAX_BATCH_SIZE": "64",
         "SERESNET_MAX_QUEUE_DELAY_MS": "30000",
+        "SERESNET_BATCH_WAIT": "always",  # a lone request waits too
         "SERESNET_MAX_QUEUE_SIZE": "3",
         "SERESNET_MAX_IMAGES_PER_REQUEST": "3",
         "SERESNET_REQUEST_TIMEOUT_S": "6",
@@ -106,7 +107,11 @@ def test_a_caller_that_hangs_up_costs_no_model_run(held: ServiceProcess) -> None
 
 @pytest.fixture(scope="module")
 def batching() -> Iterator[ServiceProcess]:
-    env = {"SERESNET_MAX_BATCH_SIZE": "64", "SERESNET_MAX_QUEUE_DELAY_MS": "1500"}
+    env = {
+        "SERESNET_MAX_BATCH_SIZE": "64",
+        "SERESNET_MAX_QUEUE_DELAY_MS": "1500",
+        "SERESNET_BATCH_WAIT": "always",  # hold requests, to drain them
+    }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
         yield svc
 

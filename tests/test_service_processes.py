@@ -59,6 +59,7 @@ def two_workers() -> Iterator[ServiceProcess]:
         "SERESNET_WORKERS": "2",
         "SERESNET_MAX_BATCH_SIZE": "64",
         "SERESNET_MAX_QUEUE_DELAY_MS": "1500",
+        "SERESNET_BATCH_WAIT": "always",
     }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
         yield svc
@@ -119,6 +120,7 @@ def held() -> Iterator[ServiceProcess]:
         "SERESNET_WORKERS": "1",
         "SERESNET_MAX_BATCH_SIZE": "64",
         "SERESNET_MAX_QUEUE_DELAY_MS": "30000",
+        "SERESNET_BATCH_WAIT": "always",
         "SERESNET_REQUEST_TIMEOUT_S": "60",
     }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
@@ -153,6 +155,22 @@ def test_an_engine_that_dies_fails_waiting_requests_and_is_restarted(held: Servi
     assert "engine restarted" in events
 
 
+def test_a_lone_request_does_not_wait_for_the_batch_delay() -> None:
+    """Nothing else admitted is on its way, so the engine runs the image at once: with a
+    one-minute delay and a 20 s deadline, waiting would be a 504."""
+    env = {
+        "SERESNET_WORKERS": "2",
+        "SERESNET_MAX_BATCH_SIZE": "64",
+        "SERESNET_MAX_QUEUE_DELAY_MS": "60000",
+        "SERESNET_REQUEST_TIMEOUT_S": "20",
+    }
+    with running_service(EMBEDDED_MODEL, env=env) as svc:
+        for seed in range(3):
+            r = post(svc.url, 40 + seed)
+            assert r.status_code == 200, r.text
+        assert svc.metric("seresnet_inference_exec_count_total") == 3
+
+
 def test_not_ready_while_the_engine_is_down() -> None:
     env = {"SERESNET_WORKERS": "1"}
     with running_service(EMBEDDED_MODEL, env=env) as svc:
@@ -177,6 +195,7 @@ def test_sigterm_drains_every_worker_and_the_engine() -> None:
         "SERESNET_WORKERS": "2",
         "SERESNET_MAX_BATCH_SIZE": "64",
         "SERESNET_MAX_QUEUE_DELAY_MS": "5000",
+        "SERESNET_BATCH_WAIT": "always",
     }
     with running_service(EMBEDDED_MODEL, env=env) as svc:
         n = 10

@@ -3,9 +3,15 @@
 
 Callers ``await submit(images)``; each call is one future. Its images join a bounded queue as
 separate items, so one request's images may be spread over several batches; each result row is
-written back at its index and the future resolves when the last row arrives. A batch is
-dispatched when it is full or when its oldest image has waited ``max_queue_delay``; while the
-model runs, the queue keeps filling, so under load batches form without waiting at all.
+written back at its index and the future resolves when the last row arrives.
+
+A batch is dispatched when it is full, when its oldest image has waited ``max_queue_delay``, or
+at once when no more images are on their way: the owner says which are with :meth:`expect`
+(admitted, still being decoded) and :meth:`settle` (queued, or not coming after all). Waiting
+only pays when it can fill the batch, so a lone caller never waits for the delay, while images
+that are still being decoded elsewhere are waited for (``always_wait`` restores a fixed delay:
+every batch that is not full waits it out). While the model runs, the queue keeps
+filling, so under load batches form without waiting at all.
 
 The model runs in one dedicated thread, never on the event loop. A failing batch fails every
 caller that had an image in it (each gets its own exception). Images of callers that gave up
@@ -115,6 +121,7 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         observer: BatchObserver | None = None,
+        always_wait: bool = False,
     ) -> None:
         if not callable(run_batch):
             raise TypeError(f"run_batch must be callable, got {type(run_batch).__name__}")
@@ -141,6 +148,9 @@ class Batcher:
         self._mean_batch_s = 0.0
         self._batch_done: asyncio.Future[None] | None = None
         self.in_flight = 0  # images of the batch being run now
+        self._expected = 0  # images on their way to submit(): see expect()
+        # A fixed delay instead: every batch that is not full waits, whatever is on its way.
+        self.always_wait = always_wait
         self.stats = BatcherStats()
 
     # ----------------------------------------------------------------- lifecycle
@@ -182,6 +192,23 @@ class Batcher:
         if self._executor is None:
             raise BatcherClosedError("batcher not started")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def expect(self, n: int) -> None:
+        """``n`` more images are on their way (admitted, decoding): a batch that is not full
+        waits for them, up to ``max_queue_delay``, before it is dispatched."""
+        self._expected += n
+
+    def settle(self, n: int) -> None:
+        """``n`` of the expected images are no longer on their way: about to be submitted, or
+        not coming (failed to decode, caller gone). Call it before ``submit``."""
+        self._expected = max(0, self._expected - n)
+        if self._wakeup is not None and self._expected == 0:
+            self._wakeup.set()  # a batch waiting only for them goes now
+
+    @property
+    def expected(self) -> int:
+        """Images announced with :meth:`expect` and not settled yet."""
+        return self._expected
 
     @property
     def depth(self) -> int:
@@ -273,9 +300,13 @@ class Batcher:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Wait for more only while the batch is not full and the oldest image has time.
+            # Wait for more only while the batch is not full, more images are on their way and
+            # the oldest image has time.
             while (
-                len(self._queue) < self.max_batch_size and not self._closing and not self._flushing
+                len(self._queue) < self.max_batch_size
+                and (self._expected > 0 or self.always_wait)
+                and not self._closing
+                and not self._flushing
             ):
                 wait = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
                 if wait <= 0:

@@ -61,6 +61,7 @@ class EngineProcessConfig:
     drain_timeout_s: float
     log_level: str
     log_format: str
+    batch_wait: str = "expected"  # or "always" (a fixed delay): Batcher's always_wait
 
 
 @dataclass(eq=False)
@@ -70,6 +71,7 @@ class _Lease:
     slots: list[int]
     task: asyncio.Task[None] | None = None
     queued: bool = False  # its images reached the batcher (which then counts their drops)
+    on_the_way: int = 0  # images announced to the batcher (Batcher.expect), not yet settled
 
 
 @dataclass(eq=False)
@@ -112,6 +114,7 @@ class EngineServer:
             self._run_batch,
             max_batch_size=self.max_batch_size,
             max_queue_delay_s=config.max_queue_delay_ms / 1000,
+            always_wait=config.batch_wait == "always",
             max_queue_size=self.arena.count,
             observer=self.metrics,
         )
@@ -253,7 +256,9 @@ class EngineServer:
             )
             return
         slots = [self._free.popleft() for _ in range(n)]
-        conn.leases[rid] = _Lease(conn, rid, slots)
+        conn.leases[rid] = _Lease(conn, rid, slots, on_the_way=n)
+        # A batch that is not full waits (up to the delay) for these while they are decoded.
+        self.batcher.expect(n)
         self.metrics.admitted.set(self.held)
         conn.send(wire.Granted(rid, tuple(slots)))
 
@@ -262,11 +267,18 @@ class EngineServer:
         them."""
         if lease.conn.leases.pop(lease.rid, None) is None:
             return
+        self._settle(lease)
         if lease.task is not None and not lease.task.done():
             lease.task.cancel()  # once queued, the batcher purges its images and counts them
         if not lease.queued and lease.slots:
             self.metrics.on_dropped(reason, len(lease.slots))  # admitted, never queued
         asyncio.get_running_loop().create_task(self._free_after_batch(lease.slots))
+
+    def _settle(self, lease: _Lease) -> None:
+        """The lease's images are queued now or never: no batch waits for them any more."""
+        if lease.on_the_way:
+            self.batcher.settle(lease.on_the_way)
+            lease.on_the_way = 0
 
     async def _free_after_batch(self, slots: list[int]) -> None:
         await self.batcher.current_batch_done()
@@ -280,6 +292,7 @@ class EngineServer:
 
     async def _run(self, lease: _Lease, used: list[int], deadline: float) -> None:
         conn, rid = lease.conn, lease.rid
+        self._settle(lease)  # before submit(), so a lone request is dispatched at once
         # Images that failed to decode never reach the queue; their slots go back now.
         keep = set(used) & set(lease.slots)
         self._free.extend(s for s in lease.slots if s not in keep)
