@@ -17,6 +17,8 @@ from testkit.images import noise_png
 from testkit.processes import cpu_seconds
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, running_service
 
+pytestmark = pytest.mark.e2e
+
 LIMIT_MB = 1024
 
 

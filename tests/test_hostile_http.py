@@ -20,6 +20,8 @@ from hostilekit import classify_small
 from testkit.processes import peak_rss_mb, reset_peaks
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, running_service
 
+pytestmark = pytest.mark.e2e
+
 KEY = "k3y-hostile-http"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMIT = 32 * 1024  # the default SERESNET_MAX_HEADER_BYTES

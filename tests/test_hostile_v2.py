@@ -17,6 +17,8 @@ from hostilekit import attack
 from modelcard.schema import read_card
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, running_service
 
+pytestmark = pytest.mark.e2e
+
 CARD = read_card(EMBEDDED_MODEL)
 LIMIT_MB = 1024
 
