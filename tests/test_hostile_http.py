@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from hostilekit import classify_small
 
+from testkit.attack import classify_small
 from testkit.processes import peak_rss_mb, reset_peaks
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, running_service
 
