@@ -8,14 +8,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-import hostile_files as bombs
 import httpx
 import pytest
-from hostilekit import attack
 
+import testkit.hostile_files as bombs
+from testkit.attack import attack
 from testkit.images import noise_png
 from testkit.processes import cpu_seconds
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, running_service
+
+pytestmark = pytest.mark.e2e
 
 LIMIT_MB = 1024
 

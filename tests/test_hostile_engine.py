@@ -10,10 +10,13 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from modelcard.schema import read_card
 from testkit.images import noise_png
 from testkit.server import EMBEDDED_MODEL, running_service
+
+pytestmark = pytest.mark.e2e
 
 CARD = read_card(EMBEDDED_MODEL)
 

@@ -15,10 +15,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from hostilekit import classify_small
 
+from testkit.attack import classify_small
 from testkit.processes import peak_rss_mb, reset_peaks
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, running_service
+
+pytestmark = pytest.mark.e2e
 
 KEY = "k3y-hostile-http"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from service.slots import SHM_DIR
 from testkit.processes import process_tree
 from testkit.server import EMBEDDED_MODEL, running_service
+
+pytestmark = pytest.mark.e2e
 
 
 def _owned_paths(pid: int, run_root: Path) -> list[Path]:

@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from hostilekit import attack
 
 from modelcard.schema import read_card
+from testkit.attack import attack
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, running_service
+
+pytestmark = pytest.mark.e2e
 
 CARD = read_card(EMBEDDED_MODEL)
 LIMIT_MB = 1024

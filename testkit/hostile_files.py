@@ -1,6 +1,6 @@
-"""Attack files for the hostile tests, each built from a few bytes of real encoder output plus
-crafted structure, small on disk and expensive to parse or decode (none allocates its decoded
-size here)."""
+"""Attack files for the hostile tests and benchmarks, each built from a few bytes of real
+encoder output plus crafted structure, small on disk and expensive to parse or decode (none
+allocates its decoded size here)."""
 
 from __future__ import annotations
 

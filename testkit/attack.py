@@ -15,12 +15,13 @@ from testkit.processes import peak_rss_mb, reset_peaks
 from testkit.server import ServiceProcess
 
 
-def classify_small(svc: ServiceProcess, client: httpx.Client) -> float:
+def classify_small(svc: ServiceProcess, client: httpx.Client, strict: bool = True) -> float:
+    """Seconds to classify a small image; its answer must be 200 when ``strict`` (else any
+    answer counts: a benchmark of the unprotected tree sees bystanders fail)."""
     t0 = time.monotonic()
-    r = client.post(
-        f"{svc.url}/classify", files=[("images", ("ok.png", noise_png(0), "image/png"))]
-    )
-    assert r.status_code == 200, r.text
+    files = [("images", ("ok.png", noise_png(0), "image/png"))]
+    r = client.post(f"{svc.url}/classify", files=files)
+    assert r.status_code == 200 or not strict, r.text
     return time.monotonic() - t0
 
 
@@ -41,6 +42,7 @@ def attack(
     send: Callable[[httpx.Client], httpx.Response],
     copies: int = 1,
     settle_s: float = 0.5,
+    strict: bool = True,
 ) -> Outcome:
     """Run ``copies`` of ``send`` at once while a bystander classifies a small image in a loop
     (on the same worker: the services here run one); returns what each got and saw."""
@@ -62,13 +64,13 @@ def attack(
     latencies = []
     with httpx.Client(timeout=120) as bystander:
         while any(t.is_alive() for t in threads):
-            latencies.append(classify_small(svc, bystander))
+            latencies.append(classify_small(svc, bystander, strict))
             time.sleep(0.05)
         elapsed = time.monotonic() - t0
         # Work left behind by the attack (a decode still burning CPU) shows up here.
         end = time.monotonic() + settle_s
         while time.monotonic() < end:
-            latencies.append(classify_small(svc, bystander))
+            latencies.append(classify_small(svc, bystander, strict))
     for t in threads:
         t.join()
     assert not errors, errors
