@@ -205,3 +205,17 @@ def test_auto_picks_int8_only_when_measured_faster_on_a_like_cpu(
     assert "2.00x float32" in info.describe()["precision_reason"]
     _edit_card(faster, cpu_int8_isa="some other CPU")
     assert _engine(faster, "auto").info.precision == "fp32"
+
+
+def test_the_precisions_are_one_table() -> None:
+    """The engine's precision -> file table is the source; the setting's choices copy it."""
+    from typing import get_args
+
+    from service.engine.policy import PRECISION_FILE, Precision
+    from service.settings import Settings
+
+    assert set(get_args(Precision)) == set(PRECISION_FILE)
+    assert set(get_args(Settings.model_fields["precision"].annotation)) == {
+        "auto",
+        *PRECISION_FILE,
+    }

@@ -29,7 +29,7 @@ _ORT_DTYPE = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 Graph = Literal["fused", "unfused"]
 OptLevel = Literal["basic", "extended", "all"]
 Precision = Literal["fp32", "fp16", "int8"]
-PRECISION_FILE: dict[str, str] = {
+PRECISION_FILE: dict[Precision, str] = {
     "fp32": FUSED_FILE,
     "fp16": FP16_FUSED_FILE,
     "int8": INT8_FUSED_FILE,
