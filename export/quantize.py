@@ -109,9 +109,12 @@ def quantize_file(
     )
 
 
-def cpu_speedup(fp32: Path, int8: Path, pixels: np.ndarray, rounds: int = 5) -> float:
+def cpu_speedup(
+    fp32: Path, int8: Path, pixels: np.ndarray, rounds: int = 7, min_s: float = 0.2
+) -> float:
     """How many times faster ``int8`` runs ``pixels`` (one batch) than ``fp32`` on this CPU:
-    median of ``rounds`` interleaved timings, one warm-up run each."""
+    median of ``rounds`` interleaved timings (each the mean of runs over at least ``min_s``,
+    so a tiny model's millisecond runs are not one scheduler tick), one warm-up run each."""
     import ops
 
     sessions = []
@@ -125,9 +128,11 @@ def cpu_speedup(fp32: Path, int8: Path, pixels: np.ndarray, rounds: int = 5) -> 
         s.run(None, {name: pixels})
     for _ in range(rounds):
         for i, s in enumerate(sessions):
-            t = time.perf_counter()
-            s.run(None, {name: pixels})
-            times[i].append(time.perf_counter() - t)
+            runs, t = 0, time.perf_counter()
+            while runs < 1 or time.perf_counter() - t < min_s:
+                s.run(None, {name: pixels})
+                runs += 1
+            times[i].append((time.perf_counter() - t) / runs)
     return float(np.median(times[0]) / np.median(times[1]))
 
 

@@ -95,6 +95,7 @@ def test_onnx_cli_writes_a_complete_folder(tmp_path: Path) -> None:
     assert {"model.onnx", "model.se.onnx", "model.json"} <= files
     # float16 is kept only when it agrees with float32; either way the card says so
     assert ("model.fp16.se.onnx" in files) == (card.float16 is not None)
+    assert ("model.int8.se.onnx" in files) == (card.int8 is not None)  # likewise int8
     assert card.parity.max_abs_logit_diff_torch_vs_onnx <= 1e-4
     assert card.parity.max_abs_logit_diff_onnx_vs_fused <= 1e-5
     assert card.fusion.fused == 6

@@ -155,13 +155,13 @@ def test_service_classifies_with_int8_like_fp32(built: Path) -> None:
 def test_int8_is_refused_when_the_card_does_not_vouch_for_it(built: Path, tmp_path: Path) -> None:
     no_entry = _copy(built, tmp_path / "no-entry")
     _edit_card(no_entry, drop=True)  # the file is there, the card says nothing of it
-    with pytest.raises(EngineError, match=r"SERESNET_PRECISION=int8 .*model\.int8\.se\.onnx"):
+    with pytest.raises(EngineError, match=r"SERESNET_PRECISION=int8 but the card .* no int8"):
         _engine(no_entry, "int8")
     assert _engine(no_entry, "auto").info.precision == "fp32"
 
     no_file = _copy(built, tmp_path / "no-file")
     (no_file / INT8_FUSED_FILE).unlink()
-    with pytest.raises(EngineError, match=r"no model\.int8\.se\.onnx"):
+    with pytest.raises(EngineError, match=r"no model\.int8\.se\.onnx, which its card lists"):
         _engine(no_file, "int8")
 
     ungated = _copy(built, tmp_path / "ungated")
@@ -170,13 +170,21 @@ def test_int8_is_refused_when_the_card_does_not_vouch_for_it(built: Path, tmp_pa
     assert _engine(ungated, "int8").info.precision == "int8"  # benchmark-only, asked by name
 
 
-def test_auto_picks_int8_only_when_measured_faster_on_a_like_cpu(built: Path) -> None:
-    fast = Int8Offer(True, True, 1.5, "avx512_vnni", "avx512_vnni")
+def _offer(**kw: object) -> Int8Offer:
+    facts: dict = {"present": True, "listed": True, "vouched": True, "speedup": 1.5}
+    facts |= {"card_isa": "avx512_vnni", "here_isa": "avx512_vnni"}
+    return Int8Offer(**(facts | kw))
+
+
+def test_auto_picks_int8_only_when_measured_faster_on_a_like_cpu(
+    built: Path, tmp_path: Path
+) -> None:
+    fast = _offer()
     assert choose_precision("cpu", "auto", "fused", False, False, fast).precision == "int8"
     for offer, why in (
-        (Int8Offer(True, True, 1.02, "avx512_vnni", "avx512_vnni"), "measured"),
-        (Int8Offer(True, True, 1.5, "avx512_vnni", "avx2"), "timed on a CPU"),
-        (Int8Offer(True, False, 1.5, "avx512_vnni", "avx512_vnni"), "benchmark-only"),
+        (_offer(speedup=1.02), "measured"),
+        (_offer(here_isa="avx2"), "timed on a CPU"),
+        (_offer(vouched=False), "benchmark-only"),
     ):
         choice = choose_precision("cpu", "auto", "fused", False, False, offer)
         assert choice.precision == "fp32" and why in choice.reason
@@ -189,3 +197,25 @@ def test_auto_picks_int8_only_when_measured_faster_on_a_like_cpu(built: Path) ->
     assert card.int8 is not None and card.int8.cpu_speedup_vs_fp32 is not None
     expected = "int8" if card.int8.cpu_speedup_vs_fp32 >= 1.1 else "fp32"
     assert _engine(built, "auto").info.precision == expected
+    # A card that timed int8 faster on a CPU like this one: auto serves int8, and says why.
+    faster = _copy(built, tmp_path / "faster")
+    _edit_card(faster, cpu_speedup_vs_fp32=2.0, cpu_int8_isa=cpu_int8_isa())
+    info = _engine(faster, "auto").info
+    assert info.precision == "int8" and info.graph_file == INT8_FUSED_FILE
+    assert "2.00x float32" in info.describe()["precision_reason"]
+    _edit_card(faster, cpu_int8_isa="some other CPU")
+    assert _engine(faster, "auto").info.precision == "fp32"
+
+
+def test_the_precisions_are_one_table() -> None:
+    """The engine's precision -> file table is the source; the setting's choices copy it."""
+    from typing import get_args
+
+    from service.engine.policy import PRECISION_FILE, Precision
+    from service.settings import Settings
+
+    assert set(get_args(Precision)) == set(PRECISION_FILE)
+    assert set(get_args(Settings.model_fields["precision"].annotation)) == {
+        "auto",
+        *PRECISION_FILE,
+    }

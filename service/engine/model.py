@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from modelcard.cpu import cpu_int8_isa
-from modelcard.schema import FUSED_FILE, CardError, ModelCard, read_card
+from modelcard.schema import FUSED_FILE, INT8_FUSED_FILE, CardError, ModelCard, read_card
 from service.engine.config import EngineConfig
 from service.engine.plan import EnginePlan, FolderFacts, fall_back, plan_engine
 from service.engine.policy import (
@@ -84,10 +84,11 @@ def folder_facts(model_dir: Path, card: ModelCard, precision: str) -> FolderFact
     (``int8.parity_gated``), and only the card's int8 entry vouches for ``model.int8.se.onnx``."""
     fp16, int8 = card.float16, card.int8
     return FolderFacts(
-        int8=Int8Offer()
+        int8=Int8Offer(present=(model_dir / INT8_FUSED_FILE).is_file())
         if int8 is None
         else Int8Offer(
             present=(model_dir / int8.file).is_file(),
+            listed=True,
             vouched=int8.parity_gated,
             speedup=int8.cpu_speedup_vs_fp32,
             card_isa=int8.cpu_int8_isa,

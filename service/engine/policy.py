@@ -29,7 +29,7 @@ _ORT_DTYPE = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 Graph = Literal["fused", "unfused"]
 OptLevel = Literal["basic", "extended", "all"]
 Precision = Literal["fp32", "fp16", "int8"]
-PRECISION_FILE: dict[str, str] = {
+PRECISION_FILE: dict[Precision, str] = {
     "fp32": FUSED_FILE,
     "fp16": FP16_FUSED_FILE,
     "int8": INT8_FUSED_FILE,
@@ -171,6 +171,7 @@ class Int8Offer:
     """What the model folder and this CPU say about ``model.int8.se.onnx``."""
 
     present: bool = False  # the file exists
+    listed: bool = False  # the card has an int8 entry (export writes one past its gate)
     vouched: bool = False  # export's accuracy gate passed it (parity_gated)
     speedup: float | None = None  # the card's CPU timing, int8 vs float32
     card_isa: str | None = None  # the int8 instructions of the CPU that timed it
@@ -192,11 +193,14 @@ def _int8_choice(
         missing = "int8 is served on the CPU provider only"
     elif graph != "fused":
         missing = "the int8 variant is a fused graph, and the unfused one is served"
-    elif not offer.present:
+    elif not offer.listed:
         missing = (
-            f"the model folder has no {INT8_FUSED_FILE} (export writes it when it passes the "
-            "accuracy gate; the card's int8 entry records the figures)"
+            f"the card (model.json) has no int8 entry: export writes {INT8_FUSED_FILE} and "
+            "that entry only when the int8 graph passes its accuracy gate (re-export the "
+            "folder, or serve fp32)"
         )
+    elif not offer.present:
+        missing = f"the model folder has no {INT8_FUSED_FILE}, which its card lists"
     elif requested == "int8":
         return PrecisionChoice("int8", "SERESNET_PRECISION=int8")
     if requested == "int8":
