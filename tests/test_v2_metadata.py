@@ -97,7 +97,11 @@ def test_model_metadata(service_pb2: ModuleType) -> None:
     assert list(parsed.inputs[0].shape) == [-1, 1, 28, 28]
     assert body["name"] == "fashion-seresnet" and body["versions"] == ["1"]
     assert body["platform"] == "onnxruntime_onnx"
-    assert body["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
+    # The tensor, and encoded image files (either one per request), so clients discover both.
+    assert body["inputs"] == [
+        {"name": "image", "datatype": "UINT8", "shape": [-1, 1, 28, 28]},
+        {"name": "image_files", "datatype": "BYTES", "shape": [-1]},
+    ]
     assert body["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
 
 
@@ -126,10 +130,13 @@ def test_model_config_follows_tritons_schema(model_config_pb2: ModuleType) -> No
     assert parsed.name == "fashion-seresnet"
     assert parsed.platform == "onnxruntime_onnx" and parsed.backend == "onnxruntime"
     assert parsed.max_batch_size == 32
-    (inp,) = parsed.input
+    inp, files = parsed.input
     assert inp.name == "image" and list(inp.dims) == [1, 28, 28]  # no batch axis
     assert inp.data_type == model_config_pb2.TYPE_UINT8
     assert inp.format == model_config_pb2.ModelInput.FORMAT_NCHW
+    assert files.name == "image_files" and list(files.dims) == [1]
+    assert files.data_type == model_config_pb2.TYPE_STRING
+    assert inp.optional and files.optional  # one or the other per request
     (out,) = parsed.output
     assert out.name == "logits" and list(out.dims) == [10]
     assert out.data_type == model_config_pb2.TYPE_FP32
