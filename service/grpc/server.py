@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -170,6 +171,7 @@ class GrpcFrontend:
         key = settings.api_key
         self._expected = None if key is None else b"bearer " + key.get_secret_value().encode()
         self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Future[None] | None = None
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -202,11 +204,33 @@ class GrpcFrontend:
         self._server = server
         return self.port
 
+    def begin_stop(self, grace_s: float) -> None:
+        """Stop taking RPCs now (GOAWAY); the ones taken go on for at most ``grace_s``."""
+        if self._stopping is None and self._server is not None:
+            self._stopping = asyncio.ensure_future(self._server.stop(grace_s))
+
     async def stop(self, grace_s: float) -> None:
-        """Stop taking RPCs (GOAWAY) and finish the ones taken, for at most ``grace_s``."""
-        server, self._server = self._server, None
-        if server is not None:
-            await server.stop(grace_s)
+        """:meth:`begin_stop`, and wait until the calls taken have finished."""
+        self.begin_stop(grace_s)
+        if self._stopping is not None:
+            await self._stopping
+
+    def stop_on_signals(self, grace_s: float) -> None:
+        """Begin the stop at the worker's SIGTERM/SIGINT, before its HTTP drain (the worker
+        runs :meth:`stop` only after that), chained in front of uvicorn's own handlers."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+
+            def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self.begin_stop, grace_s)
+                if callable(previous):
+                    previous(signum, frame)
+
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (an app run in a test's thread)
+                return
 
     # ----------------------------------------------------------------- every call
 

@@ -100,6 +100,7 @@ async def _start_grpc(state: IngressState, pipeline: Pipeline, v2plane: V2Plane)
 
     frontend = GrpcFrontend(state, pipeline, v2plane)
     await frontend.start(settings.host, settings.grpc_port)
+    frontend.stop_on_signals(settings.drain_timeout_s)
     return frontend
 
 
