@@ -7,11 +7,11 @@ import importlib
 import sys
 
 BENCHMARKS = {
-    "load": "bench.load",  # the service under HTTP load vs a naive baseline (issue 4)
+    "load": "bench.load",  # the service under HTTP load vs a naive baseline
     "frontend": "bench.frontend",  # CPU per request and throughput, workers vs one process
-    "se-kernel": "bench.se_kernel_bench",  # fused SE op vs unfused ORT ops (issue 3)
-    "fusion": "bench.fusion",  # SE-ResNet-50 fused/unfused vs ResNet-50 vs PyTorch (issue 3)
-    # (bench.gpu_checks, the non-timing GPU checks of issue 11, runs from scripts/gpu-check.sh)
+    "se-kernel": "bench.se_kernel_bench",  # fused SE op vs unfused ORT ops
+    "fusion": "bench.fusion",  # SE-ResNet-50 fused/unfused vs ResNet-50 vs PyTorch
+    # (bench.gpu_checks, the GPU checks that are not timings, runs from scripts/gpu-check.sh)
 }
 
 

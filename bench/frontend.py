@@ -1,4 +1,5 @@
-"""The service's front end: CPU per request and throughput, before and after issue 12.
+"""The service's front end: CPU per request and throughput, the single-process service
+before the redesign against today's ingress workers around one engine process.
 
 Side by side in one run, the same workloads against:
 
@@ -14,8 +15,9 @@ Measured per variant:
    for 8-image requests, at a fixed concurrency;
 2. **throughput and p99** of 224x224 JPEG single-image requests at concurrency 1, 16, 64, 256.
 
-The load generator is a minimal keep-alive HTTP/1.1 client on raw asyncio streams sending
-pre-encoded requests, so that its own CPU (it shares this machine) is small; it is reported.
+The load generator is bench.loadgen's: a minimal keep-alive HTTP/1.1 client on raw asyncio
+streams sending pre-encoded requests, so that its own CPU (it shares this machine) is small;
+it is reported.
 Variants run one at a time, in rotating order each round; medians over rounds.
 
     python -m bench.frontend                      # -> bench/results/frontend.json
@@ -41,11 +43,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
 
+from bench.loadgen import closed_loop, http_request, raw_http_users
 from bench.machine import cpu_name
 from testkit.server import EMBEDDED_MODEL, running_service
 
@@ -124,26 +126,7 @@ def workloads(n: int = 64) -> dict[str, list[bytes]]:
 
 
 def _requests(url: str, bodies: list[tuple[bytes, str]]) -> list[bytes]:
-    parts = urlsplit(url)
-    return [
-        (
-            f"POST /classify HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        + body
-        for body, ctype in bodies
-    ]
-
-
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:])
-    await reader.readexactly(length)
-    return status
+    return [http_request(url, "/classify", body, {"Content-Type": ctype}) for body, ctype in bodies]
 
 
 @dataclass
@@ -157,40 +140,9 @@ class Run:
 async def _closed_loop(
     url: str, raw: list[bytes], concurrency: int, warmup: float, duration: float
 ) -> Run:
-    parts = urlsplit(url)
-    latencies: list[float] = []
-    errors = 0
-    start = time.perf_counter()
-    record_from = start + warmup
-    stop_at = record_from + duration
-
-    async def user(k: int) -> None:
-        nonlocal errors
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        j = k
-        try:
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                writer.write(raw[j % len(raw)])
-                j += concurrency
-                try:
-                    status = await _read_response(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    errors += 1
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-                    continue
-                t1 = time.perf_counter()
-                if record_from <= t1 <= stop_at:
-                    if status == 200:
-                        latencies.append((t1 - t0) * 1000)
-                    else:
-                        errors += 1
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(user(k) for k in range(concurrency)))
-    return Run(len(latencies), errors, duration, latencies)
+    """bench.loadgen's closed loop (the one every HTTP benchmark uses) over ``raw`` requests."""
+    r = await closed_loop(raw_http_users(url, raw, concurrency), warmup, duration)
+    return Run(r.requests, r.errors, r.seconds, [s * 1000 for s in r.samples])
 
 
 # ----------------------------------------------------------------------------- CPU

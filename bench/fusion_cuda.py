@@ -39,7 +39,7 @@ from bench.fusion import time_calls
 
 PRECISIONS = ("fp32", "tf32", "fp16")
 CUDA = "CUDAExecutionProvider"
-# The goals of issue 11 (H200 figures), kept beside the results they are checked against.
+# The GPU engine's goals (H200 figures), kept beside the results they are checked against.
 ANCHOR_H200_SERESNET50_FP16_CL = {"1": 138, "8": 1055, "32": 4070, "128": 11600}
 GOALS = {
     "faster_than_pytorch_fp16_channels_last": "every batch",

@@ -1,4 +1,4 @@
-"""The checks of issue 11 that need a GPU but are not timings, in one process:
+"""The checks of the GPU engine that need a GPU but are not timings, in one process:
 
 1. float16 parity on real images on the CUDA provider: the embedded model's model.fp16.se.onnx
    (channels first, and its channels-last form with prefer_nhwc) against float32 on the whole

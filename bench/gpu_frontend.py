@@ -7,7 +7,7 @@ batch B against the service's images/s for many concurrent clients, same batch a
    a closed-loop load of C concurrent single-image clients, then C/8 clients sending 8 images
    each; the load generator runs in several processes so that it is not the limit.
 
-Issue 12's goal on an H100/H200: HTTP >= 85 % of raw at batch 64 with 256 clients. On a GPU
+The front end's goal on an H100/H200: HTTP >= 85 % of raw at batch 64 with 256 clients. On a GPU
 machine run it from scripts/gpu-check.sh; here ``--provider cpu --quick`` tries the set-up.
 
     python -m bench.gpu_frontend                      # -> bench/results/gpu_frontend.json
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--v2",
         action="store_true",
-        help="then issue 9's sweep on the same service: python -m bench.v2_load "
+        help="then the Open Inference Protocol sweep on the same service: python -m bench.v2_load "
         "at concurrency 96 (Triton's published ResNet-50 setting) -> "
         "v2_load_gpu.json beside --out",
     )
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         "served": serving,
         "http": http,
         "summary": summary,
-        "goal": "HTTP >= 85% of the raw engine (issue 12)",
+        "goal": "HTTP >= 85% of the raw engine at batch 64 with 256 clients",
         "batch_size_metrics": [
             line for line in model.splitlines() if line.startswith("seresnet_inference_")
         ][:6],

@@ -1,7 +1,7 @@
-"""Load benchmark of the service (issue 4, part 6), side by side with a naive baseline.
+"""Load benchmark of the service, side by side with a naive baseline.
 
-Part 1 — the embedded model over HTTP. A closed-loop load generator (httpx, one connection per
-simulated client, each sending its next request as soon as the last one is answered) drives
+Part 1 — the embedded model over HTTP. bench.loadgen's closed loop (one keep-alive connection
+per simulated client, each sending its next request as soon as the last one is answered) drives
 ``python -m service`` and ``python -m bench.naive_server`` (FastAPI + PyTorch eager, one image
 per request, no batching) in turn with the same real files: Fashion-MNIST test images upscaled
 to 224x224 JPEG and the original 28x28 PNGs, alternating; then a few large photos. For each
@@ -41,6 +41,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench.loadgen import closed_loop, http_request, percentiles, raw_http_users
 from bench.machine import cpu_name
 from testkit.server import EMBEDDED_MODEL, running_service
 
@@ -111,18 +112,6 @@ class Level:
     load_avg_1m: float = 0.0
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    arr = np.asarray(values) * 1000
-    return {
-        "p50": round(float(np.percentile(arr, 50)), 2),
-        "p90": round(float(np.percentile(arr, 90)), 2),
-        "p99": round(float(np.percentile(arr, 99)), 2),
-        "mean": round(float(arr.mean()), 2),
-    }
-
-
 def multipart_bodies(
     files: Sequence[Upload],
     per_request: int,
@@ -145,41 +134,14 @@ async def _closed_loop(
     duration: float,
     per_request: int,
 ) -> tuple[list[float], int, int, float]:
-    """(latencies of requests finished in the window, images ok, errors, window seconds)."""
-    latencies: list[float] = []
-    images_ok = 0
-    errors = 0
-    start = time.perf_counter()
-    record_from = start + warmup
-    stop_at = record_from + duration
-    bodies = multipart_bodies(files, per_request)
-    # One client (one keep-alive connection) per simulated user: a single shared httpx pool
-    # serialises on its own bookkeeping at high concurrency and would measure itself.
-    one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-
-    async def worker(k: int) -> None:
-        nonlocal images_ok, errors
-        j = k
-        async with httpx.AsyncClient(base_url=url, limits=one, timeout=300) as client:
-            while time.perf_counter() < stop_at:
-                body, headers = bodies[j % len(bodies)]
-                j += concurrency
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/classify", content=body, headers=headers)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                t1 = time.perf_counter()
-                if record_from <= t1 <= stop_at:
-                    if ok:
-                        latencies.append(t1 - t0)
-                        images_ok += per_request
-                    else:
-                        errors += 1
-
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return latencies, images_ok, errors, duration
+    """(latencies of requests finished in the window, images ok, errors, window seconds):
+    bench.loadgen's closed loop, one keep-alive connection per simulated user."""
+    raw = [
+        http_request(url, "/classify", body, headers)
+        for body, headers in multipart_bodies(files, per_request)
+    ]
+    r = await closed_loop(raw_http_users(url, raw, concurrency, per_request), warmup, duration)
+    return r.samples, r.images, r.errors, duration
 
 
 def _histogram(text: str) -> dict[str, float]:
@@ -282,7 +244,7 @@ def run_level(
         images,
         errors,
         round(images / window, 1),
-        _percentiles(latencies),
+        percentiles(latencies),
         round(cpu / (warmup + duration), 2),
         batching,
         load,

@@ -1,6 +1,6 @@
-"""Load benchmark of the Open Inference Protocol route (issue 9), beside ``/classify``.
+"""Load benchmark of the Open Inference Protocol route, beside ``/classify``.
 
-A closed-loop load generator (one client per simulated user, each sending its next request as
+bench.loadgen's closed loop (one client per simulated user, each sending its next request as
 soon as the last one is answered) drives a running service over three paths at the same
 concurrency, with the same images:
 
@@ -46,6 +46,7 @@ import tritonclient.http.aio as triton_aio  # noqa: E402
 from tritonclient.http import InferInput, InferRequestedOutput  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from bench import loadgen  # noqa: E402
 from bench.machine import cpu_name, gpu_name  # noqa: E402
 from modelcard.preprocessing import load_array  # noqa: E402
 from modelcard.schema import ModelCard, read_card  # noqa: E402
@@ -55,7 +56,7 @@ DEFAULT_MODEL = REPO / "models" / "fashion-seresnet"
 DEFAULT_OUT = REPO / "bench" / "results" / "v2_load.json"
 
 File = tuple[str, bytes, str]  # name, bytes, content type
-Send = Callable[[int], Awaitable[int]]  # request number -> images answered
+Send = loadgen.Send
 
 
 def generated_photos(count: int, width: int, height: int) -> list[File]:
@@ -111,48 +112,22 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 async def closed_loop(
     path: str, senders: Sequence[Send], warmup_s: float, duration_s: float
 ) -> Round:
-    """Each sender is one simulated user; only requests that start after the warm-up and
-    finish before the end are counted."""
-    start = time.perf_counter()
-    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
-    latencies: list[float] = []
-    counts = {"requests": 0, "images": 0, "errors": 0}
-    first_error: list[str] = []
-
-    async def user(send: Send) -> None:
-        n = 0
-        while (t0 := time.perf_counter()) < stop_at:
-            try:
-                images = await send(n)
-                ok = True
-            except Exception as e:  # a failed request is counted, never fatal to the benchmark
-                images, ok = 0, False
-                if not first_error:
-                    first_error.append(f"{type(e).__name__}: {e}"[:300])
-            t1 = time.perf_counter()
-            n += 1
-            if t0 >= measure_from and t1 <= stop_at:
-                if ok:
-                    latencies.append(t1 - t0)
-                    counts["requests"] += 1
-                    counts["images"] += images
-                else:
-                    counts["errors"] += 1
-
-    await asyncio.gather(*(user(s) for s in senders))
-    ms = [v * 1000 for v in latencies]
+    """bench.loadgen's closed loop: each sender is one simulated user; a request counts when
+    it finishes inside the window."""
+    r = await loadgen.closed_loop(senders, warmup_s, duration_s, path)
+    ms = [v * 1000 for v in r.samples]
     return Round(
         path,
-        len(senders),
+        r.concurrency,
         duration_s,
-        counts["requests"],
-        counts["images"],
-        counts["errors"],
-        counts["images"] / duration_s,
+        r.requests,
+        r.images,
+        r.errors,
+        r.images_per_s,
         percentile(ms, 50),
         percentile(ms, 90),
         percentile(ms, 99),
-        first_error[0] if first_error else None,
+        r.first_error,
     )
 
 

@@ -41,6 +41,7 @@ from export.onnx_export import (
     run_onnx,
     session,
 )
+from export.quantize import int8_variant
 from modelcard import FP16_FUSED_FILE, FUSED_FILE, UNFUSED_FILE, InputSpec, ModelCard, read_card
 from modelcard.schema import Float16, Fusion, Metrics, Parity, Provenance
 
@@ -71,6 +72,7 @@ class ExportOptions:
     parity_images: int = 256
     fuse: bool = True
     float16: bool = True  # also write model.fp16.se.onnx (needs fuse)
+    int8: bool = True  # also write model.int8.se.onnx (needs fuse)
     benchmark_only: bool = False  # keep the float16 file ungated (parity_gated: false)
     evaluate: bool | None = None  # None: when the labels are Fashion-MNIST's
     train_record: Path | None = None
@@ -258,6 +260,19 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
                 say,
                 gated=not opts.benchmark_only,
             )
+
+        int8 = None
+        if opts.fuse and opts.int8:
+            int8 = int8_variant(
+                tmp,
+                FUSED_FILE,
+                spec,
+                parity_images(spec, opts.parity_images),
+                test,
+                say,
+                gated=not opts.benchmark_only,
+            )
+
         card = ModelCard(
             name=opts.name or opts.out.name,
             version=opts.version,
@@ -272,6 +287,7 @@ def export_folder(opts: ExportOptions, say=print) -> ModelCard:
             parity=_parity(torch_vs_onnx, onnx_vs_fused),
             fusion=fusion,
             float16=float16,
+            int8=int8,
             tool_versions=tool_versions(),
             created=now(),
         )

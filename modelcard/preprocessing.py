@@ -46,16 +46,27 @@ def apply_draft(image: Image.Image, spec: InputSpec) -> None:
     image.draft("L" if gray else image.mode, target)
 
 
+# Rows converted at once by _to_8bit: its int64 temporaries stay a few MB whatever the image.
+_BAND_ROWS = 256
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """Bring 16/32-bit and float images to 8 bits per channel (full range maps to full range)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(image).astype(np.int64)
-        peak = 65535 if arr.max(initial=0) > 255 or image.mode.startswith("I;16") else 255
-        arr = np.clip((arr * 255 + peak // 2) // peak, 0, 255)
-        return Image.fromarray(arr.astype(np.uint8), "L")
+    """Bring 16/32-bit and float images to 8 bits per channel (full range maps to full range).
+    Converted in bands of rows: a whole-image int64 copy of a 40 Mpx image is 320 MB per
+    temporary."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return image
+    arr = np.asarray(image)
+    out = np.empty(arr.shape, np.uint8)
     if image.mode == "F":
-        return Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
-    return image
+        for top in range(0, arr.shape[0], _BAND_ROWS):
+            out[top : top + _BAND_ROWS] = np.clip(arr[top : top + _BAND_ROWS], 0, 255)
+    else:
+        peak = 65535 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        for top in range(0, arr.shape[0], _BAND_ROWS):
+            band = arr[top : top + _BAND_ROWS].astype(np.int64)
+            out[top : top + _BAND_ROWS] = np.clip((band * 255 + peak // 2) // peak, 0, 255)
+    return Image.fromarray(out, "L")
 
 
 def normalize_mode(image: Image.Image, color: str) -> Image.Image:

@@ -13,6 +13,7 @@ CARD_FILE = "model.json"
 UNFUSED_FILE = "model.onnx"
 FUSED_FILE = "model.se.onnx"
 FP16_FUSED_FILE = "model.fp16.se.onnx"
+INT8_FUSED_FILE = "model.int8.se.onnx"
 
 
 class CardError(ValueError):
@@ -121,6 +122,35 @@ class Float16(_Strict):
     parity_gated: bool = True
 
 
+class Int8(_Strict):
+    """The optional int8 variant of the fused graph (``model.int8.se.onnx``): static QDQ
+    quantisation calibrated on real training images, same input and output tensors as
+    ``model.onnx``, the SE node in float32. Figures compare it with the float32 fused graph on
+    the same images (the test set when there is one). ``cpu_speedup_vs_fp32`` is the export
+    machine's timing (median of interleaved runs of one batch of ``speedup_batch``), and
+    ``cpu_int8_isa`` the int8 instructions that CPU had: the service's ``auto`` picks int8
+    only where the speedup is real and this CPU has the same instructions.
+    """
+
+    file: str = INT8_FUSED_FILE
+    quantizer: str | None = None
+    calibration_images: int = 0
+    calibration_data: str | None = None
+    images: int = 0
+    top1_agreement_vs_fp32: float | None = None
+    top5_agreement_vs_fp32: float | None = None
+    test_top1: float | None = None
+    test_top5: float | None = None
+    test_top1_delta_vs_fp32: float | None = None
+    evaluated_with: str | None = None
+    cpu_speedup_vs_fp32: float | None = None
+    speedup_batch: int | None = None
+    cpu_int8_isa: str | None = None
+    # False for a benchmark-only export (random weights): served only when
+    # SERESNET_PRECISION=int8 asks for it, never by auto.
+    parity_gated: bool = True
+
+
 class ModelCard(_Strict):
     name: str
     version: str
@@ -136,6 +166,7 @@ class ModelCard(_Strict):
     parity: Parity = Parity()
     fusion: Fusion = Fusion()
     float16: Float16 | None = None
+    int8: Int8 | None = None
     tool_versions: dict[str, str] = {}
     created: str | None = None
 

@@ -10,7 +10,7 @@ import os
 import sys
 
 from service import logs, supervisor
-from service.settings import Settings, SettingsError, env_name, load_settings
+from service.settings import DEFAULT_MODEL, Settings, SettingsError, env_name, load_settings
 
 log = logging.getLogger("service")
 
@@ -49,7 +49,7 @@ _ENV_ONLY = {"api_key"}
 def _default(name: str) -> str:
     field = Settings.model_fields[name]
     if field.default_factory is not None:
-        return "models/fashion-seresnet"
+        return str(DEFAULT_MODEL)
     value = field.default
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "auto"

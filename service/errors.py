@@ -36,8 +36,10 @@ CODES: Mapping[str, Code] = {
     "request_timeout": Code(408, "The request arrived too slowly"),
     "body_too_large": Code(413, "Too large to send"),
     "too_many_images": Code(413, "Too many images in one request"),
+    "uri_too_long": Code(414, "The address is too long"),
     "unsupported_media_type": Code(415, "Not an image format the service reads"),
     "invalid_parameter": Code(422, "Invalid parameter"),
+    "too_many_attempts": Code(429, "Too many wrong API keys"),
     "headers_too_large": Code(431, "Headers too large"),
     # One image.
     "empty_image": Code(400, "Empty file"),

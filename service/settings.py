@@ -112,7 +112,7 @@ class Settings(BaseSettings):
         0, ge=0, description="decode/resize threads per worker; 0 = two"
     )
     decode_memory_mb: int = Field(
-        1024,
+        768,
         ge=16,
         description="per worker: memory concurrent decodes may use (estimated from "
         "each header: pixels, mode conversions, EXIF transposes); an image that cannot fit is 413",
@@ -149,10 +149,12 @@ class Settings(BaseSettings):
         description="TF32 convolutions on CUDA (ONNX Runtime's default, ~2x fp32 on "
         "Ampere/Hopper); 0 keeps exact fp32",
     )
-    precision: Literal["auto", "fp32", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "fp16", "int8"] = Field(
         "auto",
-        description="fp16 = model.fp16.se.onnx on CUDA; auto = fp16 when the folder "
-        "has it and the op library has the float16 CUDA kernel, else fp32",
+        description="fp16 = model.fp16.se.onnx on CUDA; int8 = model.int8.se.onnx on the "
+        "CPU (the card must list it); auto = fp16 when the folder has it and the op library "
+        "has the float16 CUDA kernel, int8 on the CPU when the card vouches for it and timed "
+        "it faster on a CPU with the same int8 instructions, else fp32",
     )
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="capture one CUDA graph per batch bucket at warm-up; auto = on for CUDA"

@@ -11,13 +11,78 @@ a full tmpfs is a clear start-up error instead of a SIGBUS on first write.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
+import re
+import shutil
 import tempfile
 from math import prod
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("service.slots")
+
+SHM_DIR = Path("/dev/shm")
+# What this service leaves on disk carries its owner: "seresnet-<pid>-s<start>-..." where
+# <start> is the process's start time in clock ticks since boot (/proc/PID/stat), so a pid
+# reused by another process (pid 1 in every container) is not taken for the owner.
+_OWNED = re.compile(r"seresnet-(\d+)-s(\d+)-")
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def owner_tag() -> str:
+    """``<pid>-s<start ticks>`` of this process, the prefix of every name it leaves."""
+    pid = os.getpid()
+    return f"{pid}-s{_start_ticks(pid) or 0}"
+
+
+def _owner_gone(name: str) -> bool:
+    match = _OWNED.match(name)
+    if match is None:
+        return False  # not named by this service (or by an older one): not ours to judge
+    pid, start = int(match.group(1)), int(match.group(2))
+    ticks = _start_ticks(pid)
+    if ticks is None:
+        return True
+    return start != 0 and ticks != start
+
+
+def remove_stale(shm_dir: Path = SHM_DIR, run_root: Path | None = None) -> list[Path]:
+    """Remove the slot files and run directories of services that are gone (SIGKILL or the
+    OOM killer leave them behind: 159 MB of /dev/shm for SE-ResNet-50 at the defaults, so a
+    crash loop fills Docker's 64 MB). Only names that carry an owner that no longer runs are
+    touched; returns what was removed."""
+    removed: list[Path] = []
+    roots = [shm_dir, run_root or Path(tempfile.gettempdir())]
+    for root in roots:
+        try:
+            entries = list(root.glob("seresnet-*"))
+        except OSError:
+            continue
+        for entry in entries:
+            if not _owner_gone(entry.name):
+                continue
+            try:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError as e:
+                log.warning("stale_not_removed", extra={"path": str(entry), "error": str(e)})
+                continue
+            removed.append(entry)
+    if removed:
+        log.info("stale_removed", extra={"paths": [str(p) for p in removed]})
+    return removed
 
 
 class SlotArenaError(RuntimeError):
@@ -27,11 +92,11 @@ class SlotArenaError(RuntimeError):
 def choose_path(tag: str, nbytes: int, fallback_dir: Path) -> Path:
     """``/dev/shm/seresnet-<tag>`` when that tmpfs has room (Docker's default is 64 MB),
     else a file in ``fallback_dir``."""
-    shm = Path("/dev/shm")
+    shm = SHM_DIR
     try:
         stat = os.statvfs(shm)
         if shm.is_dir() and os.access(shm, os.W_OK) and stat.f_bavail * stat.f_frsize > 2 * nbytes:
-            return shm / f"seresnet-{tag}"
+            return shm / f"seresnet-{owner_tag()}-{tag}"
     except OSError:
         pass
     return fallback_dir / f"slots-{tag}"
@@ -87,5 +152,7 @@ class SlotArena:
 
 
 def make_run_dir() -> Path:
-    """A private directory (0700) for the engine socket, metrics files and fallback slots."""
-    return Path(tempfile.mkdtemp(prefix="seresnet-"))
+    """A private directory (0700) for the engine socket, metrics files and fallback slots,
+    made after removing what dead services left behind (:func:`remove_stale`)."""
+    remove_stale()
+    return Path(tempfile.mkdtemp(prefix=f"seresnet-{owner_tag()}-"))

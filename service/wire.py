@@ -10,6 +10,7 @@ worker -> engine
     Admit(rid, n)                 reserve n slots (the global admission bound)
     Run(rid, slots, deadline)     run these slots
     Release(rid)                  the caller is gone: drop its images, free its slots
+    Ping(rid)                     heartbeat: is the engine's event loop answering?
 
 engine -> worker
     EngineHello                   on connect
@@ -17,6 +18,7 @@ engine -> worker
     Granted(rid, slots)           admit granted
     Done(rid, logits)             float32 [len(slots), classes]
     Failed(rid, code, message, retry_after_s | None)
+    Pong(rid)                     heartbeat answered
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Ping:
+    rid: int
+
+
+@dataclass(frozen=True)
 class StateChanged:
     ready: bool
     reason: str
@@ -104,10 +111,15 @@ class Failed:
     retry_after_s: int | None = None
 
 
-ToEngine = Admit | Run | Release
-ToWorker = EngineHello | StateChanged | Granted | Done | Failed
+@dataclass(frozen=True)
+class Pong:
+    rid: int
+
+
+ToEngine = Admit | Run | Release | Ping
+ToWorker = EngineHello | StateChanged | Granted | Done | Failed | Pong
 Message = ToEngine | ToWorker
-_MESSAGE_TYPES = (Admit, Run, Release, EngineHello, StateChanged, Granted, Done, Failed)
+_MESSAGE_TYPES = (Admit, Run, Release, Ping, EngineHello, StateChanged, Granted, Done, Failed, Pong)
 
 
 def encode(message: Message) -> bytes:

@@ -51,3 +51,11 @@ def random_seresnet14(export_cache: Path) -> Path:
 def random_onnx(export_cache: Path):
     """Factory: ``random_onnx(arch, fuse=False)`` -> path of a random-weight export."""
     return lambda arch, fuse=False: _random_onnx(export_cache, arch, fuse)
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    """The embedded model's test set (``testkit.fashion.FashionTest``), read once."""
+    from testkit.fashion import fashion_test
+
+    return fashion_test()

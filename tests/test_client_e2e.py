@@ -22,26 +22,17 @@ from urllib.parse import urlsplit
 import numpy as np
 import onnxruntime as ort
 import pytest
-from PIL import Image
 
-from export import fashion_mnist
 from modelcard import load_array
 from modelcard.schema import UNFUSED_FILE, read_card
+from testkit.fashion import LABELS, FashionTest, class_folder, fashion_test
 from testkit.images import png
-from testkit.server import ServiceProcess, running_service
+from testkit.server import EMBEDDED_MODEL, REPO_ROOT, ServiceProcess, running_service
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL_DIR = REPO_ROOT / "models" / "fashion-seresnet"
 N_IMAGES = 200  # CPU is shared: enough for every class, small enough to score in seconds
 MAX_IMAGES_PER_REQUEST = 8  # below the client's --batch-size in some tests: it must split
-
-
-def class_folder(label: str) -> str:
-    """A folder name for a class label, as datasets often spell them: "T-shirt/top" cannot be
-    one (it has a slash) and "Ankle boot" becomes "Ankle_boot"."""
-    return label.replace("/", "_").replace(" ", "_")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -50,7 +41,7 @@ def class_folder(label: str) -> str:
 @pytest.fixture(scope="module")
 def service() -> Iterator[ServiceProcess]:
     env = {"SERESNET_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES_PER_REQUEST)}
-    with running_service(MODEL_DIR, env=env) as svc:
+    with running_service(EMBEDDED_MODEL, env=env) as svc:
         yield svc
 
 
@@ -61,18 +52,10 @@ class LabelledFolder:
 
 
 @pytest.fixture(scope="module")
-def fashion(tmp_path_factory: pytest.TempPathFactory) -> LabelledFolder:
+def labelled(tmp_path_factory: pytest.TempPathFactory, fashion: FashionTest) -> LabelledFolder:
     """The first N_IMAGES Fashion-MNIST test images as PNGs in class folders."""
-    images, labels = fashion_mnist.load("test")
     root = tmp_path_factory.mktemp("fashion")
-    files = []
-    for i in range(N_IMAGES):
-        folder = root / class_folder(fashion_mnist.LABELS[labels[i]])
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{i:05d}.png"
-        Image.fromarray(images[i], mode="L").save(path)
-        files.append(path)
-    return LabelledFolder(root, sorted(files))
+    return LabelledFolder(root, sorted(fashion.save_pngs(root, range(N_IMAGES), by_class=True)))
 
 
 def client_command(path: Path, url: str, out: Path, options: str = "", *extra: str) -> list[str]:
@@ -217,9 +200,9 @@ class Proxy:
 def _reference(files: list[Path]) -> np.ndarray:
     """Class ids ranked by the unfused model in ONNX Runtime, preprocessed as the service
     does (the shared modelcard code), for each file: [n, classes]."""
-    card = read_card(MODEL_DIR)
+    card = read_card(EMBEDDED_MODEL)
     session = ort.InferenceSession(
-        str(MODEL_DIR / UNFUSED_FILE), providers=["CPUExecutionProvider"]
+        str(EMBEDDED_MODEL / UNFUSED_FILE), providers=["CPUExecutionProvider"]
     )
     batch = np.stack([load_array(f.read_bytes(), card.input) for f in files])
     (logits,) = session.run([card.output.logits], {card.input.tensor: batch})
@@ -227,11 +210,11 @@ def _reference(files: list[Path]) -> np.ndarray:
 
 
 def test_reported_accuracy_equals_a_direct_onnx_runtime_run(
-    service: ServiceProcess, fashion: LabelledFolder, tmp_path: Path
+    service: ServiceProcess, labelled: LabelledFolder, tmp_path: Path
 ) -> None:
     out, summary_path = tmp_path / "r.jsonl", tmp_path / "summary.json"
     result = run_client(
-        fashion.root,
+        labelled.root,
         service.url,
         out,
         f"--labels-from-dirs --batch-size {2 * MAX_IMAGES_PER_REQUEST} --concurrency 2",
@@ -243,18 +226,18 @@ def test_reported_accuracy_equals_a_direct_onnx_runtime_run(
     assert f"sending at most {MAX_IMAGES_PER_REQUEST}" in result.stderr
     summary = json.loads(summary_path.read_text())
     rows = {Path(r["path"]): r for r in read_rows(out)}
-    assert sorted(rows) == fashion.files  # every image once, nothing else
+    assert sorted(rows) == labelled.files  # every image once, nothing else
 
-    ranked = _reference(fashion.files)
-    card = read_card(MODEL_DIR)
-    class_of = {class_folder(label): i for i, label in enumerate(fashion_mnist.LABELS)}
-    truth = [class_of[f.parent.name] for f in fashion.files]
+    ranked = _reference(labelled.files)
+    card = read_card(EMBEDDED_MODEL)
+    class_of = {class_folder(label): i for i, label in enumerate(LABELS)}
+    truth = [class_of[f.parent.name] for f in labelled.files]
     top1 = int(sum(ranked[i, 0] == t for i, t in enumerate(truth)))
     top5 = int(sum(t in ranked[i, :5] for i, t in enumerate(truth)))
     acc = summary["accuracy"]
     assert (acc["images"], acc["top1_correct"], acc["top5_correct"]) == (N_IMAGES, top1, top5)
     assert acc["top1"] == pytest.approx(top1 / N_IMAGES)
-    for i, f in enumerate(fashion.files):
+    for i, f in enumerate(labelled.files):
         predicted = [p["class_id"] for p in rows[f]["predictions"]]
         assert predicted[0] == ranked[i, 0], f
         assert rows[f]["predictions"][0]["label"] == card.labels[ranked[i, 0]]
@@ -274,7 +257,7 @@ def test_reported_accuracy_equals_a_direct_onnx_runtime_run(
 )
 def test_resume_after_a_kill_mid_run(
     service: ServiceProcess,
-    fashion: LabelledFolder,
+    labelled: LabelledFolder,
     tmp_path: Path,
     sig: signal.Signals,
     fmt: str,
@@ -285,7 +268,7 @@ def test_resume_after_a_kill_mid_run(
     # A slow proxy keeps the first run going long enough to be stopped in the middle.
     with Proxy(service.url, delay_s=0.1) as proxy, open(log, "w") as log_file:
         proc = subprocess.Popen(
-            client_command(fashion.root, proxy.url, out, options + " --concurrency 1"),
+            client_command(labelled.root, proxy.url, out, options + " --concurrency 1"),
             cwd=REPO_ROOT,
             env=client_env(),
             stdout=log_file,
@@ -311,7 +294,7 @@ def test_resume_after_a_kill_mid_run(
 
     summary_path = tmp_path / "summary.json"
     result = run_client(
-        fashion.root,
+        labelled.root,
         service.url,
         out,
         options + " --resume --concurrency 2",
@@ -321,12 +304,12 @@ def test_resume_after_a_kill_mid_run(
     assert result.returncode == 0, result.stderr
     paths = [r["path"] for r in read_rows(out)]
     assert len(paths) == len(set(paths)) == N_IMAGES  # no duplicates
-    assert sorted(Path(p) for p in paths) == fashion.files  # nothing missing
+    assert sorted(Path(p) for p in paths) == labelled.files  # nothing missing
     summary = json.loads(summary_path.read_text())
     assert summary["job"]["images"] == N_IMAGES and summary["complete"]
     assert summary["run"]["skipped_already_done"] >= done_before - 1  # a cut last line is redone
 
-    again = run_client(fashion.root, service.url, out, options + " --resume")
+    again = run_client(labelled.root, service.url, out, options + " --resume")
     assert again.returncode == 0 and "Scored 0 images" in again.stdout
     assert len(read_rows(out)) == N_IMAGES
 
@@ -334,7 +317,7 @@ def test_resume_after_a_kill_mid_run(
 def test_corrupt_files_non_images_and_unreadable_files(
     service: ServiceProcess, tmp_path: Path
 ) -> None:
-    images, _ = fashion_mnist.load("test")
+    images = fashion_test().images
     folder = tmp_path / "mixed"
     folder.mkdir()
     for i in range(3):
@@ -382,8 +365,8 @@ def test_corrupt_files_non_images_and_unreadable_files(
     assert len(fixed["predictions"]) == 5
 
 
-def _one_class(fashion: LabelledFolder) -> tuple[Path, int]:
-    folder = fashion.files[0].parent
+def _one_class(labelled: LabelledFolder) -> tuple[Path, int]:
+    folder = labelled.files[0].parent
     return folder, sum(1 for _ in folder.iterdir())
 
 
@@ -393,10 +376,10 @@ def _all_scored(out: Path, n: int) -> bool:
 
 
 def test_a_service_that_is_warming_up_or_answers_503_for_a_while_is_waited_for(
-    service: ServiceProcess, fashion: LabelledFolder, tmp_path: Path
+    service: ServiceProcess, labelled: LabelledFolder, tmp_path: Path
 ) -> None:
     out = tmp_path / "r.jsonl"
-    folder, n = _one_class(fashion)
+    folder, n = _one_class(labelled)
     with Proxy(service.url, fail_first=4, unready_first=2) as proxy:
         result = run_client(folder, proxy.url, out, "--batch-size 4 --concurrency 2 --retries 5")
     assert result.returncode == 0, result.stderr
@@ -407,10 +390,10 @@ def test_a_service_that_is_warming_up_or_answers_503_for_a_while_is_waited_for(
 
 
 def test_a_service_that_keeps_failing_stops_the_run_and_resume_finishes_it(
-    service: ServiceProcess, fashion: LabelledFolder, tmp_path: Path
+    service: ServiceProcess, labelled: LabelledFolder, tmp_path: Path
 ) -> None:
     out = tmp_path / "r.jsonl"
-    folder, n = _one_class(fashion)
+    folder, n = _one_class(labelled)
     with Proxy(service.url, fail_first=-1) as proxy:
         result = run_client(folder, proxy.url, out, "--batch-size 2 --concurrency 1 --retries 1")
     assert result.returncode == 3, result.stderr
@@ -425,12 +408,12 @@ def test_a_service_that_keeps_failing_stops_the_run_and_resume_finishes_it(
 
 
 def test_api_key_from_the_option_or_the_environment(tmp_path: Path) -> None:
-    images, _ = fashion_mnist.load("test")
+    images = fashion_test().images
     folder = tmp_path / "few"
     folder.mkdir()
     for i in range(3):
         (folder / f"{i}.png").write_bytes(png(images[i]))
-    with running_service(MODEL_DIR, env={"SERESNET_API_KEY": "s3cret"}) as svc:
+    with running_service(EMBEDDED_MODEL, env={"SERESNET_API_KEY": "s3cret"}) as svc:
         refused = run_client(folder, svc.url, tmp_path / "a.jsonl")
         assert refused.returncode == 3
         assert "refused" in refused.stderr and "--api-key" in refused.stderr

@@ -221,6 +221,13 @@ def test_infer_typed_contents(
     expected = direct(served_session, np.stack([load_array(f, CARD.input) for f in files]))
     np.testing.assert_allclose(logits, expected, rtol=0, atol=SERVED_ATOL)
 
+    # More typed values than a full batch holds are refused before they become objects.
+    request = service_pb2.ModelInferRequest(model_name=NAME)
+    tensor = request.inputs.add(name=INPUT, datatype="UINT8", shape=[MAX_IMAGES, 1, 28, 28])
+    tensor.contents.uint_contents.extend([0] * (MAX_IMAGES * 784 + 1))
+    e = rpc_fails(stub.ModelInfer, request)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "values" in e.details()
+
     # raw_input_contents for some inputs only is no request.
     request = service_pb2.ModelInferRequest(model_name=NAME)
     request.inputs.add(name=FILES, datatype="BYTES", shape=[1])

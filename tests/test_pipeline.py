@@ -16,13 +16,12 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from imagesamples import TEXT, encode, truncated_jpeg
-from PIL import Image
-from serverutil import EMBEDDED_MODEL, ServiceProcess, running_service
 
-from export.fashion_mnist import load as load_fashion_mnist
 from modelcard.schema import read_card
 from service import ranking, wire
+from testkit.fashion import fashion_test
+from testkit.images import TEXT, truncated_jpeg
+from testkit.server import EMBEDDED_MODEL, ServiceProcess, running_service
 
 CARD = read_card(EMBEDDED_MODEL)
 
@@ -34,8 +33,7 @@ def svc() -> Iterator[ServiceProcess]:
 
 
 def _pngs(n: int) -> list[bytes]:
-    images, _ = load_fashion_mnist("test")
-    return [encode(Image.fromarray(images[i], "L"), "PNG") for i in range(n)]
+    return fashion_test().pngs(n)
 
 
 def test_both_protocols_give_the_same_answer(svc: ServiceProcess) -> None:

@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from export.fashion_mnist import load as load_fashion_mnist
 from modelcard.preprocessing import load_array
 from modelcard.schema import FUSED_FILE, read_card
+from testkit.fashion import FashionTest
 from testkit.images import (
     SVG,
     TEXT,
@@ -54,12 +54,6 @@ def svc() -> Iterator[ServiceProcess]:
 def client(svc: ServiceProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=svc.url, timeout=60) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def fashion() -> tuple[np.ndarray, np.ndarray]:
-    images, labels = load_fashion_mnist("test")
-    return images[:48], labels[:48]
 
 
 def fm_png(pixels: np.ndarray) -> bytes:
@@ -119,8 +113,8 @@ def check_predictions(preds: list[dict], k: int) -> None:
         assert CARD.labels[p["class_id"]] == p["label"]
 
 
-def test_single_image(client: httpx.Client, fashion) -> None:
-    r = classify(client, [("shoe.png", fm_png(fashion[0][0]))])
+def test_single_image(client: httpx.Client, fashion: FashionTest) -> None:
+    r = classify(client, [("shoe.png", fm_png(fashion.images[0]))])
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == CARD.name and body["model_version"] == CARD.version
@@ -129,9 +123,9 @@ def test_single_image(client: httpx.Client, fashion) -> None:
 
 
 def test_many_images_keep_request_order_and_match_direct_onnxruntime(
-    client: httpx.Client, fashion, direct_session: ort.InferenceSession
+    client: httpx.Client, fashion: FashionTest, direct_session: ort.InferenceSession
 ) -> None:
-    images, labels = fashion
+    images, labels = fashion.images, fashion.labels
     files = []
     for i, px in enumerate(images[:24]):
         files.append((f"{i}.png", fm_png(px)) if i % 2 else (f"{i}.jpg", fm_jpeg224(px)))
@@ -148,8 +142,8 @@ def test_many_images_keep_request_order_and_match_direct_onnxruntime(
     assert np.mean(np.array(top1) == labels[:24]) >= 0.75  # the embedded model is trained
 
 
-def test_raw_body(client: httpx.Client, fashion, direct_session) -> None:
-    data = fm_png(fashion[0][3])
+def test_raw_body(client: httpx.Client, fashion: FashionTest, direct_session) -> None:
+    data = fm_png(fashion.images[3])
     r = client.post("/classify", content=data, headers={"Content-Type": "image/png"})
     assert r.status_code == 200, r.text
     (res,) = r.json()["results"]
@@ -165,19 +159,19 @@ def test_raw_body(client: httpx.Client, fashion, direct_session) -> None:
 
 
 @pytest.mark.parametrize(("k", "n"), [(1, 1), (5, 5), (10, 10), (50, 10)])
-def test_top_k(client: httpx.Client, fashion, k: int, n: int) -> None:
-    r = classify(client, [("a.png", fm_png(fashion[0][1]))], top_k=k)
+def test_top_k(client: httpx.Client, fashion: FashionTest, k: int, n: int) -> None:
+    r = classify(client, [("a.png", fm_png(fashion.images[1]))], top_k=k)
     assert r.status_code == 200
     check_predictions(r.json()["results"][0]["predictions"], n)
 
 
-def test_missing_top_k_means_five(client: httpx.Client, fashion) -> None:
-    r = classify(client, [("a.png", fm_png(fashion[0][1]))])
+def test_missing_top_k_means_five(client: httpx.Client, fashion: FashionTest) -> None:
+    r = classify(client, [("a.png", fm_png(fashion.images[1]))])
     assert len(r.json()["results"][0]["predictions"]) == 5
 
 
-def test_a_corrupt_image_costs_only_itself(client: httpx.Client, fashion) -> None:
-    good = [fm_png(fashion[0][i]) for i in range(3)]
+def test_a_corrupt_image_costs_only_itself(client: httpx.Client, fashion: FashionTest) -> None:
+    good = [fm_png(fashion.images[i]) for i in range(3)]
     files = [
         ("g0.png", good[0]),
         ("trunc.jpg", truncated_jpeg()),
@@ -211,8 +205,10 @@ def test_a_corrupt_image_costs_only_itself(client: httpx.Client, fashion) -> Non
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_bad_input_statuses_and_the_server_keeps_serving(client: httpx.Client, fashion) -> None:
-    """Issue 4's list: each gets its status with a JSON error naming the problem."""
+def test_bad_input_statuses_and_the_server_keeps_serving(
+    client: httpx.Client, fashion: FashionTest
+) -> None:
+    """Each kind of bad input gets its status with a JSON error naming the problem."""
     post = client.post
     cases = {
         "empty body": post("/classify", content=b"", headers={"Content-Type": "image/jpeg"}),
@@ -228,13 +224,15 @@ def test_bad_input_statuses_and_the_server_keeps_serving(client: httpx.Client, f
             "/classify", content=b"{}", headers={"Content-Type": "application/json"}
         ),
         "form-urlencoded": post("/classify", data={"images": "x"}),
-        "top_k=abc": classify(client, [("a.png", fm_png(fashion[0][0]))], top_k="abc"),
-        "top_k=0": classify(client, [("a.png", fm_png(fashion[0][0]))], top_k=0),
-        "top_k=-2": classify(client, [("a.png", fm_png(fashion[0][0]))], top_k=-2),
+        "top_k=abc": classify(client, [("a.png", fm_png(fashion.images[0]))], top_k="abc"),
+        "top_k=0": classify(client, [("a.png", fm_png(fashion.images[0]))], top_k=0),
+        "top_k=-2": classify(client, [("a.png", fm_png(fashion.images[0]))], top_k=-2),
         "top_k=": client.post(
-            "/classify?top_k=", content=fm_png(fashion[0][0]), headers={"Content-Type": "image/png"}
+            "/classify?top_k=",
+            content=fm_png(fashion.images[0]),
+            headers={"Content-Type": "image/png"},
         ),
-        "top_k=2.5": classify(client, [("a.png", fm_png(fashion[0][0]))], top_k=2.5),
+        "top_k=2.5": classify(client, [("a.png", fm_png(fashion.images[0]))], top_k=2.5),
         "10,000 tiny parts": classify(client, [(f"{i}.png", b"x") for i in range(10_000)]),
         "body too large": post(
             "/classify", content=b"\xff" * (MAX_BODY + 1), headers={"Content-Type": "image/jpeg"}
@@ -271,7 +269,7 @@ def test_bad_input_statuses_and_the_server_keeps_serving(client: httpx.Client, f
     assert "'image'" in cases["no images part"].json()["error"]["message"]  # names what it saw
     assert "top_k" in cases["top_k=abc"].json()["error"]["message"]
     assert "30000x30000" in cases["30000x30000 PNG"].json()["error"]["message"]
-    still = classify(client, [("a.png", fm_png(fashion[0][0]))])
+    still = classify(client, [("a.png", fm_png(fashion.images[0]))])
     assert still.status_code == 200
 
 
@@ -338,9 +336,9 @@ def test_health_and_model_metadata(client: httpx.Client) -> None:
 
 
 def test_request_ids_and_structured_logs(
-    svc: ServiceProcess, client: httpx.Client, fashion
+    svc: ServiceProcess, client: httpx.Client, fashion: FashionTest
 ) -> None:
-    data = fm_png(fashion[0][0])
+    data = fm_png(fashion.images[0])
     mine = client.post(
         "/classify",
         content=data,
@@ -367,9 +365,11 @@ def test_request_ids_and_structured_logs(
     assert records[failing.headers["x-request-id"]]["code"] == "unsupported_format"
 
 
-def test_metrics_have_tritons_meaning(svc: ServiceProcess, client: httpx.Client, fashion) -> None:
+def test_metrics_have_tritons_meaning(
+    svc: ServiceProcess, client: httpx.Client, fashion: FashionTest
+) -> None:
     before = svc.metrics_text()
-    files = [(f"{i}.png", fm_png(fashion[0][i])) for i in range(6)]
+    files = [(f"{i}.png", fm_png(fashion.images[i])) for i in range(6)]
     assert classify(client, files).status_code == 200
     assert classify(client, [("t.jpg", TEXT)]).status_code == 415
     assert classify(client, [*files[:2], ("t.jpg", TEXT)]).status_code == 200

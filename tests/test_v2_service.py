@@ -23,9 +23,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from export.fashion_mnist import load as load_fashion_mnist
 from modelcard.preprocessing import load_array
 from modelcard.schema import UNFUSED_FILE, read_card
+from testkit.fashion import FashionTest
 from testkit.images import TEXT, encode, photo, png, truncated_jpeg
 from testkit.server import (
     EMBEDDED_MODEL,
@@ -66,12 +66,6 @@ def client(svc: ServiceProcess) -> Iterator[triton.InferenceServerClient]:
     c = triton.InferenceServerClient(svc.url.removeprefix("http://"), network_timeout=120)
     yield c
     c.close()
-
-
-@pytest.fixture(scope="module")
-def fashion() -> np.ndarray:
-    images, _ = load_fashion_mnist("test")
-    return images[:32]
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +176,12 @@ def test_repository_index(client: triton.InferenceServerClient) -> None:
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_infer_uint8_tensor_equals_direct_onnxruntime(
     client: triton.InferenceServerClient,
-    fashion: np.ndarray,
+    fashion: FashionTest,
     binary: bool,
     served_session: ort.InferenceSession,
     unfused_session: ort.InferenceSession,
 ) -> None:
-    pixels = pixels_of(fashion[:MAX_IMAGES])
+    pixels = pixels_of(fashion.images[:MAX_IMAGES])
     out = triton.InferRequestedOutput(OUTPUT, binary_data=binary)
     result = client.infer(NAME, [uint8_input(pixels, binary)], outputs=[out], request_id="req-7")
     logits = result.as_numpy(OUTPUT)
@@ -200,9 +194,9 @@ def test_infer_uint8_tensor_equals_direct_onnxruntime(
 
 
 def test_infer_compressed_request(
-    client: triton.InferenceServerClient, fashion: np.ndarray, served_session: ort.InferenceSession
+    client: triton.InferenceServerClient, fashion: FashionTest, served_session: ort.InferenceSession
 ) -> None:
-    pixels = pixels_of(fashion[:4])
+    pixels = pixels_of(fashion.images[:4])
     for algorithm in ("gzip", "deflate"):
         result = client.infer(
             NAME, [uint8_input(pixels, True)], request_compression_algorithm=algorithm
@@ -215,11 +209,11 @@ def test_infer_compressed_request(
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_infer_encoded_images_decoded_as_classify_does(
     client: triton.InferenceServerClient,
-    fashion: np.ndarray,
+    fashion: FashionTest,
     binary: bool,
     served_session: ort.InferenceSession,
 ) -> None:
-    files = [png(image) for image in fashion[:6]]
+    files = [png(image) for image in fashion.images[:6]]
     files.append(encode(photo(300, 200, seed=3), "JPEG", quality=90))  # resized and greyed
     result = client.infer(
         NAME,
@@ -235,11 +229,11 @@ def test_infer_encoded_images_decoded_as_classify_does(
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_classification_extension(
     client: triton.InferenceServerClient,
-    fashion: np.ndarray,
+    fashion: FashionTest,
     binary: bool,
     served_session: ort.InferenceSession,
 ) -> None:
-    pixels = pixels_of(fashion[:4])
+    pixels = pixels_of(fashion.images[:4])
     out = triton.InferRequestedOutput(OUTPUT, binary_data=binary, class_count=3)
     strings = client.infer(NAME, [uint8_input(pixels, binary)], outputs=[out]).as_numpy(OUTPUT)
     assert strings.shape == (4, 3)
@@ -257,11 +251,11 @@ def test_classification_extension(
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_corrupt_image_among_good_ones(
     client: triton.InferenceServerClient,
-    fashion: np.ndarray,
+    fashion: FashionTest,
     binary: bool,
     served_session: ort.InferenceSession,
 ) -> None:
-    files = [png(fashion[0]), truncated_jpeg(), png(fashion[1]), TEXT]
+    files = [png(fashion.images[0]), truncated_jpeg(), png(fashion.images[1]), TEXT]
     result = client.infer(
         NAME,
         [bytes_input(files)],
@@ -353,7 +347,7 @@ def test_error_bodies_are_the_protocols_string(svc: ServiceProcess) -> None:
 
 
 def test_statistics_count_requests_and_images(
-    client: triton.InferenceServerClient, fashion: np.ndarray
+    client: triton.InferenceServerClient, fashion: FashionTest
 ) -> None:
     def stat() -> dict:
         stats = client.get_inference_statistics(NAME)["model_stats"]
@@ -363,7 +357,7 @@ def test_statistics_count_requests_and_images(
     before = stat()
     t0_ms = time.time() * 1000
     for n in (1, 3, 5):
-        client.infer(NAME, [uint8_input(pixels_of(fashion[:n]), True)])
+        client.infer(NAME, [uint8_input(pixels_of(fashion.images[:n]), True)])
     fails(client.infer, NAME, [uint8_input(np.zeros((1, 1, 9, 9), np.uint8), True)])
     after = stat()
     assert after["inference_count"] - before["inference_count"] == 9
@@ -424,7 +418,7 @@ def test_not_ready_is_503_with_retry_after(guarded: Guarded) -> None:
 
 
 def test_two_workers_with_an_api_key(
-    guarded: Guarded, fashion: np.ndarray, served_session: ort.InferenceSession
+    guarded: Guarded, fashion: FashionTest, served_session: ort.InferenceSession
 ) -> None:
     url = guarded.svc.url.removeprefix("http://")
     anonymous = triton.InferenceServerClient(url)
@@ -433,7 +427,7 @@ def test_two_workers_with_an_api_key(
     assert anonymous.is_server_ready()  # health stays open
     headers = {"Authorization": f"Bearer {guarded.key}"}
     client = triton.InferenceServerClient(url, concurrency=4)
-    pixels = pixels_of(fashion[:8])
+    pixels = pixels_of(fashion.images[:8])
     expected = direct(served_session, pixels)
     # Several connections, so both workers serve some of them.
     pending = [

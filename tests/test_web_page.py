@@ -40,7 +40,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from export import fashion_mnist  # noqa: E402
+from testkit.fashion import FashionTest  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -178,17 +178,10 @@ class Sample:
 
 
 @pytest.fixture(scope="module")
-def fashion(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
+def samples(tmp_path_factory: pytest.TempPathFactory, fashion: FashionTest) -> list[Sample]:
     """Eight Fashion-MNIST test images of eight classes as PNG files, with their true labels."""
-    images, labels = fashion_mnist.load("test")
-    folder = tmp_path_factory.mktemp("fashion-png")
-    samples = []
-    for i in FASHION_INDICES:
-        label = fashion_mnist.LABELS[int(labels[i])]
-        path = folder / f"test{i:02d}_{label.replace('/', '-').replace(' ', '_')}.png"
-        Image.fromarray(images[i], "L").save(path)
-        samples.append(Sample(path, label))
-    return samples
+    paths = fashion.save_pngs(tmp_path_factory.mktemp("fashion-png"), list(FASHION_INDICES))
+    return [Sample(path, fashion.label(i)) for path, i in zip(paths, FASHION_INDICES, strict=True)]
 
 
 def _model_metadata(svc: ServiceProcess, headers: dict[str, str] | None = None) -> dict:
@@ -206,7 +199,7 @@ def _top1(element: WebElement) -> tuple[str, str]:
 
 
 def test_page_shows_the_card_and_classifies_fashion_mnist_images(
-    service: ServiceProcess, browser: Browser, fashion: list[Sample]
+    service: ServiceProcess, browser: Browser, samples: list[Sample]
 ) -> None:
     browser.driver.get(f"{service.url}/")
     facts = browser.by_id("card-facts")
@@ -226,7 +219,7 @@ def test_page_shows_the_card_and_classifies_fashion_mnist_images(
     assert ("fused SE graph" in engine) == (meta["engine"]["graph"] == "fused")
     assert browser.by_id("card-limits").text.startswith("256 images and 32 MiB per request")
 
-    chosen = fashion[:3]
+    chosen = samples[:3]
     browser.upload([s.path for s in chosen])
     status = browser.wait_done()
     assert re.fullmatch(r"3 images classified · 1 request, \d+ ms", status), status
@@ -256,18 +249,18 @@ def test_page_shows_the_card_and_classifies_fashion_mnist_images(
 
 
 def test_page_says_why_a_file_was_not_classified(
-    service: ServiceProcess, browser: Browser, fashion: list[Sample], tmp_path: Path
+    service: ServiceProcess, browser: Browser, samples: list[Sample], tmp_path: Path
 ) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(truncated_jpeg())
     notes = tmp_path / "notes.png"
     notes.write_bytes(TEXT)
     browser.driver.get(f"{service.url}/")
-    browser.upload([fashion[0].path, broken, notes])
+    browser.upload([samples[0].path, broken, notes])
     status = browser.wait_done()
     assert status.startswith("1 image classified, 2 not · 1 request"), status
     shown = browser.results()
-    assert _top1(shown[fashion[0].path.name])[0] == fashion[0].label
+    assert _top1(shown[samples[0].path.name])[0] == samples[0].label
     error = shown["broken.jpg"].find_element(By.CSS_SELECTOR, ".error")
     assert shown["broken.jpg"].get_attribute("data-state") == "error"
     assert error.text.startswith("Not a readable image: JPEG data cannot be decoded")
@@ -314,7 +307,7 @@ def test_docs_and_redoc_render_offline(service: ServiceProcess, browser: Browser
 
 
 def test_page_asks_for_the_api_key_and_keeps_to_the_limits(
-    browser: Browser, fashion: list[Sample], tmp_path: Path
+    browser: Browser, samples: list[Sample], tmp_path: Path
 ) -> None:
     big = tmp_path / "big.png"
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -336,7 +329,7 @@ def test_page_asks_for_the_api_key_and_keeps_to_the_limits(
         browser.wait(lambda _d: browser.by_id("card-facts").is_displayed())
         assert browser.by_id("card-limits").text.startswith("2 images and 8 KiB per request")
 
-        five = [s.path for s in fashion[:5]]
+        five = [s.path for s in samples[:5]]
         browser.collect()
         browser.upload([*five, big])
         status = browser.wait_done()
@@ -348,7 +341,7 @@ def test_page_asks_for_the_api_key_and_keeps_to_the_limits(
         posts = [r for r in browser.collect() if r["method"] == "POST"]
         assert len(posts) == 3  # 2 + 2 + 1 images; the big file was never sent
         shown = browser.results()
-        for sample in fashion[:5]:
+        for sample in samples[:5]:
             assert _top1(shown[sample.path.name])[0] == sample.label
         assert (
             shown["big.png"]

@@ -25,7 +25,7 @@ class EngineConfig:
     intra_op_threads: int = 1
     cudnn_conv_algo_search: str = "EXHAUSTIVE"
     cuda_tf32: bool = True
-    precision: str = "auto"  # auto | fp32 | fp16
+    precision: str = "auto"  # auto | fp32 | fp16 | int8
     cuda_graphs: str = "auto"  # auto | on | off
     cuda_layout: str = "auto"  # auto | nchw | nhwc (float16 channels last, prefer_nhwc)
 

@@ -21,10 +21,18 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from modelcard.cpu import cpu_int8_isa
 from modelcard.schema import FUSED_FILE, CardError, ModelCard, read_card
 from service.engine.config import EngineConfig
 from service.engine.plan import EnginePlan, FolderFacts, fall_back, plan_engine
-from service.engine.policy import PROVIDER_EP, EngineError, Graph, OptLevel, cuda_device_count
+from service.engine.policy import (
+    PROVIDER_EP,
+    EngineError,
+    Graph,
+    Int8Offer,
+    OptLevel,
+    cuda_device_count,
+)
 from service.engine.runners import BucketRunner, PlainRunner
 from service.engine.session import (
     LoadError,
@@ -72,9 +80,19 @@ class EngineInfo:
 def folder_facts(model_dir: Path, card: ModelCard, precision: str) -> FolderFacts:
     """What ``model_dir`` offers the plan. A benchmark-only folder keeps a float16 file that
     export's parity gate did not pass (``float16.parity_gated: false``): it is served when
-    ``SERESNET_PRECISION=fp16`` asks for it by name, never by ``auto``."""
-    fp16 = card.float16
+    ``SERESNET_PRECISION=fp16`` asks for it by name, never by ``auto``; the int8 file likewise
+    (``int8.parity_gated``), and only the card's int8 entry vouches for ``model.int8.se.onnx``."""
+    fp16, int8 = card.float16, card.int8
     return FolderFacts(
+        int8=Int8Offer()
+        if int8 is None
+        else Int8Offer(
+            present=(model_dir / int8.file).is_file(),
+            vouched=int8.parity_gated,
+            speedup=int8.cpu_speedup_vs_fp32,
+            card_isa=int8.cpu_int8_isa,
+            here_isa=cpu_int8_isa(),
+        ),
         fused_present=(model_dir / FUSED_FILE).is_file(),
         fp16_present=fp16 is not None
         and (model_dir / fp16.file).is_file()

@@ -18,13 +18,14 @@ The rules of :func:`fall_back`:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from service.engine.policy import (
     CudaGraphsChoice,
     EngineError,
     GraphChoice,
+    Int8Offer,
     Precision,
     PrecisionChoice,
     ProviderChoice,
@@ -47,9 +48,8 @@ Cause = Literal[
 ]
 Layout = Literal["nchw", "nhwc"]
 
-# What auto gives up a precision for when its file cannot be loaded. A new precision (int8)
-# is one more row, naming the precision it falls back to.
-PRECISION_FALLBACK: dict[Precision, Precision] = {"fp16": "fp32"}
+# What auto gives up a precision for when its file cannot be loaded.
+PRECISION_FALLBACK: dict[Precision, Precision] = {"fp16": "fp32", "int8": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class FolderFacts:
 
     fused_present: bool
     fp16_present: bool  # the file exists and export's parity gate passed it
+    int8: Int8Offer = field(default_factory=Int8Offer)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,12 @@ def plan_engine(
         ops.error,
     )
     precision = choose_precision(
-        provider.provider, config.precision, graph.graph, folder.fp16_present, ops.fp16_cuda
+        provider.provider,
+        config.precision,
+        graph.graph,
+        folder.fp16_present,
+        ops.fp16_cuda,
+        folder.int8,
     )
     graph = replace(graph, precision=precision.precision)
     layout = choose_layout(provider.provider, config.cuda_layout, precision.precision)

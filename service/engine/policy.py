@@ -1,7 +1,8 @@
 """Which execution provider, which graph (fused ``model.se.onnx``, its float16 variant
-``model.fp16.se.onnx``, or ``model.onnx``), which optimisation level, and whether CUDA graphs
-are captured, and why. The tables of providers and optimisation levels live here and nowhere
-else; tune the auto policy from ``bench/`` results in one place.
+``model.fp16.se.onnx``, its int8 variant ``model.int8.se.onnx``, or ``model.onnx``), which
+optimisation level, and whether CUDA graphs are captured, and why. The tables of providers
+and optimisation levels live here and nowhere else; tune the auto policy from ``bench/``
+results in one place.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Literal
 
 import onnxruntime as ort
 
-from modelcard.schema import FP16_FUSED_FILE, FUSED_FILE, UNFUSED_FILE
+from modelcard.schema import FP16_FUSED_FILE, FUSED_FILE, INT8_FUSED_FILE, UNFUSED_FILE
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -27,7 +28,14 @@ _ORT_DTYPE = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 Graph = Literal["fused", "unfused"]
 OptLevel = Literal["basic", "extended", "all"]
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISION_FILE: dict[str, str] = {
+    "fp32": FUSED_FILE,
+    "fp16": FP16_FUSED_FILE,
+    "int8": INT8_FUSED_FILE,
+}
+# auto serves int8 on the CPU only when the card's timing says it is at least this much faster.
+MIN_INT8_SPEEDUP = 1.1
 
 
 class EngineError(RuntimeError):
@@ -87,9 +95,7 @@ class GraphChoice:
 
     @property
     def filename(self) -> str:
-        if self.graph == "fused":
-            return FP16_FUSED_FILE if self.precision == "fp16" else FUSED_FILE
-        return UNFUSED_FILE
+        return PRECISION_FILE[self.precision] if self.graph == "fused" else UNFUSED_FILE
 
 
 def choose_graph(
@@ -160,16 +166,83 @@ class PrecisionChoice:
     reason: str
 
 
+@dataclass(frozen=True)
+class Int8Offer:
+    """What the model folder and this CPU say about ``model.int8.se.onnx``."""
+
+    present: bool = False  # the file exists
+    vouched: bool = False  # export's accuracy gate passed it (parity_gated)
+    speedup: float | None = None  # the card's CPU timing, int8 vs float32
+    card_isa: str | None = None  # the int8 instructions of the CPU that timed it
+    here_isa: str | None = None  # ... and of this CPU
+
+
+def _int8_choice(
+    provider: str, requested: str, graph: Graph, offer: Int8Offer
+) -> PrecisionChoice | None:
+    """int8 when asked for (or error), or when auto may pick it; None leaves it to the rest.
+
+    auto trusts the export's timing rather than timing both graphs at warm-up: a timing on a
+    loaded box at start-up is noise, and the same card then serves the same graph on every
+    replica. The timing carries over only to a CPU with the same int8 instructions (without
+    VNNI, u8 x s8 convolutions lose most of their advantage), so a different CPU means fp32
+    unless ``SERESNET_PRECISION=int8`` says otherwise."""
+    missing = ""
+    if provider != "cpu":
+        missing = "int8 is served on the CPU provider only"
+    elif graph != "fused":
+        missing = "the int8 variant is a fused graph, and the unfused one is served"
+    elif not offer.present:
+        missing = (
+            f"the model folder has no {INT8_FUSED_FILE} (export writes it when it passes the "
+            "accuracy gate; the card's int8 entry records the figures)"
+        )
+    elif requested == "int8":
+        return PrecisionChoice("int8", "SERESNET_PRECISION=int8")
+    if requested == "int8":
+        raise EngineError(f"SERESNET_PRECISION=int8 but {missing}")
+    if requested != "auto" or provider != "cpu" or missing:
+        return None
+    if not offer.vouched:
+        return PrecisionChoice(
+            "fp32", "auto: the int8 graph is benchmark-only (parity_gated false)"
+        )
+    if offer.speedup is None or offer.speedup < MIN_INT8_SPEEDUP:
+        return PrecisionChoice(
+            "fp32", f"auto: int8 measured {offer.speedup}x float32 (< {MIN_INT8_SPEEDUP}x)"
+        )
+    if offer.card_isa != offer.here_isa:
+        return PrecisionChoice(
+            "fp32",
+            f"auto: int8 was timed on a CPU with {offer.card_isa}, this one has {offer.here_isa}",
+        )
+    return PrecisionChoice(
+        "int8",
+        f"auto: {INT8_FUSED_FILE} passed the accuracy gate and ran {offer.speedup:.2f}x float32 "
+        f"on a CPU with {offer.card_isa}, as this one",
+    )
+
+
 def choose_precision(
-    provider: str, requested: str, graph: Graph, fp16_present: bool, fp16_kernel: bool
+    provider: str,
+    requested: str,
+    graph: Graph,
+    fp16_present: bool,
+    fp16_kernel: bool,
+    int8: Int8Offer | None = None,
 ) -> PrecisionChoice:
     """``auto``: float16 on CUDA when the folder has ``model.fp16.se.onnx``, the fused graph is
-    served and the op library has the float16 CUDA kernel; else float32. An explicit ``fp16``
-    that cannot be honoured is an error."""
+    served and the op library has the float16 CUDA kernel; int8 on the CPU when the folder has
+    a vouched ``model.int8.se.onnx`` measured faster (:func:`_int8_choice`); else float32. An
+    explicit ``fp16`` or ``int8`` that cannot be honoured is an error."""
     if requested == "fp32":
         return PrecisionChoice("fp32", "SERESNET_PRECISION=fp32")
-    if requested not in ("auto", "fp16"):
-        raise EngineError(f"unknown precision {requested!r} (auto, fp32 or fp16)")
+    if requested not in ("auto", "fp16", "int8"):
+        raise EngineError(f"unknown precision {requested!r} (auto, fp32, fp16 or int8)")
+    if requested in ("auto", "int8"):
+        choice = _int8_choice(provider, requested, graph, int8 or Int8Offer())
+        if choice is not None:
+            return choice
     missing = ""
     if provider != "cuda":
         missing = "float16 runs on CUDA only (ONNX Runtime's CPU provider lacks fp16 convs)"

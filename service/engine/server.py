@@ -214,6 +214,8 @@ class EngineServer:
                 lease = conn.leases.get(rid)
                 if lease is not None:
                     self._release(lease, "cancelled")
+            case wire.Ping(rid):  # the worker's heartbeat: this loop still answers
+                conn.send(wire.Pong(rid))
             case _:
                 raise wire.ProtocolError(f"unexpected message {type(message).__name__}")
 

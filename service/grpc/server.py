@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import signal
 import time
 import uuid
@@ -41,7 +42,7 @@ from service.ingress.pipeline import Held, Pipeline
 from service.ingress.state import IngressState
 from service.ingress.v2plane import V2Plane
 from service.v2 import metadata as v2meta
-from service.v2.errors import BinaryDataError, InvalidRequest
+from service.v2.errors import BinaryDataError, InvalidRequest, SchemaError
 from service.v2.request import InferRequest, RequestBody, build_infer_request
 from service.v2.response import infer_outputs
 from service.v2.signature import Signature
@@ -108,6 +109,9 @@ def decode_infer(message: Any, signature: Signature, max_batch_size: int) -> Inf
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} input(s); "
             "send one per input, or typed contents for all"
         )
+    # The most values a typed input may hold: a full batch. Checked before the values become
+    # Python objects (a message of one-byte varints would otherwise be millions of them).
+    most = max_batch_size * math.prod(signature.image_shape)
     inputs: list[dict[str, Any]] = []
     blobs: list[memoryview | None] = []
     for i, tensor in enumerate(message.inputs):
@@ -122,7 +126,13 @@ def decode_infer(message: Any, signature: Signature, max_batch_size: int) -> Inf
             blobs.append(None)
             field = _CONTENTS.get(tensor.datatype)
             if field is not None and tensor.HasField("contents"):
-                data = list(getattr(tensor.contents, field))
+                values = getattr(tensor.contents, field)
+                if len(values) > most:
+                    raise SchemaError(
+                        f"input {tensor.name!r} holds {len(values)} values; a batch of at "
+                        f"most {max_batch_size} images needs at most {most}"
+                    )
+                data = list(values)
         inputs.append(
             {
                 "name": tensor.name,
@@ -375,7 +385,14 @@ class GrpcFrontend:
             # the engine's slots.
             held = self._hold(request.ByteSize())
             try:
-                infer = decode_infer(request, signature, settings.max_images_per_request)
+                # In a decode thread, as HTTP bodies are parsed: off the event loop.
+                infer = await asyncio.get_running_loop().run_in_executor(
+                    self.state.pool,
+                    decode_infer,
+                    request,
+                    signature,
+                    settings.max_images_per_request,
+                )
             except BaseException:
                 held.give()
                 raise

@@ -4,7 +4,10 @@
 counts them against the one global queue bound), the worker writes preprocessed pixels into
 :meth:`Lease.slot` views, and :meth:`Lease.run` has them batched and run. If the engine goes
 away, every waiting call fails with :class:`EngineUnavailableError` (503), readiness turns
-false, and the client reconnects when the supervisor has restarted the engine.
+false, and the client reconnects when the supervisor has restarted the engine. An engine that
+is there but does not answer (stopped, hung) is found by a heartbeat: readiness turns false
+until it answers again, and a run that outlives its deadline is answered 504 by the worker
+itself, whatever the engine does.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,13 @@ from service.slots import SlotArena, SlotArenaError
 log = logging.getLogger("service.ingress.engine")
 
 RECONNECT_INTERVAL_S = 0.1
+# A ping per interval; an engine that leaves one unanswered this long is "not answering" (its
+# event loop answers at once even while a batch runs: inference is on the batcher's thread).
+HEARTBEAT_INTERVAL_S = 0.5
+HEARTBEAT_TIMEOUT_S = 2.0
+# A live engine answers 504 itself at the deadline (and counts the drop); the worker's own
+# timeout waits this much longer so that it only fires when the engine cannot answer.
+ENGINE_GRACE_S = 0.25
 
 
 class EngineCallError(ServiceError):
@@ -62,9 +73,19 @@ class Lease:
         """Batch and run the images in slots ``indices`` (the others failed to decode and are
         given back): their logits, float32 ``[len(indices), classes]``."""
         used = [self.slots[i] for i in indices]
-        logits: np.ndarray = await self._client._call(
+        call = self._client._call(
             wire.Run(self.rid, tuple(used), deadline), self.rid, self._generation
         )
+        try:
+            # The engine answers 504 itself at the deadline; this holds when it cannot (a
+            # stopped or hung engine). The caller's release withdraws the images.
+            logits: np.ndarray = await asyncio.wait_for(
+                call, max(0.0, deadline - time.monotonic()) + ENGINE_GRACE_S
+            )
+        except TimeoutError:
+            raise EngineCallError(
+                504, "deadline_exceeded", "deadline passed while the engine ran the images"
+            ) from None
         return logits
 
     def release(self) -> None:
@@ -78,8 +99,9 @@ class EngineClient:
     ) -> None:
         self.socket_path = socket_path
         self.hello: wire.EngineHello | None = None
-        self.ready = False
-        self.not_ready_reason = "waiting for the engine"
+        self._reported_ready = False  # as the engine last said
+        self._reported_reason = "waiting for the engine"
+        self._silent_since: float | None = None  # a heartbeat is overdue since then
         self._on_hello = on_hello
         self._arena: SlotArena | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -114,6 +136,41 @@ class EngineClient:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def ready(self) -> bool:
+        return self._reported_ready and self._silent_since is None
+
+    @property
+    def not_ready_reason(self) -> str:
+        if self._silent_since is not None:
+            return (
+                f"waiting for the engine, which has not answered for "
+                f"{time.monotonic() - self._silent_since:.0f} s"
+            )
+        return self._reported_reason
+
+    async def _heartbeat(self) -> None:
+        """Ping the engine; readiness is false while a ping goes unanswered too long."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            rid = next(self._rids)
+            sent = time.monotonic()
+            try:
+                await asyncio.wait_for(self._call(wire.Ping(rid), rid), HEARTBEAT_TIMEOUT_S)
+            except EngineUnavailableError:
+                return  # the connection is gone: the next session starts its own heartbeat
+            except TimeoutError:
+                if self._silent_since is None:
+                    self._silent_since = sent
+                    log.warning("engine not answering", extra={"timeout_s": HEARTBEAT_TIMEOUT_S})
+                continue
+            if self._silent_since is not None:
+                log.info(
+                    "engine answering again",
+                    extra={"silent_s": round(time.monotonic() - self._silent_since, 1)},
+                )
+                self._silent_since = None
 
     async def _maintain(self) -> None:
         logged_wait = False
@@ -152,7 +209,8 @@ class EngineClient:
                 Path(hello.shm_path), hello.slot_shape, hello.slot_dtype, hello.slots, create=False
             )
         self.hello = hello
-        self.ready, self.not_ready_reason = hello.ready, hello.not_ready_reason
+        self._reported_ready, self._reported_reason = hello.ready, hello.not_ready_reason
+        self._silent_since = None
         self._writer = writer
         self._connected.set()
         if self._on_hello is not None:
@@ -161,17 +219,23 @@ class EngineClient:
             "engine connected",
             extra={"engine_pid": hello.pid, "generation": hello.generation, "ready": hello.ready},
         )
-        while True:
-            self._receive(await wire.read_message(reader))
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(), name="heartbeat")
+        try:
+            while True:
+                self._receive(await wire.read_message(reader))
+        finally:
+            heartbeat.cancel()
 
     def _receive(self, message: wire.Message) -> None:
         match message:
             case wire.StateChanged(ready, reason):
-                self.ready, self.not_ready_reason = ready, reason
+                self._reported_ready, self._reported_reason = ready, reason
             case wire.Granted(rid, slots):
                 self._resolve(rid, result=list(slots))
             case wire.Done(rid, logits):
                 self._resolve(rid, result=logits)
+            case wire.Pong(rid):
+                self._resolve(rid)
             case wire.Failed(rid, code, text, retry_after):
                 self._resolve(rid, error=_failure(code, text, retry_after))
             case _:
@@ -190,8 +254,9 @@ class EngineClient:
         was_connected = self._connected.is_set()
         self._connected.clear()
         self._writer = None
-        self.ready = False
-        self.not_ready_reason = "the engine process is restarting"
+        self._reported_ready = False
+        self._reported_reason = "the engine process is restarting"
+        self._silent_since = None
         writer.close()
         if was_connected:
             self.disconnects += 1

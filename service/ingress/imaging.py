@@ -8,15 +8,20 @@ the header before any pixel is decoded, and errors that map onto HTTP statuses.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import re
 import struct
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from modelcard.preprocessing import apply_draft, open_image, resized_size, to_array
+from modelcard.preprocessing import apply_draft, resized_size, to_array
 from modelcard.schema import InputSpec
 from service.errors import ServiceError
+from service.ingress import decode_limits
+from service.ingress.decode_limits import DecodeStoppedError, StoppableReader
 
 # Formats are restricted so that no other Pillow plugin ever parses request bytes.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -37,11 +42,31 @@ class ImageError(ServiceError):
     """One image cannot be classified (alone in a request, its status is the response's)."""
 
 
-def disable_pillow_bomb_check() -> None:
-    """:func:`decode` checks ``width*height`` against the service's own limit right after the
+# glibc's M_MMAP_THRESHOLD: allocations at least this big get their own mapping.
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 1 << 20
+
+
+def configure_decoding() -> None:
+    """Process-wide settings for decoding request images, once per worker.
+
+    :func:`decode` checks ``width*height`` against the service's own limit right after the
     header is read, so Pillow's process-global (and differently sized) check is switched off;
-    otherwise a limit configured above Pillow's would be silently capped by it."""
+    otherwise a limit configured above Pillow's would be silently capped by it.
+
+    glibc raises its mmap threshold each time a mapped block is freed, so after the first big
+    decode Pillow's 16 MB image blocks come from the decode thread's heap arena, which keeps
+    them when freed: a worker that decoded one 600 MB image in each of its threads holds that
+    much per thread for good. A fixed threshold maps every large block on its own and gives it
+    back on free, so a worker's memory is the decodes running now, as the budget counts it."""
     Image.MAX_IMAGE_PIXELS = None
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    libc = ctypes.CDLL(libc_name)
+    mallopt = getattr(libc, "mallopt", None)  # glibc only (musl has none)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
 
 
 def _check_jpeg_markers(data: bytes) -> None:
@@ -105,19 +130,31 @@ def _bytes_per_pixel(mode: str) -> int:
     return 4
 
 
+# Bytes per pixel a decoder holds beside the image it fills, per byte of the decoded pixel:
+# libwebp's canvas and previous frame plus the frame it hands Pillow as bytes (alive until the
+# image is closed); libtiff's strip buffer (up to the whole image for a one-strip file).
+_DECODER_COPIES = {"WEBP": 3, "TIFF": 1}
+# Allocator slack on top of the sum of the arrays (measured peak RSS over the estimate's sum
+# stays below it for every mode and format in the hostile tests).
+_SLACK = 1.15
+
+
 def decode_cost(image: Image.Image, spec: InputSpec) -> int:
     """Upper estimate of the bytes :func:`finish` holds at its peak for ``image`` (after any
-    JPEG draft): the decoded pixels, an EXIF-rotated copy, each mode conversion
-    :func:`modelcard.preprocessing.normalize_mode` makes, and the resize's intermediate."""
+    JPEG draft): the decoded pixels and what the decoder keeps beside them, an EXIF-rotated
+    copy, each mode conversion :func:`modelcard.preprocessing.normalize_mode` makes, and the
+    resize's intermediate."""
     width, height = image.size
     pixels = width * height
     decoded = _bytes_per_pixel(image.mode)
     mode = image.mode
-    if mode.startswith("I;16") or mode == "I":
-        convert = 8 + 8 + 1 + 1  # int64 array, its scaled copy, uint8, the L image
-    elif mode == "F":
-        convert = 4 + 4 + 1 + 1
-    elif mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
+    if mode.startswith("I;16"):
+        convert = 2 + 1 + 1  # numpy copy, uint8 array, the L image (row bands: no int64 copy)
+    elif mode in ("I", "F"):
+        convert = 4 + 1 + 1
+    elif mode == "P":
+        convert = 4 + 4 * 4  # RGBA (with transparency), then as RGBA
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         convert = 4 * 4  # RGBA copy, black background, composite, RGB
     elif mode in ("L", "RGB"):
         convert = 0
@@ -125,9 +162,10 @@ def decode_cost(image: Image.Image, spec: InputSpec) -> int:
         convert = 4  # CMYK, YCbCr, 1, ... -> RGB
     target = 1 if spec.color == "L" else 4
     rotated = decoded if _exif_rotates(image) else 0
+    held = _DECODER_COPIES.get(image.format or "", 0) * decoded
     new_w, _ = resized_size(width, height, spec)
     resize = new_w * height * 4 + spec.width * spec.height * 4
-    return pixels * (decoded + convert + target + rotated) + resize
+    return int(_SLACK * (pixels * (decoded + held + convert + target + rotated) + resize))
 
 
 def _exif_rotates(image: Image.Image) -> bool:
@@ -137,14 +175,24 @@ def _exif_rotates(image: Image.Image) -> bool:
         return False
 
 
-def open_checked(data: bytes, max_pixels: int) -> Image.Image:
+def _never() -> bool:
+    return False
+
+
+def open_checked(data: bytes, max_pixels: int, stop: Callable[[], bool] = _never) -> Image.Image:
     """Read the header only and check it: ``empty_image`` (400), ``unsupported_format``
-    (415), ``image_too_large`` (413, before any pixel is decoded), ``corrupt_image`` (400)."""
+    (415), ``image_too_large`` (413, before any pixel is decoded), ``corrupt_image`` (400,
+    a structure that would take Pillow seconds or gigabytes whatever the pixel count). Once
+    ``stop()`` is true, the decode of the returned image ends at its next read (504)."""
     if not data:
         raise ImageError(400, "empty_image", "the image is empty (0 bytes)")
     check_structure(data)
     try:
-        image = open_image(data, formats=FORMATS)
+        decode_limits.check_cost(data)
+    except decode_limits.StructureError as e:
+        raise ImageError(e.status, e.code, e.message) from None
+    try:
+        image = Image.open(StoppableReader(data, stop), formats=FORMATS)
     except UnidentifiedImageError:
         raise ImageError(
             415,
@@ -155,6 +203,7 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageError(413, "image_too_large", str(e)) from None
     except Exception as e:  # a header Pillow cannot parse, any exception type
         raise ImageError(400, "corrupt_image", f"cannot read the image header: {e}") from None
+    image.decodermaxblock = decode_limits.READ_BLOCK
     width, height = image.size
     if width < 1 or height < 1:
         image.close()
@@ -177,6 +226,10 @@ def finish(image: Image.Image, spec: InputSpec) -> np.ndarray:
         try:
             apply_draft(image, spec)  # idempotent when :func:`draft` ran already
             return to_array(image, spec)
+        except DecodeStoppedError:
+            raise ImageError(
+                504, "deadline_exceeded", "decode stopped: the request is gone or past its deadline"
+            ) from None
         except MemoryError:
             raise ImageError(
                 413, "image_too_large", "not enough memory to decode the image"

@@ -322,7 +322,7 @@ class Pipeline:
         for i, data in enumerate(blobs):
             t0 = time.perf_counter()
             try:
-                array = self._decode(data, card, deadline)
+                array = self._decode(data, card, deadline, guard)
             except imaging.ImageError as e:
                 out.append(e)
                 continue
@@ -335,9 +335,17 @@ class Pipeline:
                 metrics.preprocess_duration.observe(time.perf_counter() - t0)
         return out
 
-    def _decode(self, data: bytes, card: ModelCard, deadline: float) -> np.ndarray:
+    def _decode(
+        self, data: bytes, card: ModelCard, deadline: float, guard: _SlotGuard
+    ) -> np.ndarray:
         spec = card.input
-        image = imaging.open_checked(data, self.settings.max_image_pixels)
+        # The decode stops at its next read once the request is gone or past its deadline:
+        # the thread cannot be interrupted, and a runaway decode would keep its CPU.
+        image = imaging.open_checked(
+            data,
+            self.settings.max_image_pixels,
+            lambda: guard.cancelled or time.monotonic() > deadline,
+        )
         imaging.draft(image, spec)
         cost = imaging.decode_cost(image, spec)
         try:

@@ -15,7 +15,7 @@ from service import wire
 from service.ingress.budget import ByteBudget, DecodeBudget
 from service.ingress.engine_client import EngineClient
 from service.ingress.errors import ApiError
-from service.ingress.imaging import disable_pillow_bomb_check
+from service.ingress.imaging import configure_decoding
 from service.metrics import IngressMetrics, http_metrics
 from service.settings import Settings
 
@@ -55,7 +55,7 @@ class IngressState:
         self.card = card
 
     async def start(self) -> None:
-        disable_pillow_bomb_check()
+        configure_decoding()
         self.engine.start()
         # The supervisor started the engine before the workers; a short wait lets the first
         # requests find it connected. Readiness says the rest.

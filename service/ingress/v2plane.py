@@ -33,8 +33,7 @@ from service.v2.errors import ImageRejected
 from service.v2.request import (
     HEADER_LENGTH,
     InferRequest,
-    decode_infer_request,
-    decompress,
+    decode_body,
     parse_header_length,
 )
 from service.v2.response import EncodedResponse, encode_infer_response
@@ -188,10 +187,17 @@ class V2Plane:
         body = await pipeline.read_body(request, deadline, whole)
         try:
             # A compressed body is counted against the budget at its wire size; inflating
-            # is bounded by SERESNET_MAX_BODY_BYTES like any body.
-            raw = decompress(body.value, request.headers.get("content-encoding"), limit)
-            infer = decode_infer_request(
-                raw, header_length, signature, settings.max_images_per_request
+            # is bounded by SERESNET_MAX_BODY_BYTES like any body. Parsed in a decode
+            # thread, off the event loop, and bounded before parsing (check_structure).
+            infer = await asyncio.get_running_loop().run_in_executor(
+                self.state.pool,
+                decode_body,
+                body.value,
+                request.headers.get("content-encoding"),
+                header_length,
+                signature,
+                settings.max_images_per_request,
+                limit,
             )
         except BaseException:
             body.give()

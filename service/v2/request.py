@@ -47,6 +47,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 # bool before int: JSON true must stay a bool, not become 1.
 Parameter = StrictBool | StrictInt | StrictFloat | StrictStr
+# Triton's timeout is a uint64 of microseconds.
+_MAX_TIMEOUT_US = 2**64 - 1
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
@@ -149,6 +151,21 @@ def decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     return data
 
 
+def decode_body(
+    body: bytes,
+    content_encoding: str | None,
+    header_length: int | None,
+    signature: Signature,
+    max_batch_size: int,
+    max_body_bytes: int,
+) -> InferRequest:
+    """:func:`decompress` then :func:`decode_infer_request`: the whole parse of a body, for
+    a decode thread (it never runs on the event loop)."""
+    return decode_infer_request(
+        decompress(body, content_encoding, max_body_bytes), header_length, signature, max_batch_size
+    )
+
+
 def decode_infer_request(
     body: bytes, header_length: int | None, signature: Signature, max_batch_size: int
 ) -> InferRequest:
@@ -163,6 +180,7 @@ def decode_infer_request(
     else:
         # A view, not a copy: the tensor data can be megabytes.
         header, binary = body[:header_length], memoryview(body)[header_length:]
+    check_structure(header, signature, max_batch_size)
     parsed = _parse(header)
     blobs = _split_binary(parsed.inputs, binary, header_length is not None)
     return build_infer_request(parsed, blobs, signature, max_batch_size)
@@ -208,6 +226,34 @@ def build_infer_request(
     )
 
 
+# JSON structure a header holds beside its tensor data: fields, parameters, outputs.
+_STRUCTURE_SLACK = 4096
+
+
+def check_structure(header: bytes, signature: Signature, max_batch_size: int) -> None:
+    """Refuse a header whose JSON holds more values or arrays than the largest valid request
+    (a full batch, nested to the tensor's shape) before any of it is parsed: the parser would
+    otherwise build one Python object per value, 8 M lists taking seconds and gigabytes.
+    Counted with ``bytes.count`` (C speed, milliseconds for the largest body); a comma or
+    bracket inside a string only ever counts against the sender."""
+    channels, height, width = signature.image_shape
+    values = max_batch_size * channels * height * width
+    arrays = 1 + max_batch_size * (1 + channels + channels * height)
+    if header.count(b",") > values + _STRUCTURE_SLACK:
+        raise SchemaError(
+            f"the request header holds more than {values + _STRUCTURE_SLACK} values; a batch "
+            f"of at most {max_batch_size} images of {channels}x{height}x{width} needs fewer"
+        )
+    if header.count(b"[") > arrays + _STRUCTURE_SLACK:
+        raise SchemaError(
+            f"the request header holds more than {arrays + _STRUCTURE_SLACK} arrays; a batch "
+            f"of at most {max_batch_size} images nested to [N, {channels}, {height}, {width}] "
+            "needs fewer"
+        )
+    if header.count(b"{") > _STRUCTURE_SLACK:
+        raise SchemaError(f"the request header holds more than {_STRUCTURE_SLACK} objects")
+
+
 def _parse(header: bytes) -> RequestBody:
     try:
         return RequestBody.model_validate_json(header)
@@ -231,10 +277,15 @@ def _request_parameters(params: dict[str, Any]) -> int | None:
     timeout = params.get("timeout")
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int)
+        or not 0 <= timeout <= _MAX_TIMEOUT_US
+    ):
+        shown = repr(timeout) if len(repr(timeout)) <= 40 else f"{repr(timeout)[:20]}..."
         raise SchemaError(
-            f"parameters.timeout must be a non-negative integer number of "
-            f"microseconds, not {timeout!r}"
+            f"parameters.timeout must be an integer number of microseconds in "
+            f"[0, {_MAX_TIMEOUT_US}], not {shown}"
         )
     return timeout
 
@@ -391,7 +442,11 @@ def _files(tensor: InputTensor, blob: memoryview | None, max_batch_size: int) ->
             f"input {tensor.name!r}: BYTES of encoded images has shape [N] or [N, 1], not {shape}"
         )
     _check_batch(tensor, shape[0], max_batch_size)
-    items = deserialize_bytes(blob, tensor.name) if blob is not None else _strings_from_json(tensor)
+    items = (
+        deserialize_bytes(blob, tensor.name, max_items=shape[0])
+        if blob is not None
+        else _strings_from_json(tensor)
+    )
     if len(items) != shape[0]:
         raise ShapeMismatch(
             f"input {tensor.name!r}: shape {shape} needs {shape[0]} "

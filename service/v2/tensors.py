@@ -51,13 +51,21 @@ def serialize_bytes(items: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(buffer: bytes | memoryview, name: str) -> list[bytes]:
+def deserialize_bytes(
+    buffer: bytes | memoryview, name: str, max_items: int | None = None
+) -> list[bytes]:
     """The elements of a binary BYTES tensor; ``name`` only labels the error when the
-    length prefixes do not tile ``buffer`` exactly."""
+    length prefixes do not tile ``buffer`` exactly, or when there are more than ``max_items``
+    (checked as they are read: 32 MB of empty elements is 8 M of them)."""
     view = memoryview(buffer)
     items: list[bytes] = []
     offset = 0
     while offset < len(view):
+        if max_items is not None and len(items) >= max_items:
+            raise BinaryDataError(
+                f"input {name!r}: BYTES data holds more than the {max_items} element(s) its "
+                "shape declares"
+            )
         if offset + _LENGTH.size > len(view):
             raise BinaryDataError(
                 f"input {name!r}: BYTES data ends inside an element's 4-byte length prefix "

@@ -97,13 +97,17 @@ def _versioned(
 # ----------------------------------------------------------------------------- health
 
 
-@router.get("/health/live", tags=["health"], summary="Liveness: the worker answers")
+# HEAD too: some probes (load balancers, uptime checkers) send HEAD.
+@router.api_route(
+    "/health/live", methods=["GET", "HEAD"], tags=["health"], summary="Liveness: the worker answers"
+)
 async def live() -> Live:
     return Live()
 
 
-@router.get(
+@router.api_route(
     "/health/ready",
+    methods=["GET", "HEAD"],
     tags=["health"],
     summary="Readiness: 200 once the engine has warmed every batch shape",
     responses=error_responses(*NOT_READY, v2=True),
