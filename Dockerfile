@@ -102,9 +102,11 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     ORT_DISABLE_TELEMETRY=1 \
     SERESNET_HOST=0.0.0.0 \
     SERESNET_PORT=8000 \
+    SERESNET_GRPC_PORT=8001 \
     SERESNET_MODEL_DIR=/models/fashion-seresnet
 USER seresnet
-EXPOSE 8000
+# HTTP, and the Open Inference Protocol over gRPC (Triton's ports).
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 # Ready only after warm-up; the first check may wait out start-period while it runs.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --start-interval=2s --retries=3 \

@@ -40,6 +40,8 @@ examples:
 
 endpoints: POST /classify, GET /v2/health/live, /v2/health/ready, /v2/models/{name},
 /metrics (Prometheus, all processes), / (try it in a browser), /docs (OpenAPI, offline).
+gRPC: the Open Inference Protocol (inference.GRPCInferenceService, as tritonclient.grpc
+calls it) on --grpc-port, 8001 (0 turns it off).
 """
 
 # Secrets stay out of argv (visible in ps): only the environment sets them.

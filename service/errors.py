@@ -68,6 +68,45 @@ CODES: Mapping[str, Code] = {
     "internal_error": Code(500, "Internal error"),
 }
 
+# The gRPC status of each code (names of grpc.StatusCode), from its HTTP status, so that a
+# code added to CODES has one too; the exceptions are named. A request the client may retry
+# later is RESOURCE_EXHAUSTED (the service is busy: with retry information) or UNAVAILABLE
+# (not ready, restarting, shutting down); a request too large in its count of images, or one
+# image too large, is INVALID_ARGUMENT (resending it cannot help), a message too large
+# RESOURCE_EXHAUSTED (as gRPC's own message-size limit answers).
+_GRPC_BY_STATUS: Mapping[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    431: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+_GRPC_EXCEPTIONS: Mapping[str, str] = {
+    "too_many_images": "INVALID_ARGUMENT",
+    "image_too_large": "INVALID_ARGUMENT",
+    "busy": "RESOURCE_EXHAUSTED",
+    "queue_full": "RESOURCE_EXHAUSTED",
+    "too_many_connections": "RESOURCE_EXHAUSTED",
+}
+GRPC_STATUS: Mapping[str, str] = {
+    code: _GRPC_EXCEPTIONS.get(code) or _GRPC_BY_STATUS.get(entry.status, "UNKNOWN")
+    for code, entry in CODES.items()
+}
+
+
+def grpc_status_of(code: str) -> str:
+    """The gRPC status name of ``code`` (INTERNAL for a code the table does not know)."""
+    return GRPC_STATUS.get(code, "INTERNAL")
+
+
 # Codes whose message may hold a cause the caller must not see (it goes to the log instead).
 HIDDEN_CAUSE = frozenset({"inference_failed", "internal_error"})
 

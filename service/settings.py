@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         "process may use, less one for the engine (cgroup quota counted); 2 on 2 cores, 1 on 1",
     )
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0: any free port)")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol over gRPC (Triton's 8001; 0: off)",
+    )
     model_dir: Path = Field(default_factory=default_model_dir, description="model folder")
     provider: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="execution provider; auto = CUDA when a GPU is usable, else CPU"

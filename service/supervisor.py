@@ -38,6 +38,7 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 
 from service import metrics
 from service.engine.config import EXIT_WARMUP_FAILED, EngineConfig
+from service.grpc import port as grpc_port
 from service.settings import Settings
 from service.slots import choose_path, make_run_dir
 from service.wire import ENGINE_SOCKET_ENV, LEAVING_MARKER
@@ -326,10 +327,27 @@ def serve(settings: Settings) -> int:
             return 1
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
+        grpc_hold = None
+        if settings.grpc_port:
+            try:
+                grpc_hold = grpc_port.reserve(settings.host, settings.grpc_port)
+            except OSError as e:
+                print(
+                    f"error: cannot bind the gRPC port {settings.grpc_port} "
+                    f"(SERESNET_GRPC_PORT; 0 turns gRPC off): {e.strerror or e}",
+                    flush=True,
+                    file=sys.stderr,
+                )
+                sock.close()
+                engine.stop(5)
+                return 1
         log.info(
             "listening",
             extra={
                 "url": f"http://{shown}:{port}",
+                "grpc": grpc_port.target(shown.strip("[]"), settings.grpc_port)
+                if settings.grpc_port
+                else None,
                 "workers": config.workers,
                 "engine_pid": engine.handle.process.pid if engine.handle else None,
             },
@@ -341,6 +359,8 @@ def serve(settings: Settings) -> int:
         engine.stop(settings.drain_timeout_s + 5)
         log.info("engine stopped", extra={"seconds": round(time.monotonic() - t0, 3)})
         sock.close()
+        if grpc_hold is not None:
+            grpc_hold.close()
         if engine.fatal:
             print(f"error: {engine.fatal}", flush=True, file=sys.stderr)
             return 1

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -102,6 +103,14 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for a second listener (gRPC) whose port the test must choose; the
+    service refuses to start if it is taken by the time it binds."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def service_command(model_dir: Path | None, args: Sequence[str] = ()) -> list[str]:
     """The command line that starts the service on 127.0.0.1 with an OS-chosen port."""
     cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", "0"]
@@ -155,7 +164,8 @@ def start_service(
         if log_dir is None:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="svc-log-")))
         log_path = Path(log_dir) / f"service-{time.monotonic_ns()}.log"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # gRPC off unless ``env`` turns it on (free_port()): the default 8001 would collide.
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "SERESNET_GRPC_PORT": "0", **(env or {})}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 list(command) if command is not None else service_command(model_dir, args),

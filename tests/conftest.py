@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# gRPC off unless a test turns it on with a free port: the default 8001 would make parallel
+# servers (and a developer's own) collide.
+os.environ["SERESNET_GRPC_PORT"] = "0"
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO / "models" / "fashion-seresnet"

@@ -363,12 +363,14 @@ def test_the_kserve_runtime_serves_the_inferenceservice_name_over_v2_on_8080() -
     ((_, runtime),) = of_kind("ServingRuntime")
     ((_, isvc),) = of_kind("InferenceService")
     spec = runtime["spec"]
-    assert spec["protocolVersions"] == ["v2"]
+    assert spec["protocolVersions"] == ["v2", "grpc-v2"]
     (container,) = spec["containers"]
     env = env_of(container)
     # KServe substitutes {{.Name}} with the InferenceService's name, the one in its URLs.
     assert env["SERESNET_MODEL_NAME"] == "{{.Name}}"
     assert env["SERESNET_PORT"] == "8080" and container["ports"][0]["containerPort"] == 8080
+    # gRPC beside it; Knative takes one container port, so an InferenceService picks it.
+    assert env["SERESNET_GRPC_PORT"] == "9000"
     assert env["SERESNET_MODEL_DIR"] == "/mnt/models"  # where the storage initializer writes
     assert spec["annotations"]["prometheus.kserve.io/port"] == "8080"
     assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"

@@ -27,8 +27,9 @@ from service.v2 import errors as v2_errors
 from service.web.page import ERROR_WORDS_SCRIPT, error_words_script
 
 SERVICE = REPO_ROOT / "service"
-# Fixed by the image (the container always binds 0.0.0.0:8000; compose publishes it).
-SET_BY_DOCKERFILE = {"host", "port"}
+# Fixed by the image (the container always binds 0.0.0.0:8000 and gRPC's 8001; compose
+# publishes them).
+SET_BY_DOCKERFILE = {"host", "port", "grpc_port"}
 
 
 def _compose_environment(path: Path) -> set[str]:

@@ -7,14 +7,9 @@ or a bad enum name fails.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-import tritonclient
 from conftest import EMBEDDED_MODEL
 from google.protobuf import json_format
 
@@ -35,40 +30,15 @@ from service.v2.stats import BatchDurations, Duration, ModelCounters, model_stat
 SIG = Signature.from_card(read_card(EMBEDDED_MODEL))
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def triton_protos() -> Iterator[tuple[ModuleType, ModuleType]]:
-    """(model_config_pb2, service_pb2). Importing tritonclient.grpc needs grpcio, which the
-    http extra lacks, but its generated modules need only protobuf: load them by path under
-    a stand-in package, and take the stand-in away afterwards."""
-    folder = Path(tritonclient.__file__).parent / "grpc"
-    names = (
-        "tritonclient.grpc",
-        "tritonclient.grpc.model_config_pb2",
-        "tritonclient.grpc.service_pb2",
-    )
-    saved = {name: sys.modules.get(name) for name in names}
-    package = ModuleType("tritonclient.grpc")
-    package.__path__ = []
-    sys.modules["tritonclient.grpc"] = package
-    try:
-        config_pb2 = _load(names[1], folder / "model_config_pb2.py")
-        package.model_config_pb2 = config_pb2  # service_pb2 imports it from the package
-        yield config_pb2, _load(names[2], folder / "service_pb2.py")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+def triton_protos() -> tuple[ModuleType, ModuleType]:
+    """(model_config_pb2, service_pb2): Triton's own schemas, as tritonclient.grpc ships them,
+    imported plainly now that grpcio is the service's dependency (no stand-in package, no
+    second registration of their files). They share protobuf's default pool with nothing of
+    the service's: its own messages live in a pool of their own (service.grpc.protocol)."""
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    return model_config_pb2, service_pb2
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +67,11 @@ def test_model_metadata(service_pb2: ModuleType) -> None:
     assert list(parsed.inputs[0].shape) == [-1, 1, 28, 28]
     assert body["name"] == "fashion-seresnet" and body["versions"] == ["1"]
     assert body["platform"] == "onnxruntime_onnx"
-    assert body["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
+    # The tensor, and encoded image files (either one per request), so clients discover both.
+    assert body["inputs"] == [
+        {"name": "image", "datatype": "UINT8", "shape": [-1, 1, 28, 28]},
+        {"name": "image_files", "datatype": "BYTES", "shape": [-1]},
+    ]
     assert body["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
 
 
@@ -126,10 +100,13 @@ def test_model_config_follows_tritons_schema(model_config_pb2: ModuleType) -> No
     assert parsed.name == "fashion-seresnet"
     assert parsed.platform == "onnxruntime_onnx" and parsed.backend == "onnxruntime"
     assert parsed.max_batch_size == 32
-    (inp,) = parsed.input
+    inp, files = parsed.input
     assert inp.name == "image" and list(inp.dims) == [1, 28, 28]  # no batch axis
     assert inp.data_type == model_config_pb2.TYPE_UINT8
     assert inp.format == model_config_pb2.ModelInput.FORMAT_NCHW
+    assert files.name == "image_files" and list(files.dims) == [1]
+    assert files.data_type == model_config_pb2.TYPE_STRING
+    assert inp.optional and files.optional  # one or the other per request
     (out,) = parsed.output
     assert out.name == "logits" and list(out.dims) == [10]
     assert out.data_type == model_config_pb2.TYPE_FP32

@@ -138,7 +138,10 @@ def test_model_metadata_with_and_without_version(client: triton.InferenceServerC
     for meta in (client.get_model_metadata(NAME), client.get_model_metadata(NAME, VERSION)):
         assert meta["name"] == NAME and meta["versions"] == [VERSION]
         assert meta["platform"] == "onnxruntime_onnx"
-        assert meta["inputs"] == [{"name": INPUT, "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
+        assert meta["inputs"] == [
+            {"name": INPUT, "datatype": "UINT8", "shape": [-1, 1, 28, 28]},
+            {"name": "image_files", "datatype": "BYTES", "shape": [-1]},
+        ]
         assert meta["outputs"] == [
             {"name": OUTPUT, "datatype": "FP32", "shape": [-1, CARD.num_classes]}
         ]

@@ -53,10 +53,18 @@ def create_app(settings: Settings | None = None, engine_socket: Path | None = No
     logs.configure(settings.log_level, settings.log_format, process="worker")
     state = IngressState(settings, socket)
 
+    pipeline = Pipeline(state)
+    v2plane = V2Plane(state, pipeline)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.start()
+        grpc = await _start_grpc(state, pipeline, v2plane)
         yield
+        if grpc is not None:
+            # After HTTP's drain, before the engine connection closes: GOAWAY, then the
+            # calls already taken are finished.
+            await grpc.stop(settings.drain_timeout_s)
         await state.stop()
 
     app = FastAPI(
@@ -69,8 +77,8 @@ def create_app(settings: Settings | None = None, engine_socket: Path | None = No
         redoc_url=None,
     )
     app.state.ingress = state
-    app.state.pipeline = Pipeline(state)
-    app.state.v2plane = V2Plane(state, app.state.pipeline)
+    app.state.pipeline = pipeline
+    app.state.v2plane = v2plane
     install_handlers(app)
     for module in (classify, v2, metrics):
         app.include_router(module.router)
@@ -80,6 +88,20 @@ def create_app(settings: Settings | None = None, engine_socket: Path | None = No
         app.add_middleware(auth.ApiKeyGate, api_key=settings.api_key.get_secret_value())
     app.add_middleware(RequestContext)  # every answer gets a request id
     return app
+
+
+async def _start_grpc(state: IngressState, pipeline: Pipeline, v2plane: V2Plane) -> Any:
+    """The worker's gRPC server on the port the supervisor holds (None: gRPC is off). Imported
+    only here, so that a process serving HTTP alone never loads grpc."""
+    settings = state.settings
+    if not settings.grpc_port:
+        return None
+    from service.grpc.server import GrpcFrontend
+
+    frontend = GrpcFrontend(state, pipeline, v2plane)
+    await frontend.start(settings.host, settings.grpc_port)
+    frontend.stop_on_signals(settings.drain_timeout_s)
+    return frontend
 
 
 def _drop_impossible_422(app: FastAPI) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from starlette.requests import Request
@@ -26,12 +26,13 @@ from starlette.requests import Request
 from service import VERSION
 from service import metrics as service_metrics
 from service.ingress.bodies import check_declared_length, read_limited
-from service.ingress.pipeline import Files, Pipeline, Pixels, http_hangup
+from service.ingress.pipeline import Files, Held, Outcome, Pipeline, Pixels, http_hangup
 from service.ingress.state import IngressState
 from service.v2 import metadata as v2meta
 from service.v2.errors import ImageRejected
 from service.v2.request import (
     HEADER_LENGTH,
+    InferRequest,
     decode_body,
     parse_header_length,
 )
@@ -202,6 +203,23 @@ class V2Plane:
             body.give()
             raise
         request.state.images = infer.batch_size
+        outcome, errors = await self.run(
+            infer, deadline, held=body, hangup=http_hangup(request.receive)
+        )
+        encoded = encode_infer_response(infer, outcome.logits, signature, errors)
+        pipeline.answered(outcome)
+        return encoded
+
+    async def run(
+        self,
+        infer: InferRequest,
+        deadline: float,
+        *,
+        held: Held[Any] | None = None,
+        hangup: Callable[[], Awaitable[None]] | None = None,
+    ) -> tuple[Outcome, dict[int, ImageRejected]]:
+        """A decoded request through the pipeline, whichever protocol carried it: the
+        outcome and the images that failed, by index."""
         if infer.timeout_us:
             # The client's own deadline (Triton's "timeout" parameter; 0 means none, as in
             # Triton) may only shorten the server's.
@@ -211,17 +229,13 @@ class V2Plane:
         else:
             assert infer.files is not None
             images = Files(infer.files)
-        outcome = await pipeline.run(
-            images, deadline, held=body, hangup=http_hangup(request.receive)
-        )
+        outcome = await self.pipeline.run(images, deadline, held=held, hangup=hangup)
         errors = {
             i: ImageRejected(err.message, status=err.status)
             for i, err in enumerate(outcome.errors)
             if err is not None
         }
-        encoded = encode_infer_response(infer, outcome.logits, signature, errors)
-        pipeline.answered(outcome)
-        return encoded
+        return outcome, errors
 
 
 def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> ModelCounters:

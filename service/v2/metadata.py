@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from service.v2.errors import ModelNotFound
 from service.v2.signature import Signature
+from service.v2.tensors import BYTES
 
 # Triton's names of the extensions this package has the bodies for; a server lists in /v2
 # only those its routes really serve.
@@ -55,19 +56,29 @@ def server_metadata(name: str, version: str, extensions: Iterable[str]) -> dict[
     return {"name": name, "version": version, "extensions": list(extensions)}
 
 
+def model_inputs(signature: Signature) -> list[dict[str, Any]]:
+    """The inputs a client may send, one per request: the model's own tensor, and encoded
+    image files as BYTES ``[N]`` (also taken under the tensor's name, as before they were
+    advertised)."""
+    inputs: list[dict[str, Any]] = [
+        {
+            "name": signature.input_name,
+            "datatype": signature.input_datatype,
+            "shape": [-1, *signature.image_shape],
+        }
+    ]
+    if signature.files_input != signature.input_name:
+        inputs.append({"name": signature.files_input, "datatype": BYTES, "shape": [-1]})
+    return inputs
+
+
 def model_metadata(signature: Signature) -> dict[str, Any]:
     """``GET /v2/models/{name}[/versions/{v}]``: the protocol's fields; routes may add more."""
     return {
         "name": signature.model_name,
         "versions": [signature.model_version],
         "platform": PLATFORM,
-        "inputs": [
-            {
-                "name": signature.input_name,
-                "datatype": signature.input_datatype,
-                "shape": [-1, *signature.image_shape],
-            }
-        ],
+        "inputs": model_inputs(signature),
         "outputs": [
             {
                 "name": signature.output_name,
@@ -97,6 +108,7 @@ def model_config(signature: Signature, batching: Batching) -> dict[str, Any]:
     perf_analyzer and tritonclient read them; every number is a JSON number, as Triton
     writes it.
     """
+    inputs = model_inputs(signature)
     return {
         "name": signature.model_name,
         "platform": PLATFORM,
@@ -105,16 +117,19 @@ def model_config(signature: Signature, batching: Batching) -> dict[str, Any]:
         if signature.model_version.isdigit()
         else {"latest": {"num_versions": 1}},
         "max_batch_size": batching.max_batch_size,
+        # Either input, one per request: each is optional in Triton's terms.
         "input": [
             {
-                "name": signature.input_name,
-                "data_type": _CONFIG_TYPES[signature.input_datatype],
-                "format": "FORMAT_NCHW",
-                "dims": list(signature.image_shape),
+                "name": tensor["name"],
+                "data_type": _CONFIG_TYPES[tensor["datatype"]],
+                "format": "FORMAT_NCHW" if tensor["datatype"] != BYTES else "FORMAT_NONE",
+                # Without the batch axis; Triton has no rank-0 dims, so BYTES [N] is [1].
+                "dims": tensor["shape"][1:] or [1],
                 "is_shape_tensor": False,
                 "allow_ragged_batch": False,
-                "optional": False,
+                "optional": len(inputs) > 1,
             }
+            for tensor in inputs
         ],
         "output": [
             {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,7 @@ class _Schema(BaseModel):
         return {} if value is None else value
 
 
-class _InputTensor(_Schema):
+class InputTensor(_Schema):
     name: StrictStr
     shape: list[StrictInt]
     datatype: StrictStr
@@ -69,16 +70,16 @@ class _InputTensor(_Schema):
     data: Any = None
 
 
-class _OutputTensor(_Schema):
+class OutputTensor(_Schema):
     name: StrictStr
     parameters: dict[str, Parameter] = {}
 
 
-class _RequestBody(_Schema):
+class RequestBody(_Schema):
     id: StrictStr | None = None
     parameters: dict[str, Parameter] = {}
-    inputs: list[_InputTensor] = Field(min_length=1)
-    outputs: list[_OutputTensor] | None = None
+    inputs: list[InputTensor] = Field(min_length=1)
+    outputs: list[OutputTensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,16 +182,33 @@ def decode_infer_request(
         header, binary = body[:header_length], memoryview(body)[header_length:]
     check_structure(header, signature, max_batch_size)
     parsed = _parse(header)
-    timeout_us = _request_parameters(parsed.parameters)
     blobs = _split_binary(parsed.inputs, binary, header_length is not None)
+    return build_infer_request(parsed, blobs, signature, max_batch_size)
+
+
+def build_infer_request(
+    parsed: RequestBody,
+    blobs: Sequence[memoryview | None],
+    signature: Signature,
+    max_batch_size: int,
+) -> InferRequest:
+    """Validate a parsed request against the model, whatever carried it: ``blobs`` has each
+    input's binary data (None where ``data`` holds it). HTTP's JSON and binary bodies and
+    gRPC's messages end here alike."""
+    timeout_us = _request_parameters(parsed.parameters)
     tensor, blob = _the_input(parsed.inputs, blobs, signature)
 
     if tensor.datatype == BYTES:
         files = _files(tensor, blob, max_batch_size)
         pixels = None
-    elif tensor.datatype == signature.input_datatype:
+    elif tensor.name == signature.input_name and tensor.datatype == signature.input_datatype:
         pixels = _pixels(tensor, blob, signature, max_batch_size)
         files = None
+    elif tensor.name != signature.input_name:
+        raise DatatypeMismatch(
+            f"input {tensor.name!r} has datatype {tensor.datatype}; it takes BYTES [N] of "
+            f"encoded image files"
+        )
     else:
         raise DatatypeMismatch(
             f"input {tensor.name!r} has datatype {tensor.datatype}; the model takes "
@@ -236,9 +254,9 @@ def check_structure(header: bytes, signature: Signature, max_batch_size: int) ->
         raise SchemaError(f"the request header holds more than {_STRUCTURE_SLACK} objects")
 
 
-def _parse(header: bytes) -> _RequestBody:
+def _parse(header: bytes) -> RequestBody:
     try:
-        return _RequestBody.model_validate_json(header)
+        return RequestBody.model_validate_json(header)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(body)"
@@ -273,19 +291,14 @@ def _request_parameters(params: dict[str, Any]) -> int | None:
 
 
 def _split_binary(
-    inputs: list[_InputTensor], binary: memoryview, has_header_length: bool
+    inputs: list[InputTensor], binary: memoryview, has_header_length: bool
 ) -> list[memoryview | None]:
     """Each input's slice of the binary part (None for inputs carried in the JSON)."""
     view = binary
     blobs: list[memoryview | None] = []
     offset = 0
     for tensor in inputs:
-        shared = [key for key in _SHARED_MEMORY if key in tensor.parameters]
-        if shared:
-            raise Unsupported(
-                f"input {tensor.name!r}: the shared-memory extension is not "
-                f"supported ({shared[0]}); send the data in the request"
-            )
+        _no_shared_memory(tensor)
         size = tensor.parameters.get("binary_data_size")
         if size is None:
             if tensor.data is None:
@@ -321,16 +334,34 @@ def _split_binary(
     return blobs
 
 
+def _no_shared_memory(tensor: InputTensor) -> None:
+    shared = [key for key in _SHARED_MEMORY if key in tensor.parameters]
+    if shared:
+        raise Unsupported(
+            f"input {tensor.name!r}: the shared-memory extension is not "
+            f"supported ({shared[0]}); send the data in the request"
+        )
+
+
 def _the_input(
-    inputs: list[_InputTensor], blobs: list[memoryview | None], signature: Signature
-) -> tuple[_InputTensor, memoryview | None]:
+    inputs: list[InputTensor], blobs: Sequence[memoryview | None], signature: Signature
+) -> tuple[InputTensor, memoryview | None]:
     for tensor in inputs:
-        if tensor.name != signature.input_name:
+        _no_shared_memory(tensor)
+        if not signature.takes_input(tensor.name):
             raise UnknownTensor(
-                f"unknown input {tensor.name!r}: the model's only input is {signature.input_name!r}"
+                f"unknown input {tensor.name!r}: the model takes {signature.input_name!r} "
+                f"(its tensor, or encoded image files) or {signature.files_input!r} "
+                f"(encoded image files)"
             )
     if len(inputs) > 1:
-        raise InvalidRequest(f"input {signature.input_name!r} is given {len(inputs)} times")
+        names = sorted({t.name for t in inputs})
+        if len(names) == 1:
+            raise InvalidRequest(f"input {names[0]!r} is given {len(inputs)} times")
+        raise InvalidRequest(
+            f"{len(inputs)} inputs given ({', '.join(map(repr, names))}); send one: "
+            f"{signature.input_name!r} or {signature.files_input!r}"
+        )
     tensor = inputs[0]
     if tensor.datatype not in KNOWN_DATATYPES:
         raise DatatypeMismatch(
@@ -341,7 +372,7 @@ def _the_input(
     return tensor, blobs[0]
 
 
-def _check_batch(tensor: _InputTensor, batch: int, max_batch_size: int) -> None:
+def _check_batch(tensor: InputTensor, batch: int, max_batch_size: int) -> None:
     if batch == 0:
         raise ShapeMismatch(f"input {tensor.name!r}: shape {tensor.shape} holds no image")
     if batch > max_batch_size:
@@ -352,7 +383,7 @@ def _check_batch(tensor: _InputTensor, batch: int, max_batch_size: int) -> None:
 
 
 def _pixels(
-    tensor: _InputTensor, blob: memoryview | None, signature: Signature, max_batch_size: int
+    tensor: InputTensor, blob: memoryview | None, signature: Signature, max_batch_size: int
 ) -> np.ndarray:
     shape = tuple(tensor.shape)
     if len(shape) != 4 or shape[1:] != signature.image_shape:
@@ -375,7 +406,7 @@ def _pixels(
 
 
 def _from_json(
-    tensor: _InputTensor, shape: tuple[int, ...], count: int, dtype: np.dtype
+    tensor: InputTensor, shape: tuple[int, ...], count: int, dtype: np.dtype
 ) -> np.ndarray:
     # The protocol allows the data flat or nested to the tensor's shape; both are row-major.
     try:
@@ -404,7 +435,7 @@ def _from_json(
     return values.astype(dtype).reshape(shape)
 
 
-def _files(tensor: _InputTensor, blob: memoryview | None, max_batch_size: int) -> tuple[bytes, ...]:
+def _files(tensor: InputTensor, blob: memoryview | None, max_batch_size: int) -> tuple[bytes, ...]:
     shape = tensor.shape
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
         raise ShapeMismatch(
@@ -424,9 +455,10 @@ def _files(tensor: _InputTensor, blob: memoryview | None, max_batch_size: int) -
     return tuple(items)
 
 
-def _strings_from_json(tensor: _InputTensor) -> list[bytes]:
+def _strings_from_json(tensor: InputTensor) -> list[bytes]:
     # JSON can carry BYTES only as UTF-8 strings, which real image files never are; they come
     # through here (and fail to decode as images) only from clients that forgot binary data.
+    # gRPC's typed contents carry them as bytes.
     data = tensor.data
     if not isinstance(data, list):
         raise SchemaError(f"input {tensor.name!r}: data must be a list")
@@ -434,6 +466,8 @@ def _strings_from_json(tensor: _InputTensor) -> list[bytes]:
     if any(nested) and not all(nested):
         raise ShapeMismatch(f"input {tensor.name!r}: data mixes lists and strings")
     flat = [v for row in data for v in row] if any(nested) else data
+    if all(isinstance(v, bytes) for v in flat):  # gRPC's typed bytes_contents
+        return flat
     if not all(isinstance(v, str) for v in flat):
         raise DatatypeMismatch(
             f"input {tensor.name!r}: BYTES data in JSON must be strings; "
@@ -443,7 +477,7 @@ def _strings_from_json(tensor: _InputTensor) -> list[bytes]:
 
 
 def _outputs(
-    requested: list[_OutputTensor] | None, binary_default: bool, signature: Signature
+    requested: list[OutputTensor] | None, binary_default: bool, signature: Signature
 ) -> tuple[RequestedOutput, ...]:
     if not requested:  # none named: every output, as the protocol says
         return (RequestedOutput(signature.output_name, binary=binary_default),)

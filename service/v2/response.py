@@ -58,14 +58,35 @@ def classification_strings(logits: np.ndarray, k: int, labels: tuple[str, ...]) 
     return out
 
 
-def encode_infer_response(
+@dataclass(frozen=True, eq=False)
+class OutputTensor:
+    """One output of a response, before any wire format: FP32 ``values`` (failed images'
+    rows NaN) or BYTES ``items`` (row-major); ``binary`` says how HTTP sends it."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    binary: bool
+    values: np.ndarray | None = None
+    items: list[bytes] | None = None
+
+    def raw(self) -> bytes:
+        """The binary tensor data form (also gRPC's raw_output_contents)."""
+        if self.items is not None:
+            return serialize_bytes(self.items)
+        assert self.values is not None
+        return self.values.tobytes()
+
+
+def infer_outputs(
     request: InferRequest,
     logits: np.ndarray,
     signature: Signature,
     image_errors: Mapping[int, ImageRejected] | None = None,
-) -> EncodedResponse:
-    """The response to ``request`` given the model's ``logits`` ``[N, classes]`` (rows of
-    failed images are ignored) and the images that failed, by batch index."""
+) -> list[OutputTensor]:
+    """The outputs answering ``request`` given the model's ``logits`` ``[N, classes]`` (rows
+    of failed images are ignored) and the images that failed, by batch index; raises the
+    request's error when every image failed."""
     n = request.batch_size
     logits = np.asarray(logits)
     if logits.shape != (n, signature.num_classes):
@@ -81,15 +102,22 @@ def encode_infer_response(
     if errors and len(errors) == n:
         raise _all_failed(errors)
     failed = sorted(errors)
-
-    tensors: list[tuple[dict[str, Any], bytes | None]] = [
-        _output(out, logits, failed, signature) for out in request.outputs
-    ]
+    outputs = [_output(out, logits, failed, signature) for out in request.outputs]
     if errors:
         messages = [errors[i].message.encode() if i in errors else b"" for i in range(n)]
         binary = all(out.binary for out in request.outputs)
-        tensors.append(_bytes_tensor(IMAGE_ERRORS_OUTPUT, [n], messages, binary))
+        outputs.append(OutputTensor(IMAGE_ERRORS_OUTPUT, BYTES, (n,), binary, items=messages))
+    return outputs
 
+
+def encode_infer_response(
+    request: InferRequest,
+    logits: np.ndarray,
+    signature: Signature,
+    image_errors: Mapping[int, ImageRejected] | None = None,
+) -> EncodedResponse:
+    """The HTTP response to ``request`` (see :func:`infer_outputs`)."""
+    tensors = [_http_tensor(t) for t in infer_outputs(request, logits, signature, image_errors)]
     header: dict[str, Any] = {
         "model_name": signature.model_name,
         "model_version": signature.model_version,
@@ -114,35 +142,31 @@ def _all_failed(errors: dict[int, ImageRejected]) -> ImageRejected:
 
 def _output(
     out: RequestedOutput, logits: np.ndarray, failed: list[int], signature: Signature
-) -> tuple[dict[str, Any], bytes | None]:
+) -> OutputTensor:
     if out.classification:
         strings = classification_strings(logits, out.classification, signature.labels)
         strings[failed, :] = b""
-        return _bytes_tensor(out.name, list(strings.shape), list(strings.ravel()), out.binary)
-    meta: dict[str, Any] = {"name": out.name, "datatype": "FP32", "shape": list(logits.shape)}
+        return OutputTensor(out.name, BYTES, strings.shape, out.binary, items=list(strings.ravel()))
     if failed:
         logits = logits.copy()
         logits[failed, :] = np.nan
-    if out.binary:
-        data = logits.tobytes()
+    return OutputTensor(out.name, "FP32", logits.shape, out.binary, values=logits)
+
+
+def _http_tensor(tensor: OutputTensor) -> tuple[dict[str, Any], bytes | None]:
+    meta: dict[str, Any] = {
+        "name": tensor.name,
+        "datatype": tensor.datatype,
+        "shape": list(tensor.shape),
+    }
+    if tensor.binary:
+        data = tensor.raw()
         meta["parameters"] = {"binary_data_size": len(data)}
         return meta, data
+    if tensor.items is not None:
+        meta["data"] = [item.decode("utf-8", errors="replace") for item in tensor.items]
+        return meta, None
     # JSON has no NaN: a failed image's row is null, which numpy reads back as NaN.
-    values: list[float | None] = logits.ravel().tolist()
-    width = logits.shape[1]
-    for row in failed:
-        values[row * width : (row + 1) * width] = [None] * width
-    meta["data"] = values
-    return meta, None
-
-
-def _bytes_tensor(
-    name: str, shape: list[int], items: list[bytes], binary: bool
-) -> tuple[dict[str, Any], bytes | None]:
-    meta: dict[str, Any] = {"name": name, "datatype": BYTES, "shape": shape}
-    if binary:
-        data = serialize_bytes(items)
-        meta["parameters"] = {"binary_data_size": len(data)}
-        return meta, data
-    meta["data"] = [item.decode("utf-8", errors="replace") for item in items]
+    assert tensor.values is not None
+    meta["data"] = [None if v != v else v for v in tensor.values.ravel().tolist()]
     return meta, None

@@ -9,13 +9,18 @@ import numpy as np
 from modelcard.schema import ModelCard
 from service.v2.tensors import NUMPY_DTYPES, datatype_of_card_dtype
 
+# The input name under which metadata advertises encoded image files (BYTES [N]), so that a
+# client reading the metadata learns of them; the model's own input name takes them too.
+IMAGE_FILES_INPUT = "image_files"
+
 
 @dataclass(frozen=True)
 class Signature:
     """One image input ``[N, C, H, W]`` and one logits output ``[N, classes]``.
 
-    The same input name also takes a BYTES tensor ``[N]`` or ``[N, 1]`` of encoded image
-    files, which the server decodes and preprocesses as the card says.
+    A BYTES tensor ``[N]`` or ``[N, 1]`` of encoded image files, which the server decodes and
+    preprocesses as the card says, is taken under :attr:`files_input` (advertised in the
+    metadata) and under the model's input name alike; a request carries one or the other.
     """
 
     model_name: str
@@ -42,6 +47,14 @@ class Signature:
             output_name=card.output.logits,
             labels=tuple(card.labels),
         )
+
+    @property
+    def files_input(self) -> str:
+        """The advertised name of the encoded-image input."""
+        return IMAGE_FILES_INPUT
+
+    def takes_input(self, name: str) -> bool:
+        return name in (self.input_name, self.files_input)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
