@@ -188,11 +188,15 @@ class GrpcFrontend:
         """Serve on ``host:port`` (shared with the other workers); the port bound."""
         settings = self.state.settings
         server = grpc.aio.server(
+            # gRPC reads a whole message before a handler sees it: a bound on the calls in
+            # progress bounds that memory (beyond it gRPC itself answers RESOURCE_EXHAUSTED),
+            # as SERESNET_MAX_CONNECTIONS bounds HTTP's connections.
+            maximum_concurrent_rpcs=settings.max_connections,
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
                 ("grpc.max_send_message_length", -1),
-            ]
+            ],
         )
         handlers = {}
         for name, (request_cls, response_cls) in protocol.methods().items():
