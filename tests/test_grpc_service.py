@@ -388,10 +388,12 @@ def test_two_workers_with_an_api_key(fashion: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def slow() -> Iterator[Grpc]:
-    """A batching delay of 3 s holds a lone request in the engine's queue, which is small."""
+    """A batching delay of 3 s, applied even to a lone request, holds it in the engine's queue,
+    which is small."""
     env = {
         "SERESNET_WORKERS": "1",
         "SERESNET_MAX_QUEUE_DELAY_MS": "3000",
+        "SERESNET_BATCH_WAIT": "always",
         "SERESNET_MAX_BATCH_SIZE": "8",
         "SERESNET_MAX_QUEUE_SIZE": "8",
         "SERESNET_MAX_IMAGES_PER_REQUEST": "8",
