@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import platform
 import statistics
@@ -33,7 +32,6 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script, not with -m
@@ -49,6 +47,7 @@ from bench.frontend import tree_cpu_seconds  # noqa: E402
 from bench.machine import cpu_name, gpu_name  # noqa: E402
 from modelcard.preprocessing import load_array  # noqa: E402
 from modelcard.schema import ModelCard, read_card  # noqa: E402
+from testkit.images import encode, photo  # noqa: E402
 from testkit.server import EMBEDDED_MODEL, free_port, running_service  # noqa: E402
 
 PATHS = ("http_uint8", "grpc_uint8", "http_bytes", "grpc_bytes")
@@ -58,18 +57,7 @@ FILES_INPUT = "image_files"
 
 def photos(count: int, width: int, height: int) -> list[bytes]:
     """Photo-like JPEGs (smooth colour fields with edges), so decoding costs what it would."""
-    out = []
-    for i in range(count):
-        rng = np.random.default_rng(i)
-        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-        r = 127 + 120 * np.sin(x / width * 6.0 + rng.uniform(0, 3))
-        g = 127 + 120 * np.cos(y / height * 5.0 + rng.uniform(0, 3))
-        b = np.where((x // 37 + y // 29) % 2 == 0, 40.0, 210.0)
-        image = Image.fromarray(np.stack([r, g, b], -1).clip(0, 255).astype(np.uint8), "RGB")
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+    return [encode(photo(width, height, seed=i), "JPEG", quality=90) for i in range(count)]
 
 
 class Paths:

@@ -38,7 +38,7 @@ from service.grpc import protocol
 from service.grpc.port import target
 from service.ingress.budget import BudgetExceededError
 from service.ingress.errors import ClientGoneError, internal_error_message
-from service.ingress.pipeline import Held, Pipeline
+from service.ingress.pipeline import Held, Pipeline, bytes_busy
 from service.ingress.state import IngressState
 from service.ingress.v2plane import V2Plane
 from service.v2 import metadata as v2meta
@@ -419,10 +419,5 @@ class GrpcFrontend:
         try:
             budget.take(nbytes)
         except BudgetExceededError:
-            raise ServiceError.of(
-                "busy",
-                "too many request bytes in flight on this worker "
-                f"(SERESNET_MAX_INFLIGHT_BODY_MB={budget.limit // 2**20}); retry",
-                {"Retry-After": "1"},
-            ) from None
+            raise bytes_busy(budget) from None
         return Held(None, budget, nbytes)

@@ -185,12 +185,7 @@ class Pipeline:
         except BaseException as e:
             held.give()
             if isinstance(e, BudgetExceededError):
-                raise ServiceError.of(
-                    "busy",
-                    "too many request bytes in flight on this worker "
-                    f"(SERESNET_MAX_INFLIGHT_BODY_MB={budget.limit // 2**20}); retry",
-                    {"Retry-After": "1"},
-                ) from None
+                raise bytes_busy(budget) from None
             if isinstance(e, TimeoutError):
                 raise ServiceError.of(
                     "request_timeout",
@@ -364,6 +359,16 @@ class Pipeline:
                 f"about {cost / 2**20:.0f} MiB to decode, more than this worker's "
                 f"decode memory of {e.limit // 2**20} MiB (SERESNET_DECODE_MEMORY_MB)",
             ) from None
+
+
+def bytes_busy(budget: ByteBudget) -> ServiceError:
+    """The answer when a worker's request bytes in flight would pass their budget."""
+    return ServiceError.of(
+        "busy",
+        "too many request bytes in flight on this worker "
+        f"(SERESNET_MAX_INFLIGHT_BODY_MB={budget.limit // 2**20}); retry",
+        {"Retry-After": "1"},
+    )
 
 
 def http_hangup(receive: Receive) -> Callable[[], Awaitable[None]]:
