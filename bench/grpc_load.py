@@ -208,20 +208,6 @@ def service(args: argparse.Namespace) -> Iterator[tuple[str, str, int]]:
         yield svc.url, str(listening["grpc"]), svc.proc.pid
 
 
-def int_list(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return values
-
-
-def path_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    if not names or set(names) - set(PATHS):
-        raise argparse.ArgumentTypeError(f"choose among {', '.join(PATHS)}")
-    return names
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.grpc_load",
@@ -233,8 +219,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--service-pid", type=int, help="its supervisor's pid (with --url)")
     p.add_argument("--model-dir", type=Path, default=EMBEDDED_MODEL)
     p.add_argument("--workers", type=int, default=1, help="SERESNET_WORKERS of the started one")
-    p.add_argument("--concurrency", type=int_list, default=[1, 16, 64])
-    p.add_argument("--paths", type=path_list, default=list(PATHS))
+    p.add_argument("--concurrency", type=loadgen.positive_ints, default=[1, 16, 64])
+    p.add_argument("--paths", type=loadgen.names_among(PATHS), default=list(PATHS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per round")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per round")

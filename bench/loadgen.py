@@ -14,6 +14,7 @@ the (shared) CPU on sending rather than on a client library's bookkeeping. Any o
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -208,3 +209,26 @@ def raw_http_users(
         return send
 
     return [make(k) for k in range(concurrency)]
+
+
+def positive_ints(text: str) -> list[int]:
+    """``--concurrency 1,16,64``: a comma-separated list of positive integers."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return values
+
+
+def names_among(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type for a comma-separated list of some of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        if not names or set(names) - set(choices):
+            raise argparse.ArgumentTypeError(f"choose among {', '.join(choices)}")
+        return names
+
+    return parse

@@ -335,21 +335,6 @@ async def run(args: argparse.Namespace) -> dict:
     }
 
 
-def int_list(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return values
-
-
-def path_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = sorted(set(names) - set(PATHS))
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"choose among {', '.join(PATHS)}")
-    return names
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.v2_load",
@@ -367,13 +352,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     p.add_argument(
         "--concurrency",
-        type=int_list,
+        type=loadgen.positive_ints,
         default=[1, 8, 32],
         help="comma-separated levels (default 1,8,32)",
     )
     p.add_argument(
         "--paths",
-        type=path_list,
+        type=loadgen.names_among(PATHS),
         default=list(PATHS),
         help=f"comma-separated subset of {','.join(PATHS)}",
     )

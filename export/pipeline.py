@@ -12,12 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from export import fashion_mnist
 from export.architectures import SEResNet, calibrate_batchnorm, count_parameters, create_model
 from export.checkpoint import load_into, read_state_dict, sha256_of
-from export.errors import ExportError
 from export.float16 import CONVERTER, convert_file
 from export.fusion import fuse_file
 from export.model_card import (
@@ -42,6 +40,7 @@ from export.onnx_export import (
     session,
 )
 from export.quantize import int8_variant
+from export.variants import fused_logits, fused_session, gate
 from modelcard import FP16_FUSED_FILE, FUSED_FILE, UNFUSED_FILE, InputSpec, ModelCard, read_card
 from modelcard.schema import Float16, Fusion, Metrics, Parity, Provenance
 
@@ -124,18 +123,6 @@ def staged_folder(target: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def fused_session(path: Path) -> ort.InferenceSession:
-    """A CPU session for a fused model, with the op library registered."""
-    import ops
-
-    so = ort.SessionOptions()
-    try:
-        ops.register(so)
-    except ops.OpsLibraryError as e:
-        raise ExportError(f"cannot check the fused model: {e}") from e
-    return session(path, so=so)
-
-
 def check_fused(unfused: Path, fused: Path, spec: InputSpec, pixels: np.ndarray) -> Comparison:
     """Unfused vs fused ONNX Runtime on ``pixels``; raise :class:`ParityError` if they differ."""
     result = compare(
@@ -148,14 +135,6 @@ def check_fused(unfused: Path, fused: Path, spec: InputSpec, pixels: np.ndarray)
             f"agreement {result.top5_agreement:.2%}"
         )
     return result
-
-
-def fused_logits(path: Path, pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Logits of a fused model (float32 or float16 inside) on the CPU, 1000 images per run."""
-    sess = fused_session(path)
-    return np.concatenate(
-        [run_onnx(sess, pixels[i : i + 1000], spec) for i in range(0, len(pixels), 1000)]
-    )
 
 
 def float16_variant(
@@ -200,28 +179,17 @@ def float16_variant(
     problem = None
     if result.top5_agreement < MIN_FP16_TOP5_AGREEMENT:
         problem = f"top-5 agreement {result.top5_agreement:.2%} < {MIN_FP16_TOP5_AGREEMENT:.0%}"
-    if test is not None:
-        _, labels, fp32_top1 = test
-        top1, top5 = accuracy(fp16_logits, labels)
-        delta = top1 - fp32_top1
-        entry = entry.model_copy(
-            update={"test_top1": top1, "test_top5": top5, "test_top1_delta_vs_fp32": delta}
-        )
-        say(
-            f"test accuracy of {FP16_FUSED_FILE}: top-1 {top1:.2%} ({delta:+.2%} vs float32), "
-            f"top-5 {top5:.2%}"
-        )
-        if abs(delta) > MAX_FP16_TOP1_DELTA:
-            problem = f"test top-1 {delta:+.2%} vs float32 (limit {MAX_FP16_TOP1_DELTA:.1%})"
-    if not gated:
-        if problem is not None:
-            say(f"float16 variant kept for benchmarks only ({problem}): parity_gated false")
-        return entry.model_copy(update={"parity_gated": False})
-    if problem is not None:
-        fp16_path.unlink()
-        say(f"float16 variant not written: {problem}")
-        return None
-    return entry
+    return gate(
+        entry,
+        fp16_logits,
+        test,
+        path=fp16_path,
+        kind="float16",
+        problem=problem,
+        max_top1_delta=MAX_FP16_TOP1_DELTA,
+        gated=gated,
+        say=say,
+    )
 
 
 def export_folder(opts: ExportOptions, say=print) -> ModelCard:

@@ -34,7 +34,8 @@ from onnxruntime.quantization import (
 from PIL import Image
 
 from export import fashion_mnist
-from export.onnx_export import accuracy, compare
+from export.onnx_export import compare
+from export.variants import fused_logits, gate
 from modelcard import INT8_FUSED_FILE, InputSpec, to_array
 from modelcard.cpu import cpu_int8_isa
 from modelcard.schema import Int8
@@ -145,18 +146,6 @@ def calibration_images(spec: InputSpec, count: int = CALIBRATION_IMAGES, seed: i
     return np.stack([to_array(Image.fromarray(images[i], "L"), uint8_spec) for i in pick])
 
 
-def _logits(path: Path, pixels: np.ndarray) -> np.ndarray:
-    import ops
-
-    so = ort.SessionOptions()
-    ops.register(so)
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate(
-        [sess.run(None, {name: pixels[i : i + 500]})[0] for i in range(0, len(pixels), 500)]
-    )
-
-
 def int8_variant(
     folder: Path,
     fused_file: str,
@@ -174,7 +163,7 @@ def int8_variant(
     calibration = calibration_images(spec)
     quantize_file(src, dst, calibration, spec.tensor, say)
     images = pixels if test is None else test[0]
-    reference, int8 = _logits(src, images), _logits(dst, images)
+    reference, int8 = fused_logits(src, images, spec), fused_logits(dst, images, spec)
     result = compare(reference, int8)
     agreement = float((int8.argmax(axis=1) == reference.argmax(axis=1)).mean())
     speedup = cpu_speedup(src, dst, images[:SPEEDUP_BATCH])
@@ -197,25 +186,14 @@ def int8_variant(
     problem = None
     if agreement < MIN_INT8_TOP1_AGREEMENT:
         problem = f"top-1 agreement {agreement:.2%} < {MIN_INT8_TOP1_AGREEMENT:.0%}"
-    if test is not None:
-        _, labels, fp32_top1 = test
-        top1, top5 = accuracy(int8, labels)
-        delta = top1 - fp32_top1
-        entry = entry.model_copy(
-            update={"test_top1": top1, "test_top5": top5, "test_top1_delta_vs_fp32": delta}
-        )
-        say(
-            f"test accuracy of {INT8_FUSED_FILE}: top-1 {top1:.2%} ({delta:+.2%} vs float32), "
-            f"top-5 {top5:.2%}"
-        )
-        if abs(delta) > MAX_INT8_TOP1_DELTA:
-            problem = f"test top-1 {delta:+.2%} vs float32 (limit {MAX_INT8_TOP1_DELTA:.1%})"
-    if not gated:
-        if problem is not None:
-            say(f"int8 variant kept for benchmarks only ({problem}): parity_gated false")
-        return entry.model_copy(update={"parity_gated": False})
-    if problem is not None:
-        dst.unlink()
-        say(f"int8 variant not written: {problem}")
-        return None
-    return entry
+    return gate(
+        entry,
+        int8,
+        test,
+        path=dst,
+        kind="int8",
+        problem=problem,
+        max_top1_delta=MAX_INT8_TOP1_DELTA,
+        gated=gated,
+        say=say,
+    )
