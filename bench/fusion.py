@@ -30,15 +30,14 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.machine import cpu_name, gpu_name
+from service.engine.policy import OPT_LEVELS, PROVIDER_EP
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 CACHE = REPO / "build" / "bench-models"
-LEVELS = {
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# The CPU engine's auto level (all) rests on this comparison; basic is only a user's override.
+LEVELS = {level: OPT_LEVELS[level] for level in ("extended", "all")}
+PROVIDERS = PROVIDER_EP
 
 
 def exported(arch: str, cache: Path = CACHE) -> Path:
@@ -68,7 +67,7 @@ def ort_runner(
     if fused:
         ops.register(so)
     sess = ort.InferenceSession(str(path), so, providers=[provider])
-    if provider == "CUDAExecutionProvider":
+    if provider == PROVIDER_EP["cuda"]:
         binding = sess.io_binding()
         x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
         binding.bind_ortvalue_input(sess.get_inputs()[0].name, x_dev)

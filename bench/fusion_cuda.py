@@ -36,9 +36,10 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.fusion import time_calls
+from service.engine.policy import CUDA_EP
 
 PRECISIONS = ("fp32", "tf32", "fp16")
-CUDA = "CUDAExecutionProvider"
+CUDA = CUDA_EP
 # The GPU engine's goals (H200 figures), kept beside the results they are checked against.
 ANCHOR_H200_SERESNET50_FP16_CL = {"1": 138, "8": 1055, "32": 4070, "128": 11600}
 GOALS = {

@@ -45,6 +45,7 @@ from PIL import Image
 
 from bench.loadgen import closed_loop, http_request, percentiles, raw_http_users
 from bench.machine import cpu_name
+from service import metrics as M
 from testkit.server import EMBEDDED_MODEL, running_service
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,29 +147,29 @@ async def _closed_loop(
     return r.samples, r.images, r.errors, duration
 
 
+INFERENCES = f"{M.INFERENCE_COUNT}_total"
+EXECUTIONS = f"{M.INFERENCE_EXEC_COUNT}_total"
+
+
 def _histogram(text: str) -> dict[str, float]:
     """Cumulative ``le`` buckets of seresnet_batch_size, and the inference/exec counters."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("seresnet_batch_size_bucket{"):
+        if line.startswith(f"{M.BATCH_SIZE}_bucket{{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out[f"le_{le}"] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("seresnet_request_duration_seconds_bucket{"):
+        elif line.startswith(f"{M.REQUEST_DURATION_SECONDS}_bucket{{"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out[f"req_{le}"] = float(line.rsplit(" ", 1)[1])
-        elif line.startswith(
-            ("seresnet_inference_count_total{", "seresnet_inference_exec_count_total{")
-        ):
+        elif line.startswith((f"{INFERENCES}{{", f"{EXECUTIONS}{{")):
             out[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
     return out
 
 
 def batching_delta(before: dict[str, float], after: dict[str, float]) -> dict:
     """Batch-size distribution between two scrapes: runs per size range, and the mean."""
-    images = after["seresnet_inference_count_total"] - before["seresnet_inference_count_total"]
-    runs = (
-        after["seresnet_inference_exec_count_total"] - before["seresnet_inference_exec_count_total"]
-    )
+    images = after[INFERENCES] - before[INFERENCES]
+    runs = after[EXECUTIONS] - before[EXECUTIONS]
     edges = sorted(
         (k for k in after if k.startswith("le_")), key=lambda k: float(k[3:].replace("+Inf", "inf"))
     )

@@ -48,6 +48,11 @@ class InputSpec(_Strict):
     std: list[float]
     normalization: Literal["in-graph", "caller"] = "in-graph"
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """One image's tensor shape, [C, H, W]."""
+        return (self.channels, self.height, self.width)
+
     @model_validator(mode="after")
     def _consistent(self) -> InputSpec:
         if (self.color == "L") != (self.channels == 1):

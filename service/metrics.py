@@ -38,6 +38,32 @@ from prometheus_client.metrics_core import Metric
 
 LABELS = ("model", "version", "provider", "graph", "opt_level")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Series names, in one place: /v2's statistics and bench.load read them back by name; the
+# alert and HPA rules under deploy/ spell them too (tests/test_deploy_manifests.py checks those).
+MODEL_INFO = "seresnet_model_info"
+READY = "seresnet_ready"
+INFERENCE_COUNT = "seresnet_inference_count"
+INFERENCE_EXEC_COUNT = "seresnet_inference_exec_count"
+BATCH_SIZE = "seresnet_batch_size"
+BATCH_RUNS = "seresnet_batch_runs"
+BATCH_COMPUTE_SECONDS = "seresnet_batch_compute_seconds"
+QUEUE_DURATION_SECONDS = "seresnet_queue_duration_seconds"
+COMPUTE_DURATION_SECONDS = "seresnet_compute_duration_seconds"
+QUEUE_DEPTH = "seresnet_queue_depth"
+ADMITTED_IMAGES = "seresnet_admitted_images"
+DROPPED_IMAGES = "seresnet_dropped_images"
+FAILED_BATCHES = "seresnet_failed_batches"
+ENGINE_STARTS = "seresnet_engine_starts"
+INFERENCE_REQUEST_SUCCESS = "seresnet_inference_request_success"
+INFERENCE_REQUEST_FAILURE = "seresnet_inference_request_failure"
+INFERENCE_REQUEST_SECONDS = "seresnet_inference_request_seconds"
+LAST_INFERENCE_TIMESTAMP_SECONDS = "seresnet_last_inference_timestamp_seconds"
+IMAGE_FAILURE = "seresnet_image_failure"
+REQUEST_DURATION_SECONDS = "seresnet_request_duration_seconds"
+PREPROCESS_DURATION_SECONDS = "seresnet_preprocess_duration_seconds"
+PREPROCESS_BACKLOG = "seresnet_preprocess_backlog"
+HTTP_REFUSED = "seresnet_http_refused"
+CLIENT_GONE = "seresnet_client_gone"
 _LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -106,7 +132,7 @@ class EngineMetrics(_Labelled):
         super().__init__(labels)
         lv = self._labels
         info = Gauge(
-            "seresnet_model_info",
+            MODEL_INFO,
             "The served model and how it is run (value 1)",
             [*LABELS, "reason"],
             registry=None,
@@ -114,26 +140,26 @@ class EngineMetrics(_Labelled):
         )
         info.labels(*lv, reason).set(1)
         self.ready = Gauge(
-            "seresnet_ready",
+            READY,
             "1 once warm-up finished and not draining",
             LABELS,
             registry=None,
             multiprocess_mode="livemax",
         ).labels(*lv)
         self.inference_count = Counter(
-            "seresnet_inference_count",
+            INFERENCE_COUNT,
             "Images run by the model (Triton's inference count)",
             LABELS,
             registry=None,
         ).labels(*lv)
         self.exec_count = Counter(
-            "seresnet_inference_exec_count",
+            INFERENCE_EXEC_COUNT,
             "Model runs, i.e. batches (Triton's execution count); inference/exec = mean batch",
             LABELS,
             registry=None,
         ).labels(*lv)
         self.batch_size = Histogram(
-            "seresnet_batch_size",
+            BATCH_SIZE,
             "Images per model run",
             LABELS,
             buckets=batch_buckets(max_batch_size),
@@ -141,56 +167,56 @@ class EngineMetrics(_Labelled):
         ).labels(*lv)
         # Exact sizes (at most max_batch_size series) for Triton's per-batch-size statistics.
         self._runs_by_size = Counter(
-            "seresnet_batch_runs",
+            BATCH_RUNS,
             "Model runs by exact batch size",
             [*LABELS, "batch_size"],
             registry=None,
         )
         self._seconds_by_size = Counter(
-            "seresnet_batch_compute_seconds",
+            BATCH_COMPUTE_SECONDS,
             "Time in ONNX Runtime by exact batch size",
             [*LABELS, "batch_size"],
             registry=None,
         )
         self.queue_duration = Histogram(
-            "seresnet_queue_duration_seconds",
+            QUEUE_DURATION_SECONDS,
             "Per image: time from queued to its batch start",
             LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=None,
         ).labels(*lv)
         self.compute_duration = Histogram(
-            "seresnet_compute_duration_seconds",
+            COMPUTE_DURATION_SECONDS,
             "Per model run: time in ONNX Runtime",
             LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=None,
         ).labels(*lv)
         self.queue_depth = Gauge(
-            "seresnet_queue_depth",
+            QUEUE_DEPTH,
             "Images waiting for a model run",
             LABELS,
             registry=None,
             multiprocess_mode="livesum",
         ).labels(*lv)
         self.admitted = Gauge(
-            "seresnet_admitted_images",
+            ADMITTED_IMAGES,
             "Images holding a slot: being decoded by a worker, queued or running",
             LABELS,
             registry=None,
             multiprocess_mode="livesum",
         ).labels(*lv)
         self._dropped = Counter(
-            "seresnet_dropped_images",
+            DROPPED_IMAGES,
             "Images admitted but never run, by reason",
             [*LABELS, "reason"],
             registry=None,
         )
         self._failed_batches = Counter(
-            "seresnet_failed_batches", "Model runs that raised", LABELS, registry=None
+            FAILED_BATCHES, "Model runs that raised", LABELS, registry=None
         ).labels(*lv)
         self.restarts = Counter(
-            "seresnet_engine_starts", "Engine processes started", LABELS, registry=None
+            ENGINE_STARTS, "Engine processes started", LABELS, registry=None
         ).labels(*lv)
 
     # BatchObserver ------------------------------------------------------------------
@@ -224,13 +250,13 @@ class IngressMetrics(_Labelled):
         super().__init__(labels)
         lv = self._labels
         self.request_success = Counter(
-            "seresnet_inference_request_success",
+            INFERENCE_REQUEST_SUCCESS,
             "Requests answered 200 by /classify or /v2 .../infer",
             LABELS,
             registry=None,
         ).labels(*lv)
         self._request_failure = Counter(
-            "seresnet_inference_request_failure",
+            INFERENCE_REQUEST_FAILURE,
             "Requests to /classify or /v2 .../infer that failed, by code",
             [*LABELS, "code"],
             registry=None,
@@ -238,40 +264,40 @@ class IngressMetrics(_Labelled):
         # Triton's statistics sum the time of successful and failed requests apart; the
         # duration histogram below mixes both, so the sums are kept by outcome as well.
         self._request_seconds = Counter(
-            "seresnet_inference_request_seconds",
+            INFERENCE_REQUEST_SECONDS,
             "Time spent answering inference requests, by outcome (success, failure)",
             [*LABELS, "outcome"],
             registry=None,
         )
         self.last_success = Gauge(
-            "seresnet_last_inference_timestamp_seconds",
+            LAST_INFERENCE_TIMESTAMP_SECONDS,
             "Unix time of the last successful inference request (all workers: the latest)",
             LABELS,
             registry=None,
             multiprocess_mode="max",
         ).labels(*lv)
         self._image_failure = Counter(
-            "seresnet_image_failure",
+            IMAGE_FAILURE,
             "Images answered with a per-image error, by code",
             [*LABELS, "code"],
             registry=None,
         )
         self.request_duration = Histogram(
-            "seresnet_request_duration_seconds",
+            REQUEST_DURATION_SECONDS,
             "Per inference request (/classify, /v2 infer): arrival to response",
             LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=None,
         ).labels(*lv)
         self.preprocess_duration = Histogram(
-            "seresnet_preprocess_duration_seconds",
+            PREPROCESS_DURATION_SECONDS,
             "Per image: header, decode and preprocess",
             LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=None,
         ).labels(*lv)
         self.preprocess_backlog = Gauge(
-            "seresnet_preprocess_backlog",
+            PREPROCESS_BACKLOG,
             "Images admitted and being decoded, all workers",
             LABELS,
             registry=None,
@@ -300,13 +326,13 @@ class HttpMetrics:
     def __init__(self) -> None:
         disable_created_metrics()
         self._refused = Counter(
-            "seresnet_http_refused",
+            HTTP_REFUSED,
             "Connections or requests refused by the HTTP limits",
             ["reason"],
             registry=None,
         )
         self._gone = Counter(
-            "seresnet_client_gone",
+            CLIENT_GONE,
             "Requests whose client disconnected before the answer (499)",
             ["path"],
             registry=None,

@@ -102,6 +102,17 @@ def choose_path(tag: str, nbytes: int, fallback_dir: Path) -> Path:
     return fallback_dir / f"slots-{tag}"
 
 
+def slot_count(max_queue_size: int, max_batch_size: int) -> int:
+    """Slots an engine needs: one per admissible image plus one batch being run, so the bound
+    is on images waiting (decoding or queued)."""
+    return max_queue_size + max_batch_size
+
+
+def arena_bytes(shape: tuple[int, ...], dtype: np.dtype | str, count: int) -> int:
+    """Size of the file that holds ``count`` slots of ``shape``/``dtype``."""
+    return prod(shape) * np.dtype(dtype).itemsize * count
+
+
 class SlotArena:
     """``count`` slots of ``shape``/``dtype`` in one mapped file."""
 
@@ -112,7 +123,7 @@ class SlotArena:
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.count = count
-        self.slot_bytes = prod(self.shape) * self.dtype.itemsize
+        self.slot_bytes = arena_bytes(self.shape, self.dtype, 1)
         size = self.slot_bytes * count
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
         try:

@@ -40,7 +40,7 @@ from service import metrics
 from service.engine.config import EXIT_WARMUP_FAILED, EngineConfig
 from service.grpc import port as grpc_port
 from service.settings import Settings
-from service.slots import choose_path, make_run_dir
+from service.slots import arena_bytes, choose_path, make_run_dir, slot_count
 from service.wire import ENGINE_SOCKET_ENV, LEAVING_MARKER
 
 log = logging.getLogger("service")
@@ -68,8 +68,7 @@ def _slot_bytes(model_dir: Path, slots: int) -> int:
         spec = read_card(model_dir).input
     except CardError as e:
         raise StartupError(str(e)) from None
-    itemsize = 1 if spec.dtype == "uint8" else 4
-    return spec.channels * spec.height * spec.width * itemsize * slots
+    return arena_bytes(spec.shape, spec.dtype, slots)
 
 
 def _drain_pipe(pipe: Connection) -> list[tuple[str, object]]:
@@ -138,7 +137,7 @@ class EngineSupervisor:
         """Start the engine and wait until its model is loaded (not yet warm); raises
         StartupError with the engine's own one-line reason if it cannot load."""
         s = self.settings
-        self._slots_bytes = _slot_bytes(s.model_dir, s.max_queue_size + s.max_batch_size)
+        self._slots_bytes = _slot_bytes(s.model_dir, slot_count(s.max_queue_size, s.max_batch_size))
         handle = self.handle = self._spawn()
         deadline = time.monotonic() + ENGINE_LOAD_TIMEOUT_S
         while time.monotonic() < deadline:

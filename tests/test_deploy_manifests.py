@@ -57,6 +57,13 @@ def service_metric_names() -> set[str]:
     """Every metric family the service defines (service/metrics.py), with the suffixes
     Prometheus adds to counters and histograms."""
     tree = ast.parse((REPO_ROOT / "service" / "metrics.py").read_text())
+    constants = {
+        target.id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") in (
@@ -65,6 +72,8 @@ def service_metric_names() -> set[str]:
             "Histogram",
         ):
             first = node.args[0] if node.args else None
+            if isinstance(first, ast.Name):  # the metric's name is one of the module's constants
+                first = ast.Constant(constants.get(first.id))
             if isinstance(first, ast.Constant) and str(first.value).startswith("seresnet_"):
                 base = str(first.value)
                 suffixes = {

@@ -15,7 +15,7 @@ from PIL import Image
 
 from modelcard.preprocessing import load_array
 from modelcard.schema import InputSpec
-from service.ingress.imaging import ImageError, decode
+from service.ingress.imaging import ImageError, finish, open_checked
 from testkit.images import SVG, TEXT, encode, gif_claiming, photo, png_claiming
 
 GRAY28 = InputSpec(channels=1, height=28, width=28, color="L", mean=[0.5], std=[0.5])
@@ -31,6 +31,11 @@ RGB224 = InputSpec(
 )
 RGB224_FLOAT = RGB224.model_copy(update={"dtype": "float32", "normalization": "caller"})
 LIMIT = 40_000_000
+
+
+def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
+    """Both of the worker's steps for one image: the header check, then the decode."""
+    return finish(open_checked(data, max_pixels), spec)
 
 
 def _save(tmp_path: Path, name: str, image: Image.Image, **params: object) -> bytes:

@@ -15,6 +15,7 @@ from conftest import EMBEDDED_MODEL
 from tritonclient.http import InferInput, InferRequestedOutput, InferResult
 
 from modelcard.schema import ModelCard, read_card
+from service.errors import error_content
 from service.v2.errors import (
     BatchTooLarge,
     BinaryDataError,
@@ -27,7 +28,6 @@ from service.v2.errors import (
     UnknownTensor,
     Unsupported,
     V2Error,
-    error_body,
 )
 from service.v2.request import (
     InferRequest,
@@ -624,8 +624,12 @@ def test_compressed_bodies(
 
 def test_error_body_is_the_protocols_string_form() -> None:
     error = BatchTooLarge("batch size 9 is more than the server's maximum of 8")
-    assert error_body(error) == {"error": "batch size 9 is more than the server's maximum of 8"}
-    assert error_body("plain") == {"error": "plain"}
+    assert error_content("/v2/models/m/infer", error.code, error.message) == {
+        "error": "batch size 9 is more than the server's maximum of 8"
+    }
+    assert error_content("/classify", error.code, error.message) == {
+        "error": {"code": "batch_too_large", "message": error.message}
+    }
     assert error.status == 400
     assert V2Error("queue full", status=503, headers={"Retry-After": "1"}).headers == {
         "Retry-After": "1"

@@ -221,10 +221,6 @@ class Batcher:
         if self._batch_done is not None:
             await asyncio.shield(self._batch_done)
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
     def retry_after_s(self) -> int:
         """A Retry-After hint: roughly how long the current queue takes to clear."""
         batches = math.ceil(max(1, self.depth) / self.max_batch_size)

@@ -71,6 +71,39 @@ class EngineInfo:
     layout_reason: str = ""
     fallbacks: list[str] = field(default_factory=list)  # what was given up at load, and why
 
+    @classmethod
+    def of(
+        cls,
+        plan: EnginePlan,
+        session: ort.InferenceSession,
+        provider_options: dict[str, str],
+        ops: OpsStatus,
+        config: EngineConfig,
+    ) -> EngineInfo:
+        """What ``plan`` became once its session was built."""
+        choice, provider = plan.graph, plan.provider.provider
+        return cls(
+            provider=provider,
+            provider_reason=plan.provider.reason,
+            graph=choice.graph,
+            graph_file=choice.filename,
+            opt_level=choice.opt_level,
+            reason=choice.reason,
+            ops=ops,
+            intra_op_threads=config.intra_op_threads if provider == "cpu" else 1,
+            batch_buckets=config.batch_buckets,
+            session_providers=session.get_providers(),
+            provider_options=provider_options,
+            tf32=provider_options.get("use_tf32") == "1" if provider == "cuda" else None,
+            precision=choice.precision,
+            precision_reason=plan.precision.reason,
+            cuda_graphs=plan.cuda_graphs.enabled,
+            cuda_graphs_reason=plan.cuda_graphs.reason,
+            layout=plan.layout.layout,
+            layout_reason=plan.layout.reason,
+            fallbacks=list(plan.fallbacks),
+        )
+
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
         d["ops"] = self.ops.describe()
@@ -143,7 +176,7 @@ class Engine:
         self.config = config
         self.ops_status = ops_status
         self.input_dtype = np.dtype(card.input.dtype)
-        self.sample_shape = (card.input.channels, card.input.height, card.input.width)
+        self.sample_shape = card.input.shape
         self.warm_thread: int | None = None  # the thread warm_up ran on
         self._build(plan)
 
@@ -180,47 +213,10 @@ class Engine:
                 f"{ep} did not initialise (session runs on "
                 f"{session.get_providers()}); see onnxruntime's log above"
             )
-        buckets = config.batch_buckets
-        runner: PlainRunner | BucketRunner
-        if provider == "cuda":
-            runner = BucketRunner(
-                session,
-                input_name,
-                output_name,
-                self.sample_shape,
-                self.input_dtype,
-                card.num_classes,
-                buckets,
-                "cuda",
-                config.device_id,
-                cuda_graphs=plan.cuda_graphs.enabled,
-            )
-        else:
-            runner = PlainRunner(session, input_name, output_name)
         self.plan = plan
         self.session = session
-        self._runner = runner
-        self.info = EngineInfo(
-            provider=provider,
-            provider_reason=plan.provider.reason,
-            graph=choice.graph,
-            graph_file=choice.filename,
-            opt_level=choice.opt_level,
-            reason=choice.reason,
-            ops=self.ops_status,
-            intra_op_threads=config.intra_op_threads if provider == "cpu" else 1,
-            batch_buckets=buckets,
-            session_providers=session.get_providers(),
-            provider_options=provider_options,
-            tf32=provider_options.get("use_tf32") == "1" if provider == "cuda" else None,
-            precision=choice.precision,
-            precision_reason=plan.precision.reason,
-            cuda_graphs=plan.cuda_graphs.enabled,
-            cuda_graphs_reason=plan.cuda_graphs.reason,
-            layout=plan.layout.layout,
-            layout_reason=plan.layout.reason,
-            fallbacks=list(plan.fallbacks),
-        )
+        self._runner = self._make_runner(plan, session, input_name, output_name)
+        self.info = EngineInfo.of(plan, session, provider_options, self.ops_status, config)
         log.info(
             "engine loaded",
             extra={
@@ -237,6 +233,26 @@ class Engine:
                 "cuda_graphs": plan.cuda_graphs.enabled,
                 "fallbacks": list(plan.fallbacks),
             },
+        )
+
+    def _make_runner(
+        self, plan: EnginePlan, session: ort.InferenceSession, input_name: str, output_name: str
+    ) -> PlainRunner | BucketRunner:
+        """CUDA runs fixed bucket shapes on bound device buffers (what CUDA graphs need); the
+        CPU runs each batch as it comes."""
+        if plan.provider.provider != "cuda":
+            return PlainRunner(session, input_name, output_name)
+        return BucketRunner(
+            session,
+            input_name,
+            output_name,
+            self.sample_shape,
+            self.input_dtype,
+            self.card.num_classes,
+            self.config.batch_buckets,
+            "cuda",
+            self.config.device_id,
+            cuda_graphs=plan.cuda_graphs.enabled,
         )
 
     def warm_up(self, rounds: int = 1) -> float:

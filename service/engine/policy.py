@@ -24,7 +24,6 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-_ORT_DTYPE = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 Graph = Literal["fused", "unfused"]
 OptLevel = Literal["basic", "extended", "all"]

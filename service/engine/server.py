@@ -42,7 +42,7 @@ from service.engine.config import EXIT_LOAD_FAILED, EXIT_WARMUP_FAILED, EngineCo
 from service.engine.model import Engine
 from service.engine.policy import EngineError
 from service.metrics import EngineMetrics
-from service.slots import SlotArena
+from service.slots import SlotArena, slot_count
 
 log = logging.getLogger("service.engine")
 
@@ -91,13 +91,11 @@ class EngineServer:
         card = engine.card
         info = engine.info
         self.max_batch_size = max(info.batch_buckets)
-        # One slot per admissible image plus one batch being run: the bound is on images
-        # waiting (decoding or queued), as it was in one process.
         self.arena = SlotArena(
             config.shm_path,
             engine.sample_shape,
             engine.input_dtype,
-            config.max_queue_size + self.max_batch_size,
+            slot_count(config.max_queue_size, self.max_batch_size),
             create=True,
         )
         self._free: deque[int] = deque(range(self.arena.count))

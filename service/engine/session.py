@@ -46,7 +46,7 @@ def probe_ops() -> OpsStatus:
     try:
         path = str(ops.library_path())
         providers = frozenset(ops.providers())
-        fp16 = bool(ops.has_fp16_kernel("CUDAExecutionProvider"))
+        fp16 = bool(ops.has_fp16_kernel(CUDA_EP))
     except Exception as e:  # reported, then the unfused graph is used
         return OpsStatus(False, error=f"{type(e).__name__}: {e}")
     return OpsStatus(True, providers, path, fp16_cuda=fp16)
@@ -214,14 +214,13 @@ def check_signature(
         raise EngineError(
             f"{filename}: input {spec.tensor!r} is {inp.type}, but model.json says {spec.dtype}"
         )
-    expected = [spec.channels, spec.height, spec.width]
     dims = list(inp.shape)
     if len(dims) != 4 or any(
-        isinstance(d, int) and d != e for d, e in zip(dims[1:], expected, strict=True)
+        isinstance(d, int) and d != e for d, e in zip(dims[1:], spec.shape, strict=True)
     ):
         raise EngineError(
-            f"{filename}: input shape {dims} does not match model.json "
-            f"[N, {spec.channels}, {spec.height}, {spec.width}]"
+            f"{filename}: input shape {dims} does not match model.json"
+            f" [N, {', '.join(map(str, spec.shape))}]"
         )
     if isinstance(dims[0], int) and dims[0] != -1:
         raise EngineError(f"{filename}: the batch axis is fixed at {dims[0]}; export it dynamic")

@@ -47,7 +47,6 @@ class DecodeBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self.peak = 0
         self._cond = threading.Condition()
 
     @contextlib.contextmanager
@@ -61,7 +60,6 @@ class DecodeBudget:
                 if timed_out and self.used + nbytes > self.limit:
                     raise BudgetExceededError(nbytes, self.limit, True)
             self.used += nbytes
-            self.peak = max(self.peak, self.used)
         try:
             yield
         finally:

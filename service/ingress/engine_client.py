@@ -110,7 +110,6 @@ class EngineClient:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._closing = False
-        self.disconnects = 0
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -251,15 +250,12 @@ class EngineClient:
             future.set_result(result)
 
     def _lost(self, writer: asyncio.StreamWriter) -> None:
-        was_connected = self._connected.is_set()
         self._connected.clear()
         self._writer = None
         self._reported_ready = False
         self._reported_reason = "the engine process is restarting"
         self._silent_since = None
         writer.close()
-        if was_connected:
-            self.disconnects += 1
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():

@@ -240,11 +240,6 @@ def finish(image: Image.Image, spec: InputSpec) -> np.ndarray:
             ) from None
 
 
-def decode(data: bytes, spec: InputSpec, max_pixels: int) -> np.ndarray:
-    """Bytes of one image file -> [C, H, W] array as the card says (both steps above)."""
-    return finish(open_checked(data, max_pixels), spec)
-
-
 def draft(image: Image.Image, spec: InputSpec) -> None:
     """Let a JPEG decode at a fraction of its size when the model needs far fewer pixels
     (before :func:`decode_cost`, which then sees the smaller size)."""

@@ -24,7 +24,7 @@ from typing import Any
 from starlette.requests import Request
 
 from service import VERSION
-from service import metrics as service_metrics
+from service import metrics as M
 from service.ingress.bodies import check_declared_length, read_limited
 from service.ingress.pipeline import Files, Held, Outcome, Pipeline, Pixels, http_hangup
 from service.ingress.state import IngressState
@@ -161,7 +161,7 @@ class V2Plane:
         """Triton's statistics: for every model when ``name`` is None (GET /v2/models/stats)."""
         signature = self.signature() if name is None else self.check_model(name, version)
         # Reading every process's metric files is disk work: keep it off the event loop.
-        families = await asyncio.to_thread(service_metrics.collect)
+        families = await asyncio.to_thread(M.collect)
         counters = counters_from_metrics(families, signature.model_name, signature.model_version)
         return model_statistics(signature, counters)
 
@@ -258,9 +258,9 @@ def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> 
                 infer = by_size.setdefault(
                     int(labels["batch_size"]), BatchDurations()
                 ).compute_infer
-                if sample.name == "seresnet_batch_runs_total":
+                if sample.name == f"{M.BATCH_RUNS}_total":
                     infer.count += round(sample.value)
-                elif sample.name == "seresnet_batch_compute_seconds_total":
+                elif sample.name == f"{M.BATCH_COMPUTE_SECONDS}_total":
                     infer.ns += round(sample.value * 1e9)
                 continue
             key = sample.name
@@ -282,19 +282,19 @@ def counters_from_metrics(families: Iterable[Any], model: str, version: str) -> 
         )
 
     return ModelCounters(
-        inference_count=count("seresnet_inference_count_total"),
-        execution_count=count("seresnet_inference_exec_count_total"),
-        last_inference_ms=round(sums.get("seresnet_last_inference_timestamp_seconds", 0.0) * 1000),
+        inference_count=count(f"{M.INFERENCE_COUNT}_total"),
+        execution_count=count(f"{M.INFERENCE_EXEC_COUNT}_total"),
+        last_inference_ms=round(sums.get(M.LAST_INFERENCE_TIMESTAMP_SECONDS, 0.0) * 1000),
         success=Duration(
-            count=count("seresnet_inference_request_success_total"),
-            ns=round(sums.get("seresnet_inference_request_seconds_total:success", 0.0) * 1e9),
+            count=count(f"{M.INFERENCE_REQUEST_SUCCESS}_total"),
+            ns=round(sums.get(f"{M.INFERENCE_REQUEST_SECONDS}_total:success", 0.0) * 1e9),
         ),
         fail=Duration(
-            count=count("seresnet_inference_request_failure_total"),
-            ns=round(sums.get("seresnet_inference_request_seconds_total:failure", 0.0) * 1e9),
+            count=count(f"{M.INFERENCE_REQUEST_FAILURE}_total"),
+            ns=round(sums.get(f"{M.INFERENCE_REQUEST_SECONDS}_total:failure", 0.0) * 1e9),
         ),
-        queue=duration("seresnet_queue_duration_seconds"),
-        compute_input=duration("seresnet_preprocess_duration_seconds"),
-        compute_infer=duration("seresnet_compute_duration_seconds"),
+        queue=duration(M.QUEUE_DURATION_SECONDS),
+        compute_input=duration(M.PREPROCESS_DURATION_SECONDS),
+        compute_infer=duration(M.COMPUTE_DURATION_SECONDS),
         batches=by_size,
     )

@@ -91,8 +91,3 @@ class ImageRejected(V2Error):
     many pixels) or 415 (not an image), as for ``/classify``."""
 
     code_name = "image_rejected"
-
-
-def error_body(error: V2Error | str) -> dict[str, str]:
-    """The protocol's error object for ``error``."""
-    return {"error": error.message if isinstance(error, V2Error) else error}
