@@ -25,6 +25,7 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from export.architectures import create_model
 from modelcard.preprocessing import load_array
 from modelcard.schema import read_card
+from testkit.server import EMBEDDED_MODEL
 
 log = logging.getLogger("naive")
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model-dir", type=Path, default=Path("models/fashion-seresnet"))
+    parser.add_argument("--model-dir", type=Path, default=EMBEDDED_MODEL)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument(

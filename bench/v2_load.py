@@ -50,9 +50,10 @@ from bench import loadgen  # noqa: E402
 from bench.machine import cpu_name, gpu_name  # noqa: E402
 from modelcard.preprocessing import load_array  # noqa: E402
 from modelcard.schema import ModelCard, read_card  # noqa: E402
+from testkit.server import EMBEDDED_MODEL  # noqa: E402
 
 PATHS = ("v2_uint8", "v2_bytes", "classify")
-DEFAULT_MODEL = REPO / "models" / "fashion-seresnet"
+DEFAULT_MODEL = EMBEDDED_MODEL
 DEFAULT_OUT = REPO / "bench" / "results" / "v2_load.json"
 
 File = tuple[str, bytes, str]  # name, bytes, content type
