@@ -3,7 +3,9 @@
 A real service answers ``/classify`` and ``/v2`` infer (tritonclient, encoded images) of the
 same images with the same logits and the same ranking; failed images and requests leave no
 slot leased. The typed engine messages survive the real framing, and anything else on the
-socket is refused. The ranking's fast path is the full stable sort's answer.
+socket is refused. The ranking's fast path is the full stable sort's answer. A lone small image is
+decoded on the event loop, without the decode threads; anything bigger, or a decode budget
+in use, still goes to them.
 """
 
 from __future__ import annotations
@@ -11,16 +13,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from PIL import Image
 
+from modelcard.preprocessing import load_array
 from modelcard.schema import read_card
 from service import ranking, wire
+from service.ingress.engine_client import Lease
+from service.ingress.pipeline import INLINE_FILE_BYTES, Files, Pipeline
+from service.ingress.state import IngressState
+from service.settings import Settings
+from service.slots import SlotArena
 from testkit.fashion import fashion_test
-from testkit.images import TEXT, truncated_jpeg
+from testkit.images import TEXT, encode, photo, truncated_jpeg
 from testkit.server import EMBEDDED_MODEL, ServiceProcess, running_service
 
 CARD = read_card(EMBEDDED_MODEL)
@@ -134,3 +144,48 @@ def test_ranking_is_the_full_stable_sort() -> None:
         order = np.argsort(-scores, axis=-1, kind="stable")[:, :kk]
         assert ids.dtype == np.int32 and np.array_equal(ids, order)
         assert np.array_equal(values, np.take_along_axis(scores, order, axis=-1))
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[tuple[Pipeline, Lease, IngressState]]:
+    """A worker's pipeline and a one-slot lease of a real arena, no engine: enough to fill
+    slots. Its decode threads are shut down, so a decode that needs them fails loudly."""
+    state = IngressState(Settings(model_dir=EMBEDDED_MODEL), tmp_path / "engine.sock")
+    state.pool.shutdown()
+    arena = SlotArena(tmp_path / "slots", CARD.input.shape, CARD.input.dtype, 1, create=True)
+    try:
+        yield Pipeline(state), Lease(None, 1, [0], arena, 0), state  # type: ignore[arg-type]
+    finally:
+        arena.close()
+
+
+def _fill(pipeline: Pipeline, lease: Lease, blobs: list[bytes]) -> list:
+    return asyncio.run(pipeline._fill(lease, Files(blobs), CARD, time.monotonic() + 10))
+
+
+def test_a_lone_small_image_is_decoded_without_the_threads(worker) -> None:
+    pipeline, lease, _ = worker
+    jpeg = encode(photo(224, 224), "JPEG", quality=90)
+    assert len(jpeg) <= INLINE_FILE_BYTES
+    assert _fill(pipeline, lease, [jpeg]) == [None]
+    np.testing.assert_array_equal(lease.slot(0), load_array(jpeg, CARD.input))
+    (error,) = _fill(pipeline, lease, [truncated_jpeg()])
+    assert error.code == "corrupt_image"
+
+
+def test_big_files_several_images_and_a_busy_budget_go_to_the_threads(worker) -> None:
+    pipeline, lease, state = worker
+    small = encode(photo(224, 224), "JPEG", quality=90)
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    big_file = encode(Image.fromarray(noise), "PNG")
+    big_decode = encode(photo(2048, 2048), "PNG")  # smooth: a few KB that decode to 12 MB
+    assert len(big_file) > INLINE_FILE_BYTES >= len(big_decode)
+    for blobs in ([big_file], [big_decode], [small, small]):
+        with pytest.raises(RuntimeError, match="shutdown"):
+            _fill(pipeline, lease, blobs)
+    budget = state.decode_budget
+    with (
+        budget.reserve(budget.limit, time.monotonic()),
+        pytest.raises(RuntimeError, match="shutdown"),
+    ):
+        _fill(pipeline, lease, [small])

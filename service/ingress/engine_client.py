@@ -79,9 +79,8 @@ class Lease:
         try:
             # The engine answers 504 itself at the deadline; this holds when it cannot (a
             # stopped or hung engine). The caller's release withdraws the images.
-            logits: np.ndarray = await asyncio.wait_for(
-                call, max(0.0, deadline - time.monotonic()) + ENGINE_GRACE_S
-            )
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + ENGINE_GRACE_S):
+                logits: np.ndarray = await call
         except TimeoutError:
             raise EngineCallError(
                 504, "deadline_exceeded", "deadline passed while the engine ran the images"
