@@ -4,11 +4,14 @@ One Unix stream socket per worker (the supervisor names its path in :data:`ENGIN
 for the workers). Each message is a 4-byte big-endian length and a pickled frozen dataclass of
 this module. Pixel data never travels here: a worker writes preprocessed images into
 shared-memory slots (:mod:`service.slots`) and sends only slot numbers; the engine answers
-with the logits of the images it ran (the worker ranks them, :mod:`service.ranking`).
+with the logits of the images it ran (the worker ranks them, :mod:`service.ranking`). The one
+exception is a lone small image the worker decoded on its event loop: its pixels (at most
+:data:`MAX_SUBMIT_BYTES`) come in one Submit, which saves the Admit round trip.
 
 worker -> engine
     Admit(rid, n)                 reserve n slots (the global admission bound)
     Run(rid, slots, deadline)     run these slots
+    Submit(rid, pixels, deadline) admit one preprocessed image, copy it into a slot, run it
     Release(rid)                  the caller is gone: drop its images, free its slots
     Ping(rid)                     heartbeat: is the engine's event loop answering?
 
@@ -37,6 +40,8 @@ _HEADER = struct.Struct(">I")
 # Control messages are small (slot lists, logits of a batch); anything near this is a bug or
 # a corrupted stream, never a legitimate message.
 MAX_MESSAGE_BYTES = 64 * 2**20
+# Pixels sent in a Submit: a 3x224x224 uint8 image fits; a float32 one goes through a slot.
+MAX_SUBMIT_BYTES = 256 * 2**10
 
 
 class ProtocolError(RuntimeError):
@@ -73,6 +78,13 @@ class Run:
     rid: int
     slots: tuple[int, ...]
     deadline: float  # time.monotonic() of the deadline (one clock for every process)
+
+
+@dataclass(frozen=True)
+class Submit:
+    rid: int
+    pixels: np.ndarray  # one image, the slots' shape and dtype
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -116,10 +128,22 @@ class Pong:
     rid: int
 
 
-ToEngine = Admit | Run | Release | Ping
+ToEngine = Admit | Run | Submit | Release | Ping
 ToWorker = EngineHello | StateChanged | Granted | Done | Failed | Pong
 Message = ToEngine | ToWorker
-_MESSAGE_TYPES = (Admit, Run, Release, Ping, EngineHello, StateChanged, Granted, Done, Failed, Pong)
+_MESSAGE_TYPES = (
+    Admit,
+    Run,
+    Submit,
+    Release,
+    Ping,
+    EngineHello,
+    StateChanged,
+    Granted,
+    Done,
+    Failed,
+    Pong,
+)
 
 
 def encode(message: Message) -> bytes:

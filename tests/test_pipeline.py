@@ -4,8 +4,8 @@ A real service answers ``/classify`` and ``/v2`` infer (tritonclient, encoded im
 same images with the same logits and the same ranking; failed images and requests leave no
 slot leased. The typed engine messages survive the real framing, and anything else on the
 socket is refused. The ranking's fast path is the full stable sort's answer. A lone small image is
-decoded on the event loop, without the decode threads; anything bigger, or a decode budget
-in use, still goes to them.
+decoded on the event loop (then admitted and run in one Submit); anything bigger, or a
+decode budget in use, still goes to the decode threads and the slots.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from modelcard.preprocessing import load_array
 from modelcard.schema import read_card
 from service import ranking, wire
 from service.ingress.engine_client import Lease
+from service.ingress.imaging import ImageError
 from service.ingress.pipeline import INLINE_FILE_BYTES, Files, Pipeline
 from service.ingress.state import IngressState
 from service.settings import Settings
@@ -122,6 +123,10 @@ def test_engine_messages_survive_the_framing() -> None:
     assert asyncio.run(_round_trip(sent)) == sent
     (done,) = asyncio.run(_round_trip([wire.Done(4, logits)]))
     assert isinstance(done, wire.Done) and np.array_equal(done.logits, logits)
+    pixels = np.arange(28 * 28, dtype=np.uint8).reshape(1, 28, 28)
+    (submit,) = asyncio.run(_round_trip([wire.Submit(5, pixels, 3.5)]))
+    assert isinstance(submit, wire.Submit) and submit.deadline == 3.5
+    assert np.array_equal(submit.pixels, pixels)
 
 
 @pytest.mark.parametrize("junk", [("admit", 1, 3), {"rid": 1}, "run"])
@@ -147,45 +152,55 @@ def test_ranking_is_the_full_stable_sort() -> None:
 
 
 @pytest.fixture
-def worker(tmp_path: Path) -> Iterator[tuple[Pipeline, Lease, IngressState]]:
-    """A worker's pipeline and a one-slot lease of a real arena, no engine: enough to fill
-    slots. Its decode threads are shut down, so a decode that needs them fails loudly."""
+def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
+    """A worker's pipeline without an engine, its decode threads shut down: a fill that
+    needs them fails loudly."""
     state = IngressState(Settings(model_dir=EMBEDDED_MODEL), tmp_path / "engine.sock")
     state.pool.shutdown()
-    arena = SlotArena(tmp_path / "slots", CARD.input.shape, CARD.input.dtype, 1, create=True)
-    try:
-        yield Pipeline(state), Lease(None, 1, [0], arena, 0), state  # type: ignore[arg-type]
-    finally:
-        arena.close()
+    yield Pipeline(state)
 
 
-def _fill(pipeline: Pipeline, lease: Lease, blobs: list[bytes]) -> list:
-    return asyncio.run(pipeline._fill(lease, Files(blobs), CARD, time.monotonic() + 10))
-
-
-def test_a_lone_small_image_is_decoded_without_the_threads(worker) -> None:
-    pipeline, lease, _ = worker
+def test_a_lone_small_image_is_decoded_on_the_event_loop(pipeline: Pipeline) -> None:
     jpeg = encode(photo(224, 224), "JPEG", quality=90)
     assert len(jpeg) <= INLINE_FILE_BYTES
-    assert _fill(pipeline, lease, [jpeg]) == [None]
-    np.testing.assert_array_equal(lease.slot(0), load_array(jpeg, CARD.input))
-    (error,) = _fill(pipeline, lease, [truncated_jpeg()])
-    assert error.code == "corrupt_image"
+    pixels = pipeline._decode_inline(jpeg, CARD)
+    assert isinstance(pixels, np.ndarray)
+    np.testing.assert_array_equal(pixels, load_array(jpeg, CARD.input))
+    error = pipeline._decode_inline(truncated_jpeg(), CARD)
+    assert isinstance(error, ImageError) and error.code == "corrupt_image"
 
 
-def test_big_files_several_images_and_a_busy_budget_go_to_the_threads(worker) -> None:
-    pipeline, lease, state = worker
+def test_big_files_big_decodes_and_a_busy_budget_go_to_the_threads(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
     small = encode(photo(224, 224), "JPEG", quality=90)
     noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     big_file = encode(Image.fromarray(noise), "PNG")
     big_decode = encode(photo(2048, 2048), "PNG")  # smooth: a few KB that decode to 12 MB
     assert len(big_file) > INLINE_FILE_BYTES >= len(big_decode)
-    for blobs in ([big_file], [big_decode], [small, small]):
+    assert pipeline._decode_inline(big_file, CARD) is None
+    assert pipeline._decode_inline(big_decode, CARD) is None
+    budget = pipeline.state.decode_budget
+    with budget.reserve(budget.limit, time.monotonic()):
+        assert pipeline._decode_inline(small, CARD) is None
+    # A model input too big for one Submit message (float32 3x224x224) goes through a slot.
+    rgb = CARD.input.model_copy(
+        update={
+            "channels": 3,
+            "color": "RGB",
+            "height": 224,
+            "width": 224,
+            "dtype": "float32",
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+        }
+    )
+    assert pipeline._decode_inline(small, CARD.model_copy(update={"input": rgb})) is None
+    # The slot path decodes in the threads, even for one image.
+    arena = SlotArena(tmp_path / "slots", CARD.input.shape, CARD.input.dtype, 1, create=True)
+    try:
+        lease = Lease(None, 1, [0], arena, 0)  # type: ignore[arg-type]
         with pytest.raises(RuntimeError, match="shutdown"):
-            _fill(pipeline, lease, blobs)
-    budget = state.decode_budget
-    with (
-        budget.reserve(budget.limit, time.monotonic()),
-        pytest.raises(RuntimeError, match="shutdown"),
-    ):
-        _fill(pipeline, lease, [small])
+            asyncio.run(pipeline._fill(lease, Files([small]), CARD, time.monotonic() + 10))
+    finally:
+        arena.close()

@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,18 @@ def _failure(code: str, message: str, retry_after: int | None) -> EngineCallErro
     return EngineCallError(status_of(code), code, message, headers)
 
 
+async def _within(call: Awaitable[np.ndarray], deadline: float) -> np.ndarray:
+    """The logits of a run; the engine answers 504 itself at the deadline, this holds when it
+    cannot (a stopped or hung engine)."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + ENGINE_GRACE_S):
+            return await call
+    except TimeoutError:
+        raise EngineCallError(
+            504, "deadline_exceeded", "deadline passed while the engine ran the images"
+        ) from None
+
+
 class Lease:
     """Slots the engine reserved for one request's images."""
 
@@ -76,16 +88,7 @@ class Lease:
         call = self._client._call(
             wire.Run(self.rid, tuple(used), deadline), self.rid, self._generation
         )
-        try:
-            # The engine answers 504 itself at the deadline; this holds when it cannot (a
-            # stopped or hung engine). The caller's release withdraws the images.
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + ENGINE_GRACE_S):
-                logits: np.ndarray = await call
-        except TimeoutError:
-            raise EngineCallError(
-                504, "deadline_exceeded", "deadline passed while the engine ran the images"
-            ) from None
-        return logits
+        return await _within(call, deadline)  # the caller's release withdraws the images
 
     def release(self) -> None:
         """The caller is gone (or the request failed before its run): give the slots back."""
@@ -300,6 +303,24 @@ class EngineClient:
             self._release(rid, generation)
             raise
         return Lease(self, rid, list(slots), arena, generation)
+
+    async def submit(self, pixels: np.ndarray, deadline: float) -> np.ndarray:
+        """Admit and run one preprocessed image (``pixels``: the slots' shape and dtype, at
+        most wire.MAX_SUBMIT_BYTES) in one message: its logits, float32 ``[1, classes]``.
+        Raises as :meth:`admit` and :meth:`Lease.run` do; a cancelled call withdraws it."""
+        if not self.connected or self.hello is None:
+            raise EngineUnavailableError(f"the engine is not available ({self.not_ready_reason})")
+        rid = next(self._rids)
+        generation = self.hello.generation
+        try:
+            return await _within(
+                self._call(wire.Submit(rid, pixels, deadline), rid, generation), deadline
+            )
+        except BaseException:
+            # Cancelled, or the worker's own timeout: the engine may hold it (a refusal of the
+            # engine's own has freed it already, and the release is then ignored).
+            self._release(rid, generation)
+            raise
 
     def _release(self, rid: int, generation: int) -> None:
         self._pending.pop(rid, None)

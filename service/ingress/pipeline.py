@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -39,6 +40,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive
 
 from modelcard.schema import ModelCard
+from service import wire
 from service.errors import ServiceError
 from service.ingress import imaging
 from service.ingress.budget import BudgetExceededError, ByteBudget
@@ -221,6 +223,12 @@ class Pipeline:
         try:
             card = self.card
             n = len(images)
+            if isinstance(images, Files) and n == 1:
+                express = self._decode_inline(images.blobs[0], card)
+                if express is not None:
+                    if held is not None:
+                        held.give()
+                    return await self._submit(express, card, deadline, hangup)
             lease = await self._admit(n, deadline)
             finished = False  # the engine frees the slots once it has run them
             try:
@@ -260,6 +268,20 @@ class Pipeline:
             return [None] * len(images)
         return await self._decode_into(images.blobs, lease, card, deadline)
 
+    async def _submit(
+        self,
+        express: np.ndarray | imaging.ImageError,
+        card: ModelCard,
+        deadline: float,
+        hangup: Callable[[], Awaitable[None]] | None,
+    ) -> Outcome:
+        """One image decoded on the event loop: a bad one never reaches the engine; a good
+        one is admitted and run in one message (EngineClient.submit)."""
+        if isinstance(express, imaging.ImageError):
+            return Outcome(np.zeros((1, card.num_classes), dtype=np.float32), [express])
+        logits = await _unless_gone(self.state.engine.submit(express, deadline), hangup)
+        return Outcome(logits, [None])
+
     async def _run_slots(
         self,
         lease: Lease,
@@ -269,31 +291,15 @@ class Pipeline:
     ) -> np.ndarray:
         """The engine's logits for the lease's ``indices``; withdraws them if the caller
         hangs up meanwhile."""
-        submit = asyncio.ensure_future(lease.run(indices, deadline))
-        if hangup is None:
-            return await submit
-        gone = asyncio.ensure_future(hangup())
-        try:
-            await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not submit.done():
-            submit.cancel()
-            raise ClientGoneError
-        return submit.result()
+        return await _unless_gone(lease.run(indices, deadline), hangup)
 
     # ----------------------------------------------------------------- decode
 
     async def _decode_into(
         self, blobs: Sequence[bytes], lease: Lease, card: ModelCard, deadline: float
     ) -> list[imaging.ImageError | None]:
-        """Decode ``blobs`` into the lease's slots; per image None or its error. 504 when the
-        deadline passes first. A lone small image is decoded on the event loop (see
-        :meth:`_decode_inline`), everything else in the worker's decode threads."""
-        if len(blobs) == 1:
-            inline = self._decode_inline(blobs[0], lease, card)
-            if inline is not None:
-                return inline
+        """Decode ``blobs`` into the lease's slots in the worker's decode threads; per image
+        None or its error. 504 when the deadline passes first."""
         state = self.state
         guard = _SlotGuard()
         loop = asyncio.get_running_loop()
@@ -315,21 +321,22 @@ class Pipeline:
                 metrics.preprocess_backlog.dec(len(blobs))
 
     def _decode_inline(
-        self, data: bytes, lease: Lease, card: ModelCard
-    ) -> list[imaging.ImageError | None] | None:
+        self, data: bytes, card: ModelCard
+    ) -> np.ndarray | imaging.ImageError | None:
         """One image decoded on the event loop when that costs less than the hop to a decode
         thread and back (about half a millisecond on a loaded core): a file of at most
         INLINE_FILE_BYTES whose header promises a decode of at most INLINE_DECODE_BYTES, with
-        room in the decode budget now. None when it is not such an image: the threads decode
-        it (and give the big-image errors their full text)."""
-        if len(data) > INLINE_FILE_BYTES:
+        room in the decode budget now, for a model whose input fits a Submit. Its pixels, or
+        its error; None when it is not such an image: the threads decode it into a slot (and
+        give the big-image errors their full text)."""
+        if len(data) > INLINE_FILE_BYTES or _input_bytes(card) > wire.MAX_SUBMIT_BYTES:
             return None
         spec = card.input
         t0 = time.perf_counter()
         try:
             image = imaging.open_checked(data, self.settings.max_image_pixels)
         except imaging.ImageError as e:
-            return [e]
+            return e
         imaging.draft(image, spec)
         cost = imaging.decode_cost(image, spec)
         if cost > INLINE_DECODE_BYTES:
@@ -343,11 +350,10 @@ class Pipeline:
             image.close()
             return None
         except imaging.ImageError as e:
-            return [e]
-        lease.slot(0)[...] = array
+            return e
         if self.state.metrics is not None:
             self.state.metrics.preprocess_duration.observe(time.perf_counter() - t0)
-        return [None]
+        return array
 
     def _prepare(
         self,
@@ -405,6 +411,28 @@ class Pipeline:
                 f"about {cost / 2**20:.0f} MiB to decode, more than this worker's "
                 f"decode memory of {e.limit // 2**20} MiB (SERESNET_DECODE_MEMORY_MB)",
             ) from None
+
+
+async def _unless_gone(
+    run: Awaitable[np.ndarray], hangup: Callable[[], Awaitable[None]] | None
+) -> np.ndarray:
+    """``run``'s logits, or ClientGoneError (``run`` cancelled) once ``hangup`` returns."""
+    if hangup is None:
+        return await run
+    submit = asyncio.ensure_future(run)
+    gone = asyncio.ensure_future(hangup())
+    try:
+        await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not submit.done():
+        submit.cancel()
+        raise ClientGoneError
+    return submit.result()
+
+
+def _input_bytes(card: ModelCard) -> int:
+    return prod(card.input.shape) * np.dtype(card.input.dtype).itemsize
 
 
 def _loop_time(deadline: float) -> float:
