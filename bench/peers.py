@@ -9,7 +9,12 @@ user) at each concurrency. Batching is on where the server has it (max batch 32,
 - ``service``: ``python -m service`` (default workers), ``POST /classify`` with the JPEG body;
 - ``kserve``: the KServe model server, 2 workers, v1 protocol with a base64 JSON instance (its
   documented form for images; its Python server has no batcher);
-- ``torchserve``: TorchServe, 2 workers, TorchServe's batcher, ``POST /predictions/peer``.
+- ``torchserve``: TorchServe, 2 workers, TorchServe's batcher, ``POST /predictions/peer``;
+- ``mlserver``: MLServer, 2 parallel workers, its adaptive batching, the Open Inference
+  Protocol with the JPEG base64 in JSON (its codec for binary data over REST);
+- ``triton``: Triton Inference Server (bundled by ``nvidia-pytriton``), its C++ front end and
+  dynamic batcher, two Python model instances through PyTriton, the Open Inference Protocol
+  with the binary data extension.
 
 Correctness first: every peer's top-1 must agree with the service's on the same images, or the
 peer is reported and left out. Then rounds: each round runs every concurrency on every server
@@ -20,7 +25,7 @@ Each peer lives in its own virtual environment under ``--peers-dir`` (default
 ``$SERESNET_PEERS_DIR``, else ``~/.cache/seresnet-peers``); a peer whose environment is missing
 is skipped with the command that makes it (``scripts/peers-setup.sh``).
 
-    scripts/peers-setup.sh                     # once: kserve/ and torchserve/ venvs
+    scripts/peers-setup.sh                     # once: a venv per peer
     python -m bench.peers                      # -> bench/results/peers.json
     python -m bench.peers --quick --peers service,kserve
 """
@@ -262,6 +267,112 @@ def serve_torchserve(venv: Path, model_dir: Path, graph: str, work: Path) -> Ite
         yield Served(url, request, lambda body: int(json.loads(body)), proc)
 
 
+@contextlib.contextmanager
+def serve_mlserver(venv: Path, model_dir: Path, graph: str, work: Path) -> Iterator[Served]:
+    port = free_port()
+    folder = work / "mlserver"
+    (folder / "peer").mkdir(parents=True)
+    settings = {
+        "host": "127.0.0.1",
+        "http_port": port,
+        "grpc_port": free_port(),
+        "metrics_port": free_port(),
+        "parallel_workers": 0,  # its parallel workers fail to start beside uvloop (1.7.1)
+    }
+    (folder / "settings.json").write_text(json.dumps(settings))
+    model = {
+        "name": "peer",
+        "implementation": "bench.peers_serve.mlserver_runtime.Peer",
+        "max_batch_size": MAX_BATCH,
+        "max_batch_time": DELAY_MS / 1000,
+    }
+    (folder / "peer" / "model-settings.json").write_text(json.dumps(model))
+    cmd = [str(venv / "bin" / "mlserver"), "start", str(folder)]
+    with start_service(None, env=_peer_env(model_dir, graph), log_dir=work, command=cmd) as proc:
+        proc.url = f"http://127.0.0.1:{port}"
+        wait_until(proc, "/v2/models/peer/ready", time.monotonic() + 180)
+        url = proc.url
+
+        def request(jpeg: bytes) -> bytes:
+            tensor = {
+                "name": "image",
+                "shape": [1, 1],
+                "datatype": "BYTES",
+                "parameters": {"content_type": "base64"},
+                "data": [base64.b64encode(jpeg).decode()],
+            }
+            body = json.dumps({"inputs": [tensor]}).encode()
+            return loadgen.http_request(
+                url, "/v2/models/peer/infer", body, {"Content-Type": "application/json"}
+            )
+
+        yield Served(url, request, _v2_json_top1, proc)
+
+
+@contextlib.contextmanager
+def serve_triton(venv: Path, model_dir: Path, graph: str, work: Path) -> Iterator[Served]:
+    port = free_port()
+    cmd = [
+        str(venv / "bin" / "python"),
+        "-m",
+        "bench.peers_serve.triton_server",
+        "--http-port",
+        str(port),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        "--max-batch",
+        str(MAX_BATCH),
+        "--delay-ms",
+        str(DELAY_MS),
+    ]
+    with start_service(None, env=_peer_env(model_dir, graph), log_dir=work, command=cmd) as proc:
+        proc.url = f"http://127.0.0.1:{port}"
+        wait_until(proc, "/v2/models/peer/ready", time.monotonic() + 240)
+        url = proc.url
+
+        def request(jpeg: bytes) -> bytes:
+            # The binary data extension: the JSON header, then the BYTES element (a 4-byte
+            # little-endian length and the JPEG).
+            header = {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1, 1],
+                        "datatype": "BYTES",
+                        "parameters": {"binary_data_size": len(jpeg) + 4},
+                    }
+                ],
+                "outputs": [{"name": "top1", "parameters": {"binary_data": False}}],
+            }
+            head = json.dumps(header).encode()
+            body = head + len(jpeg).to_bytes(4, "little") + jpeg
+            return loadgen.http_request(
+                url,
+                "/v2/models/peer/infer",
+                body,
+                {
+                    "Content-Type": "application/octet-stream",
+                    "Inference-Header-Content-Length": str(len(head)),
+                },
+            )
+
+        yield Served(url, request, _v2_json_top1, proc)
+
+
+def _v2_json_top1(body: bytes) -> int:
+    return int(json.loads(body)["outputs"][0]["data"][0])
+
+
+PEERS: dict[str, Callable[[Path, Path, str, Path], contextlib.AbstractContextManager[Served]]] = {
+    "kserve": serve_kserve,
+    "torchserve": serve_torchserve,
+    "mlserver": serve_mlserver,
+    "triton": serve_triton,
+}
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -322,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model-dir", type=Path, default=EMBEDDED_MODEL)
-    p.add_argument("--peers", default="service,kserve,torchserve")
+    p.add_argument("--peers", default="service,kserve,torchserve,mlserver,triton")
     p.add_argument("--peers-dir", type=Path, default=None)
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--rounds", type=int, default=3)
@@ -374,14 +485,14 @@ def main(argv: list[str] | None = None) -> int:
             if peer == "service":
                 continue
             venv = venvs / peer
-            if peer not in ("kserve", "torchserve"):
-                raise SystemExit(f"unknown peer {peer!r} (kserve, torchserve)")
+            if peer not in PEERS:
+                raise SystemExit(f"unknown peer {peer!r} ({', '.join(PEERS)})")
             if not (venv / "bin" / "python").exists():
                 why = f"no virtual environment at {venv}: make it with {SETUP} {peer}"
                 result["skipped"][peer] = why
                 print(f"skipping {peer}: {why}", flush=True)
                 continue
-            start = serve_kserve if peer == "kserve" else serve_torchserve
+            start = PEERS[peer]
             pwork = work / peer
             pwork.mkdir()
             try:
