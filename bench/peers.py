@@ -40,6 +40,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -133,6 +134,23 @@ def serve_service(model_dir: Path, work: Path) -> Iterator[Served]:
         yield Served(url, request, _service_top1, svc)
 
 
+@contextlib.contextmanager
+def _peer_process(
+    cmd: list[str], env: dict[str, str], work: Path, port: int, ready: str, timeout_s: float
+) -> Iterator[ServiceProcess]:
+    """A peer's server process on ``port``, once ``ready`` answers 200."""
+    with start_service(None, env=env, log_dir=work, command=cmd) as proc:
+        proc.url = f"http://127.0.0.1:{port}"
+        wait_until(proc, ready, time.monotonic() + timeout_s)
+        yield proc
+
+
+def _why(e: Exception) -> str:
+    """The last error line of a failed start: the reason, without a traceback of local paths."""
+    lines = [ln.strip() for ln in str(e).splitlines() if re.match(r"\s*\w+(Error|Exception)\b", ln)]
+    return f"{type(e).__name__}: {lines[-1] if lines else str(e)[-300:]}"
+
+
 def _peer_env(model_dir: Path, graph: str) -> dict[str, str]:
     env = {"PEER_MODEL_DIR": str(model_dir), "PEER_REPO": str(REPO), "PYTHONPATH": str(REPO)}
     env["PEER_MODEL_FILE"] = "model.se.onnx" if graph == "fused" else "model.onnx"
@@ -159,9 +177,9 @@ def serve_kserve(venv: Path, model_dir: Path, graph: str, work: Path) -> Iterato
         "--model_name",
         "peer",
     ]
-    with start_service(None, env=_peer_env(model_dir, graph), log_dir=work, command=cmd) as proc:
-        proc.url = f"http://127.0.0.1:{port}"
-        wait_until(proc, "/v2/health/ready", time.monotonic() + 180)
+    with _peer_process(
+        cmd, _peer_env(model_dir, graph), work, port, "/v2/health/ready", 180
+    ) as proc:
         url = proc.url
 
         def request(jpeg: bytes) -> bytes:
@@ -288,9 +306,9 @@ def serve_mlserver(venv: Path, model_dir: Path, graph: str, work: Path) -> Itera
     }
     (folder / "peer" / "model-settings.json").write_text(json.dumps(model))
     cmd = [str(venv / "bin" / "mlserver"), "start", str(folder)]
-    with start_service(None, env=_peer_env(model_dir, graph), log_dir=work, command=cmd) as proc:
-        proc.url = f"http://127.0.0.1:{port}"
-        wait_until(proc, "/v2/models/peer/ready", time.monotonic() + 180)
+    with _peer_process(
+        cmd, _peer_env(model_dir, graph), work, port, "/v2/models/peer/ready", 180
+    ) as proc:
         url = proc.url
 
         def request(jpeg: bytes) -> bytes:
@@ -327,9 +345,9 @@ def serve_triton(venv: Path, model_dir: Path, graph: str, work: Path) -> Iterato
         "--delay-ms",
         str(DELAY_MS),
     ]
-    with start_service(None, env=_peer_env(model_dir, graph), log_dir=work, command=cmd) as proc:
-        proc.url = f"http://127.0.0.1:{port}"
-        wait_until(proc, "/v2/models/peer/ready", time.monotonic() + 240)
+    with _peer_process(
+        cmd, _peer_env(model_dir, graph), work, port, "/v2/models/peer/ready", 240
+    ) as proc:
         url = proc.url
 
         def request(jpeg: bytes) -> bytes:
@@ -498,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 servers[peer] = stack.enter_context(start(venv, args.model_dir, graph, pwork))
             except Exception as e:
-                result["skipped"][peer] = f"did not start: {type(e).__name__}: {str(e)[-2000:]}"
+                result["skipped"][peer] = f"did not start: {_why(e)}"
                 print(f"skipping {peer}: did not start ({type(e).__name__})", flush=True)
         reference = asyncio.run(_agree(svc, images))
         for peer in list(servers):
