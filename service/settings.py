@@ -113,7 +113,12 @@ class Settings(BaseSettings):
         description="if set, required as 'Authorization: Bearer KEY' on every route but "
         "the health checks and the page's static files",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ORT CPU threads; 0 = one per core")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ORT CPU threads; 0 = measured at start: one per core, or one thread "
+        "when that runs a lone image as fast (a small model)",
+    )
     preprocess_threads: int = Field(
         0, ge=0, description="decode/resize threads per worker; 0 = two"
     )
@@ -286,9 +291,6 @@ class Settings(BaseSettings):
         chosen.add(self.max_batch_size)
         return tuple(sorted(chosen))
 
-    def intra_threads(self) -> int:
-        return self.intra_op_threads or available_cores()
-
     def preprocess_workers(self) -> int:
         # Each worker process has its own GIL; two threads let one decode while the other
         # waits for the decode-memory budget or a slow header.
@@ -315,7 +317,8 @@ class Settings(BaseSettings):
             opt_level=self.opt_level,
             device_id=self.device_id,
             batch_buckets=self.buckets(),
-            intra_op_threads=self.intra_threads(),
+            intra_op_threads=self.intra_op_threads,
+            cpu_cores=available_cores(),
             cudnn_conv_algo_search=self.cudnn_conv_algo_search,
             cuda_tf32=self.cuda_tf32,
             precision=self.precision,

@@ -204,6 +204,26 @@ def test_warm_up_runs_each_shape_and_records_it() -> None:
     assert e.info.batch_buckets == (1, 2, 4, 8)
 
 
+def test_thread_count_is_measured_unless_set(engine: Engine) -> None:
+    # The module's engine runs on the default settings: 0 threads, so one against every core.
+    config = engine.config
+    assert config.intra_op_threads == 0
+    info = engine.info
+    session_threads = engine.session.get_session_options().intra_op_num_threads
+    assert session_threads == info.intra_op_threads
+    if config.cpu_cores > 1:
+        assert info.intra_op_threads in (1, config.cpu_cores)
+        assert (
+            "one thread" in info.intra_op_reason
+            and f"on {config.cpu_cores}" in info.intra_op_reason
+        )
+    else:
+        assert (info.intra_op_threads, info.intra_op_reason) == (1, "one core")
+    fixed = Engine.load(_settings(intra_op_threads=3))
+    assert fixed.session.get_session_options().intra_op_num_threads == 3
+    assert (fixed.info.intra_op_threads, fixed.info.intra_op_reason) == (3, "as configured")
+
+
 def test_softmax_and_top_k_are_exact() -> None:
     logits = np.array(
         [[2.0, 1.0, 0.1, 2.0, -3.0], [1000.0, 0.0, -1000.0, 999.0, 5.0]], dtype=np.float32

@@ -22,7 +22,9 @@ def test_defaults_and_derived_values(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.model_dir.resolve() == EMBEDDED_MODEL.resolve()
     assert (s.provider, s.graph, s.opt_level) == ("auto", "auto", "auto")
     assert s.buckets() == (1, 2, 4, 8, 16, 32)
-    assert s.intra_threads() >= 1 and s.preprocess_workers() >= 1
+    assert s.preprocess_workers() >= 1
+    engine = s.engine_config()  # 0: the engine measures one thread against every core
+    assert engine.intra_op_threads == 0 and engine.cpu_cores >= 1
     assert s.api_key is None
 
 

@@ -22,7 +22,9 @@ class EngineConfig:
     opt_level: str = "auto"
     device_id: int = 0
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    # ORT's CPU threads; 0: measured at load between one and ``cpu_cores`` (Engine.load).
     intra_op_threads: int = 1
+    cpu_cores: int = 1
     cudnn_conv_algo_search: str = "EXHAUSTIVE"
     cuda_tf32: bool = True
     precision: str = "auto"  # auto | fp32 | fp16 | int8

@@ -11,10 +11,11 @@ settings: the engine knows nothing of HTTP.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,21 @@ from service.engine.session import (
 
 log = logging.getLogger("service.engine")
 
+# ORT's CPU threads when not set: a lone image is timed on one thread and on every core
+# (two untimed runs, then up to TRIAL_RUNS timed ones within TRIAL_S). More threads are kept
+# only when they are at least MIN_GAIN times faster: the cores they take are the ingress
+# workers' (HTTP, decode), and a small model loses more to waking ORT's pool per operator
+# than it gains by splitting the work.
+TRIAL_RUNS = 15
+TRIAL_S = 0.5
+MIN_GAIN = 1.1
+
+
+@dataclass(frozen=True)
+class Threads:
+    count: int
+    reason: str
+
 
 @dataclass
 class EngineInfo:
@@ -58,6 +74,7 @@ class EngineInfo:
     ops: OpsStatus
     intra_op_threads: int
     batch_buckets: tuple[int, ...]
+    intra_op_reason: str = ""
     warm_shapes: tuple[int, ...] = ()
     warmup_seconds: float | None = None
     session_providers: list[str] = field(default_factory=list)
@@ -79,6 +96,7 @@ class EngineInfo:
         provider_options: dict[str, str],
         ops: OpsStatus,
         config: EngineConfig,
+        threads: Threads,
     ) -> EngineInfo:
         """What ``plan`` became once its session was built."""
         choice, provider = plan.graph, plan.provider.provider
@@ -90,7 +108,8 @@ class EngineInfo:
             opt_level=choice.opt_level,
             reason=choice.reason,
             ops=ops,
-            intra_op_threads=config.intra_op_threads if provider == "cpu" else 1,
+            intra_op_threads=threads.count,
+            intra_op_reason=threads.reason,
             batch_buckets=config.batch_buckets,
             session_providers=session.get_providers(),
             provider_options=provider_options,
@@ -184,7 +203,7 @@ class Engine:
         """Build the session of ``plan``, or of the plans fall_back gives for each failure."""
         while True:
             try:
-                session, provider_options = make_session(self.model_dir, plan, self.config)
+                session, provider_options, threads = self._make_session(plan)
                 break
             except LoadError as e:
                 plan = fall_back(plan, e.cause, e.detail, self.config)
@@ -197,10 +216,64 @@ class Engine:
                         "cuda_graphs": plan.cuda_graphs.enabled,
                     },
                 )
-        self._adopt(plan, session, provider_options)
+        self._adopt(plan, session, provider_options, threads)
+
+    def _make_session(
+        self, plan: EnginePlan
+    ) -> tuple[ort.InferenceSession, dict[str, str], Threads]:
+        """The session of ``plan`` with its intra-op thread count: as configured, else the
+        faster of one thread and every core at a lone image (CPU only; CUDA runs on one)."""
+        config = self.config
+        if plan.provider.provider != "cpu":
+            threads = Threads(1, "the GPU runs the model")
+        elif config.intra_op_threads:
+            threads = Threads(config.intra_op_threads, "as configured")
+        elif config.cpu_cores < 2:
+            threads = Threads(1, "one core")
+        else:
+            return self._measured_threads(plan, config.cpu_cores)
+        session, options = make_session(
+            self.model_dir, plan, replace(config, intra_op_threads=threads.count)
+        )
+        return session, options, threads
+
+    def _measured_threads(
+        self, plan: EnginePlan, cores: int
+    ) -> tuple[ort.InferenceSession, dict[str, str], Threads]:
+        built = {
+            n: make_session(self.model_dir, plan, replace(self.config, intra_op_threads=n))
+            for n in (cores, 1)
+        }
+        # A card that disagrees with the graph is refused before anything runs on it.
+        check_signature(built[1][0], self.card, plan.graph.filename)
+        ms = {n: self._lone_image_ms(session) for n, (session, _) in built.items()}
+        n = cores if ms[cores] * MIN_GAIN <= ms[1] else 1
+        reason = (
+            f"measured: a lone image takes {ms[1]:.2f} ms on one thread, "
+            f"{ms[cores]:.2f} ms on {cores}"
+        )
+        session, options = built[n]
+        log.info("intra-op threads", extra={"threads": n, "reason": reason})
+        return session, options, Threads(n, reason)
+
+    def _lone_image_ms(self, session: ort.InferenceSession) -> float:
+        feed = {session.get_inputs()[0].name: np.zeros((1, *self.sample_shape), self.input_dtype)}
+        for _ in range(2):
+            session.run(None, feed)
+        times: list[float] = []
+        stop = time.perf_counter() + TRIAL_S
+        while len(times) < TRIAL_RUNS and (len(times) < 3 or time.perf_counter() < stop):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000
 
     def _adopt(
-        self, plan: EnginePlan, session: ort.InferenceSession, provider_options: dict[str, str]
+        self,
+        plan: EnginePlan,
+        session: ort.InferenceSession,
+        provider_options: dict[str, str],
+        threads: Threads,
     ) -> None:
         card, config, choice = self.card, self.config, plan.graph
         if choice.graph == "unfused" and config.graph == "auto":
@@ -216,7 +289,7 @@ class Engine:
         self.plan = plan
         self.session = session
         self._runner = self._make_runner(plan, session, input_name, output_name)
-        self.info = EngineInfo.of(plan, session, provider_options, self.ops_status, config)
+        self.info = EngineInfo.of(plan, session, provider_options, self.ops_status, config, threads)
         log.info(
             "engine loaded",
             extra={
@@ -231,6 +304,7 @@ class Engine:
                 "precision": choice.precision,
                 "layout": plan.layout.layout,
                 "cuda_graphs": plan.cuda_graphs.enabled,
+                "intra_op_threads": threads.count,
                 "fallbacks": list(plan.fallbacks),
             },
         )
