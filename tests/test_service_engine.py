@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from modelcard.schema import FUSED_FILE, UNFUSED_FILE, read_card
+from service import ranking
 from service.engine.config import EngineConfig
 from service.engine.model import Engine
 from service.engine.policy import (
@@ -238,6 +239,18 @@ def test_softmax_and_top_k_are_exact() -> None:
     assert [c for c, _ in top_k(probs[1], 1)] == [0]
     scores = [p for _, p in top_k(probs[1], 5)]
     assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("rows", [1, 8])  # one stable sort, and the partition of many scores
+def test_top_k_of_many_classes_keeps_ties_in_class_order(rows: int) -> None:
+    # Scores rounded to a coarse grid tie often, also across the k-th place.
+    scores = np.round(np.random.default_rng(3).random((rows, 1000)) * 50) / 50
+    assert (scores.size > ranking.PARTITION_FROM) == (rows > 1)
+    for k in (1, 5, 37):
+        ids, values = top_k_rows(scores, k)
+        want = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(ids, want)
+        np.testing.assert_array_equal(values, np.take_along_axis(scores, want, axis=-1))
 
 
 # ----------------------------------------------------------------------------- card checks

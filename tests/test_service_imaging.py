@@ -16,6 +16,7 @@ from PIL import Image
 from modelcard.preprocessing import load_array
 from modelcard.schema import InputSpec
 from service.ingress.imaging import ImageError, finish, open_checked
+from service.ingress.plain_jpeg import plain_jpeg
 from testkit.images import SVG, TEXT, encode, gif_claiming, photo, png_claiming
 
 GRAY28 = InputSpec(channels=1, height=28, width=28, color="L", mean=[0.5], std=[0.5])
@@ -263,3 +264,65 @@ def test_decode_cost_counts_conversions_and_rotation() -> None:
     rotated = encode(photo(400, 300), "JPEG", exif=exif)
     upright = encode(photo(400, 300), "JPEG")
     assert decode_cost(open_image(rotated), gray) > decode_cost(open_image(upright), gray)
+
+
+# ----------------------------------------------------------------------------- plain JPEGs
+
+
+def _plain(data: bytes, spec: InputSpec) -> np.ndarray | None:
+    plain = plain_jpeg(data, spec, LIMIT)
+    return None if plain is None else plain.to_array(spec)
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+@pytest.mark.parametrize("spec", [GRAY28, RGB224, RGB224_FLOAT], ids=["L28", "RGB224", "f32"])
+@pytest.mark.parametrize(
+    ("size", "mode", "params"),
+    [
+        ((224, 224), "RGB", {"quality": 90}),  # the embedded model: decoded at 1/8
+        ((100, 37), "RGB", {"quality": 75}),  # odd sizes: the scaled size rounds up
+        ((640, 480), "RGB", {"quality": 95, "subsampling": 0}),  # 4:4:4
+        ((333, 517), "RGB", {"quality": 85, "subsampling": 1}),  # 4:2:2
+        ((1000, 700), "RGB", {"quality": 80, "progressive": True}),
+        ((300, 200), "RGB", {"quality": 60, "restart_marker_blocks": 4}),  # DRI
+        ((256, 256), "L", {"quality": 90}),  # grayscale JPEG
+        ((17, 9), "RGB", {"quality": 90}),  # smaller than the model: upscaled, no DCT scale
+    ],
+)
+def test_a_plain_jpeg_decodes_to_exactly_pillows_pixels(
+    spec: InputSpec, size: tuple[int, int], mode: str, params: dict
+) -> None:
+    data = encode(photo(*size).convert(mode), "JPEG", **params)
+    fast = _plain(data, spec)
+    assert fast is not None, "a plain JPEG must take the TurboJPEG lane"
+    assert fast.dtype == np.dtype(spec.dtype)
+    assert fast.shape == (spec.channels, spec.height, spec.width)
+    np.testing.assert_array_equal(fast, load_array(data, spec))  # bit for bit
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: encode(photo(64, 48), "JPEG", exif=_exif(6)),  # EXIF orientation
+        lambda: encode(photo(64, 48), "JPEG", exif=_exif(1)),  # any APP1 goes Pillow's way
+        lambda: encode(photo(64, 48), "JPEG", icc_profile=b"\0" * 128),  # APP2 ICC
+        lambda: encode(Image.new("CMYK", (64, 48), (10, 20, 30, 40)), "JPEG"),  # Adobe, CMYK
+        lambda: encode(photo(64, 48), "PNG"),
+        lambda: encode(photo(64, 48), "JPEG")[:-200],  # truncated: Pillow names the error
+        lambda: b"\xff\xd8\xff\xe0\x00",  # a header cut in its first segment
+    ],
+    ids=["exif-rotated", "exif", "icc", "cmyk", "png", "truncated", "cut-header"],
+)
+def test_what_is_not_a_plain_jpeg_goes_the_pillow_way(make) -> None:  # type: ignore[no-untyped-def]
+    assert _plain(make(), GRAY28) is None
+
+
+def test_the_jpeg_lane_keeps_the_pixel_limit() -> None:
+    data = encode(photo(300, 200), "JPEG")
+    assert plain_jpeg(data, GRAY28, 300 * 200) is not None
+    assert plain_jpeg(data, GRAY28, 300 * 200 - 1) is None  # Pillow's path answers the 413

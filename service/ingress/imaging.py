@@ -3,7 +3,8 @@
 Decoding and preprocessing are :mod:`modelcard.preprocessing`'s (the export's own path), so an
 image served here becomes bit-for-bit the tensor the export checked parity with. This module
 adds what serving needs around it: which formats are accepted, the pixel limit checked from
-the header before any pixel is decoded, and errors that map onto HTTP statuses.
+the header before any pixel is decoded, and errors that map onto HTTP statuses. (A lone plain
+JPEG may be decoded by :mod:`service.ingress.plain_jpeg` instead: the same pixels, faster.)
 """
 
 from __future__ import annotations

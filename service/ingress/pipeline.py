@@ -46,6 +46,7 @@ from service.ingress import imaging
 from service.ingress.budget import BudgetExceededError, ByteBudget
 from service.ingress.engine_client import Lease
 from service.ingress.errors import ClientGoneError
+from service.ingress.plain_jpeg import plain_jpeg
 from service.ingress.state import IngressState
 
 T = TypeVar("T")
@@ -326,13 +327,24 @@ class Pipeline:
         """One image decoded on the event loop when that costs less than the hop to a decode
         thread and back (about half a millisecond on a loaded core): a file of at most
         INLINE_FILE_BYTES whose header promises a decode of at most INLINE_DECODE_BYTES, with
-        room in the decode budget now, for a model whose input fits a Submit. Its pixels, or
-        its error; None when it is not such an image: the threads decode it into a slot (and
-        give the big-image errors their full text)."""
+        room in the decode budget now, for a model whose input fits a Submit. A plain JPEG
+        takes the TurboJPEG lane (:mod:`~service.ingress.plain_jpeg`), any other image
+        Pillow's. Its pixels, or its error; None when it is not such an image: the threads
+        decode it into a slot (and give the big-image errors their full text)."""
         if len(data) > INLINE_FILE_BYTES or _input_bytes(card) > wire.MAX_SUBMIT_BYTES:
             return None
         spec = card.input
         t0 = time.perf_counter()
+        plain = plain_jpeg(data, spec, self.settings.max_image_pixels)
+        if plain is not None and plain.cost <= INLINE_DECODE_BYTES:
+            try:
+                with self.state.decode_budget.reserve(plain.cost, deadline=0.0):
+                    pixels = plain.to_array(spec)
+            except BudgetExceededError:
+                return None
+            if pixels is not None:
+                self._decoded(t0)
+                return pixels
         try:
             image = imaging.open_checked(data, self.settings.max_image_pixels)
         except imaging.ImageError as e:
@@ -351,9 +363,12 @@ class Pipeline:
             return None
         except imaging.ImageError as e:
             return e
+        self._decoded(t0)
+        return array
+
+    def _decoded(self, t0: float) -> None:
         if self.state.metrics is not None:
             self.state.metrics.preprocess_duration.observe(time.perf_counter() - t0)
-        return array
 
     def _prepare(
         self,
