@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -168,6 +169,7 @@ class EngineServer:
             )
             for conn in list(self.connections):
                 conn.writer.close()
+        gc.freeze()  # the session and what loading made stay; collections skip them
         if not self.draining:
             self.set_ready(True, "")
             log.info("ready", extra={"model": self.engine.card.name})
