@@ -261,9 +261,10 @@ class Batcher:
         self._queue.extend(_Item(request, i, a, now) for i, a in enumerate(images))
         self._depth_observed()
         self._wakeup.set()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        when = None if deadline is None else loop.time() + (deadline - time.monotonic())
         try:
-            return await asyncio.wait_for(request.future, timeout)
+            async with asyncio.timeout_at(when):
+                return await request.future
         except TimeoutError:
             request.gave_up = "deadline"
             self._purge(request)

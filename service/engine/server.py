@@ -350,7 +350,12 @@ class EngineServer:
         else:
             reply = wire.Done(rid, np.ascontiguousarray(logits, dtype=np.float32))
         if conn.leases.pop(rid, None) is not None:
-            asyncio.get_running_loop().create_task(self._free_after_batch(lease.slots))
+            if isinstance(reply, wire.Done):
+                # Every batch that read these slots has returned its rows: free them now.
+                self._free.extend(lease.slots)
+                self.metrics.admitted.set(self.held)
+            else:  # a batch being run may still read them
+                asyncio.get_running_loop().create_task(self._free_after_batch(lease.slots))
         conn.send(reply)
 
 
