@@ -180,8 +180,12 @@ def test_a_request_waits_for_the_other_admitted_images_and_runs_with_them() -> N
         first = asyncio.ensure_future(b.submit([img(1)]))
         await settle_down()
         assert rec.batches == [] and b.depth == 1 and b.expected == 2  # held for the others
-        b.settle(2)
-        second = asyncio.ensure_future(b.submit([img(2), img(3)]))
+
+        async def arrive() -> np.ndarray:
+            b.settle(2)  # as the engine does: settled and queued in one step
+            return await b.submit([img(2), img(3)])
+
+        second = asyncio.ensure_future(arrive())
         await asyncio.wait_for(asyncio.gather(first, second), 30)
         await b.close()
         assert rec.batches == [[1.0, 2.0, 3.0]]  # one model run for both

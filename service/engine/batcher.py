@@ -310,7 +310,8 @@ class Batcher:
                     break
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wakeup.wait()
                 except TimeoutError:
                     break
             batch = self._take()

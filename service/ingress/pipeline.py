@@ -191,7 +191,8 @@ class Pipeline:
                 yield chunk
 
         try:
-            parsed = await asyncio.wait_for(parse(counted()), max(0.0, deadline - time.monotonic()))
+            async with asyncio.timeout_at(_loop_time(deadline)):  # no task of its own
+                parsed = await parse(counted())
         except BaseException as e:
             held.give()
             if isinstance(e, BudgetExceededError):
