@@ -15,7 +15,7 @@ import pytest
 from modelcard.schema import FUSED_FILE, UNFUSED_FILE, read_card
 from service import ranking
 from service.engine.config import EngineConfig
-from service.engine.model import Engine
+from service.engine.model import Engine, pick_threads
 from service.engine.policy import (
     CPU_EP,
     CUDA_EP,
@@ -212,6 +212,12 @@ def test_thread_count_is_measured_unless_set(engine: Engine) -> None:
     info = engine.info
     session_threads = engine.session.get_session_options().intra_op_num_threads
     assert session_threads == info.intra_op_threads
+    # The pool spins between operators only where splitting the model was measured to pay.
+    spin = engine.session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning"
+    )
+    assert spin == ("1" if info.intra_op_spinning else "0")
+    assert info.intra_op_spinning == (info.intra_op_threads > 1)
     if config.cpu_cores > 1:
         assert info.intra_op_threads in (1, config.cpu_cores)
         assert (
@@ -223,6 +229,23 @@ def test_thread_count_is_measured_unless_set(engine: Engine) -> None:
     fixed = Engine.load(_settings(intra_op_threads=3))
     assert fixed.session.get_session_options().intra_op_num_threads == 3
     assert (fixed.info.intra_op_threads, fixed.info.intra_op_reason) == (3, "as configured")
+    assert not fixed.info.intra_op_spinning
+
+
+@pytest.mark.parametrize(
+    ("one_ms", "many_ms", "want"),
+    [
+        (0.44, 0.57, (1, False)),  # the embedded model here: splitting costs more than it gives
+        (0.44, 0.42, (1, False)),  # faster, but not by MIN_GAIN: the workers keep the core
+        (71.1, 41.4, (2, True)),  # SE-ResNet-50: every core, the pool spinning
+    ],
+)
+def test_every_core_spinning_only_when_splitting_pays(
+    one_ms: float, many_ms: float, want: tuple[int, bool]
+) -> None:
+    threads = pick_threads(one_ms, many_ms, cores=2)
+    assert (threads.count, threads.spinning) == want
+    assert f"{one_ms:.2f} ms on one thread" in threads.reason
 
 
 def test_softmax_and_top_k_are_exact() -> None:

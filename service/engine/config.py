@@ -25,6 +25,9 @@ class EngineConfig:
     # ORT's CPU threads; 0: measured at load between one and ``cpu_cores`` (Engine.load).
     intra_op_threads: int = 1
     cpu_cores: int = 1
+    # ORT's pool threads spin between operators instead of sleeping (Engine.load turns it on
+    # when it measured that splitting the model across cores pays).
+    intra_op_spinning: bool = False
     cudnn_conv_algo_search: str = "EXHAUSTIVE"
     cuda_tf32: bool = True
     precision: str = "auto"  # auto | fp32 | fp16 | int8

@@ -68,8 +68,10 @@ def session_options(
     so.log_severity_level = 3
     if provider == "cpu":
         so.intra_op_num_threads = config.intra_op_threads
-        # Spinning threads would burn the cores the ingress workers need between batches.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spinning threads would burn the cores the ingress workers need between batches,
+        # unless the model is so heavy that the workers need little (Engine.load measures).
+        spin = "1" if config.intra_op_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     else:
         so.intra_op_num_threads = 1
     if cuda_graphs and provider == "cuda":
