@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from service import VERSION, logs
 from service.ingress import auth
 from service.ingress.errors import install_handlers
+from service.ingress.lane import ClassifyLane
 from service.ingress.middleware import RequestContext
 from service.ingress.pipeline import Pipeline
 from service.ingress.routes import classify, metrics, v2
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, engine_socket: Path | None = No
         app.include_router(module.router)
     _install_web(app)
     _drop_impossible_422(app)
+    app.add_middleware(ClassifyLane, owner=app)  # inside the gate and the request context
     if settings.api_key is not None:
         app.add_middleware(auth.ApiKeyGate, api_key=settings.api_key.get_secret_value())
     app.add_middleware(RequestContext)  # every answer gets a request id

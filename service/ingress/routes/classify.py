@@ -25,6 +25,10 @@ from service.ingress.schemas import AUTH, BODY, IMAGE, ClassifyResponse, error_r
 
 router = APIRouter(tags=["classification"])
 
+# The query parameter, declared once: FastAPI documents it, the lane validates with it.
+DEFAULT_TOP_K = 5
+TopK = Annotated[int, Query(ge=1, description="predictions per image (clamped to the class count)")]
+
 _BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -65,12 +69,10 @@ _BODY: dict[str, Any] = {
     summary="Classify one or more images (multipart parts named 'images', or a raw body)",
 )
 async def classify(
-    request: Request,
-    pipeline: PipelineDep,
-    top_k: Annotated[
-        int, Query(ge=1, description="predictions per image (clamped to the class count)")
-    ] = 5,
+    request: Request, pipeline: PipelineDep, top_k: TopK = DEFAULT_TOP_K
 ) -> JSONResponse:
+    # POST /classify reaches this through service.ingress.lane, which solves these arguments
+    # itself; the declaration is the route's OpenAPI entry (and FastAPI's, for the rest).
     settings = pipeline.settings
     deadline = time.monotonic() + settings.request_timeout_s
     async with pipeline.accounted():
