@@ -96,7 +96,13 @@ def to_array(image: Image.Image, spec: InputSpec) -> np.ndarray:
         left = (image.width - spec.width) // 2
         top = (image.height - spec.height) // 2
         image = image.crop((left, top, left + spec.width, top + spec.height))
-    arr = np.asarray(image, dtype=np.uint8)
+    return pixels_to_input(np.asarray(image, dtype=np.uint8), spec)
+
+
+def pixels_to_input(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 pixels of the model's size and colour (``[H, W]`` gray, ``[H, W, 3]`` RGB) ->
+    its [C, H, W] input: as they are for an in-graph-normalising model, else float32
+    normalised as ``(x/255 - mean) / std``."""
     arr = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     if spec.dtype == "uint8":
         return np.ascontiguousarray(arr)

@@ -280,11 +280,18 @@ def _exif(orientation: int) -> Image.Exif:
     return exif
 
 
-@pytest.mark.parametrize("spec", [GRAY28, RGB224, RGB224_FLOAT], ids=["L28", "RGB224", "f32"])
+RGB224_STRETCH = RGB224_FLOAT.model_copy(update={"resize": "stretch"})
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [GRAY28, RGB224, RGB224_FLOAT, RGB224_STRETCH],
+    ids=["L28", "RGB224", "f32", "f32-stretch"],
+)
 @pytest.mark.parametrize(
     ("size", "mode", "params"),
     [
-        ((224, 224), "RGB", {"quality": 90}),  # the embedded model: decoded at 1/8
+        ((224, 224), "RGB", {"quality": 90}),  # decoded at the model's size: no Pillow at all
         ((100, 37), "RGB", {"quality": 75}),  # odd sizes: the scaled size rounds up
         ((640, 480), "RGB", {"quality": 95, "subsampling": 0}),  # 4:4:4
         ((333, 517), "RGB", {"quality": 85, "subsampling": 1}),  # 4:2:2

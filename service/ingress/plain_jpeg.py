@@ -7,9 +7,11 @@ Exactly, because both ask the same library for the same decode: the slow integer
 upsampling, the same DCT-domain scale Pillow's ``draft`` picks (1/2, 1/4 or 1/8, never below
 the size the model needs), and libjpeg's own grayscale output when the model is grayscale.
 Everything after the decode (mode, resize, crop, normalisation) is still
-:func:`modelcard.preprocessing.to_array`'s. A file is plain when nothing before its first scan
-can change the pixels Pillow would give: only JFIF/comment segments, tables, restart interval
-and a baseline, extended or progressive frame, in YCbCr or grayscale. Anything else (EXIF or
+:mod:`modelcard.preprocessing`'s (``pixels_to_input`` alone when the decode already has the
+model's size and colour, as the embedded model's 1/8 scale of a 224x224 JPEG has). A file is
+plain when nothing before its first scan can change the pixels Pillow would give: only
+JFIF/comment segments, tables, restart interval and a baseline, extended or progressive
+frame, in YCbCr or grayscale. Anything else (EXIF or
 XMP orientation, ICC, Adobe colour transforms, CMYK, arithmetic coding, a recoverable
 libjpeg warning) is None here and goes the Pillow way, which also gives every error its text.
 """
@@ -23,7 +25,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from modelcard.preprocessing import resized_size, to_array
+from modelcard.preprocessing import pixels_to_input, resized_size, to_array
 from modelcard.schema import InputSpec
 from service.ingress import decode_limits
 
@@ -58,6 +60,10 @@ class PlainJpeg:
             return None  # a scale other than Pillow's: never guess
         if self.colorspace == "GRAY":
             pixels = pixels[:, :, 0]
+        exact = self.size == (spec.width, spec.height) == resized_size(*self.size, spec)
+        if exact and _MODE[self.colorspace] == spec.color:
+            # Already the model's size and colour: nothing for Pillow's resize or crop to do.
+            return pixels_to_input(pixels, spec)
         return to_array(Image.fromarray(pixels, _MODE[self.colorspace]), spec)
 
 
