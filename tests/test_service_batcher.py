@@ -34,11 +34,13 @@ class Recorder:
         self.gate.set()
         self.entered = threading.Event()
         self.fail_on = fail_on
+        self.delay_s = 0.0  # each run takes at least this long
 
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         self.entered.set()
         self.threads.add(threading.current_thread().name)
         assert self.gate.wait(30), "test gate never opened"
+        time.sleep(self.delay_s)
         values = [float(a[0]) for a in images]
         self.batches.append(values)
         if self.fail_on is not None and self.fail_on in values:
@@ -257,6 +259,33 @@ def test_inference_runs_in_its_own_thread_and_the_loop_stays_free() -> None:
         assert out[0, 1] == 1
         assert rec.threads and all(t.startswith("inference") for t in rec.threads)
         assert threading.current_thread().name not in rec.threads
+
+    asyncio.run(main())
+
+
+def test_a_quick_lone_image_runs_on_the_loop_and_anything_else_on_the_thread() -> None:
+    loop_thread = threading.current_thread().name
+
+    async def main() -> None:
+        rec = Recorder()
+        b = make(rec, max_queue_delay_s=0, inline_below_s=0.05)
+        b.start()
+        await b.submit([img(1)])  # never timed yet: the thread
+        assert rec.threads == {"inference_0"}
+        rec.threads.clear()
+        for v in (2, 3):
+            assert (await b.submit([img(v)]))[0, 0] == 2 * v
+        assert rec.threads == {loop_thread}
+        rec.threads.clear()
+        await b.submit([img(4), img(5)])  # a batch of two: the thread, however quick
+        assert rec.threads == {"inference_0"}
+        rec.threads.clear()
+        rec.delay_s = 0.1  # lone runs that take longer than the bound go back to the thread
+        for v in (6, 7, 8, 9, 10):
+            await b.submit([img(v)])
+        await b.close()
+        assert loop_thread in rec.threads  # the slow lone run blocked the loop once ...
+        assert "inference_0" in rec.threads  # ... then lone images went to the thread again
 
     asyncio.run(main())
 

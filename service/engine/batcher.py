@@ -13,7 +13,11 @@ that are still being decoded elsewhere are waited for (``always_wait`` restores 
 every batch that is not full waits it out). While the model runs, the queue keeps
 filling, so under load batches form without waiting at all.
 
-The model runs in one dedicated thread, never on the event loop. A failing batch fails every
+The model runs in one dedicated thread, so that the loop stays free to take and refuse work,
+answer heartbeats and drop the images of callers gone meanwhile while it runs; only a lone
+image whose runs have lately taken under ``inline_below_s`` runs on the loop itself (a small
+model on the CPU, one client at a time), where the two thread hops cost more than the run.
+A failing batch fails every
 caller that had an image in it (each gets its own exception). Images of callers that gave up
 (cancelled, disconnected, past their deadline) are dropped before a batch is formed, so they
 cost no model run.
@@ -122,6 +126,7 @@ class Batcher:
         max_queue_size: int,
         observer: BatchObserver | None = None,
         always_wait: bool = False,
+        inline_below_s: float = 0.0,
     ) -> None:
         if not callable(run_batch):
             raise TypeError(f"run_batch must be callable, got {type(run_batch).__name__}")
@@ -146,6 +151,8 @@ class Batcher:
         self._closing = False
         self._flushing = False
         self._mean_batch_s = 0.0
+        self.inline_below_s = inline_below_s
+        self._lone_s = math.inf  # smoothed run time of a batch of one
         self._batch_done: asyncio.Future[None] | None = None
         self.in_flight = 0  # images of the batch being run now
         self._expected = 0  # images on their way to submit(): see expect()
@@ -354,7 +361,10 @@ class Batcher:
         images = [item.image for item in batch]
         t0 = time.perf_counter()
         try:
-            rows = await loop.run_in_executor(self._executor, self._run_batch, images)
+            if len(batch) == 1 and self._lone_s < self.inline_below_s:
+                rows = self._run_batch(images)
+            else:
+                rows = await loop.run_in_executor(self._executor, self._run_batch, images)
             if not isinstance(rows, np.ndarray) or rows.shape[:1] != (len(batch),):
                 raise BatchFailedError(
                     f"run_batch returned {getattr(rows, 'shape', type(rows).__name__)} "
@@ -397,6 +407,9 @@ class Batcher:
             self._mean_batch_s = (
                 compute if not self._mean_batch_s else (0.9 * self._mean_batch_s + 0.1 * compute)
             )
+            if size == 1:
+                lone = self._lone_s
+                self._lone_s = compute if lone == math.inf else 0.8 * lone + 0.2 * compute
         if self._observer is not None:
             self._observer.on_batch(size, waits, compute, failed)
 

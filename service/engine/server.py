@@ -48,6 +48,10 @@ from service.slots import SlotArena, slot_count
 
 log = logging.getLogger("service.engine")
 
+# A lone image whose runs take less than this runs on the event loop, without the two thread
+# hops; the loop (heartbeats, admissions) is held no longer than about this.
+INLINE_LONE_S = 0.001
+
 
 @dataclass(frozen=True)
 class EngineProcessConfig:
@@ -117,6 +121,8 @@ class EngineServer:
             always_wait=config.batch_wait == "always",
             max_queue_size=self.arena.count,
             observer=self.metrics,
+            # CUDA keeps its captured graphs on the batcher's thread: only the CPU runs inline.
+            inline_below_s=INLINE_LONE_S if info.provider == "cpu" else 0.0,
         )
         self.connections: set[_Connection] = set()
         self.ready = False
