@@ -79,9 +79,9 @@ def bystander_during(svc: ServiceProcess, work) -> tuple[object, float, float]: 
     latencies = []
     t0 = time.monotonic()
     t.start()
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=60, headers=AUTH) as client:
         while t.is_alive():
-            latencies.append(classify_small(svc, client, AUTH))
+            latencies.append(classify_small(svc, client))
             time.sleep(0.05)
     t.join()
     return result.get("r"), time.monotonic() - t0, max(latencies, default=0.0)
