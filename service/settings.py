@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0,
         ge=0,
-        description="ORT CPU threads; 0 = measured at start: one per core, or one thread "
-        "when that runs a lone image as fast (a small model)",
+        description="ORT CPU threads; 0 = measured at start: one thread, unless every core "
+        "runs a lone image at least 1.1x faster (then every core, ORT's pool spinning)",
     )
     preprocess_threads: int = Field(
         0, ge=0, description="decode/resize threads per worker; 0 = two"

@@ -17,10 +17,9 @@ The model runs in one dedicated thread, so that the loop stays free to take and 
 answer heartbeats and drop the images of callers gone meanwhile while it runs; only a lone
 image whose runs have lately taken under ``inline_below_s`` runs on the loop itself (a small
 model on the CPU, one client at a time), where the two thread hops cost more than the run.
-A failing batch fails every
-caller that had an image in it (each gets its own exception). Images of callers that gave up
-(cancelled, disconnected, past their deadline) are dropped before a batch is formed, so they
-cost no model run.
+A failing batch fails every caller that had an image in it (each gets its own exception).
+Images of callers that gave up (cancelled, disconnected, past their deadline) are dropped
+before a batch is formed, so they cost no model run.
 """
 
 from __future__ import annotations

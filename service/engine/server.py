@@ -317,6 +317,9 @@ class EngineServer:
 
     async def _free_after_batch(self, slots: list[int]) -> None:
         await self.batcher.current_batch_done()
+        self._give_back(slots)
+
+    def _give_back(self, slots: list[int]) -> None:
         self._free.extend(slots)
         self.metrics.admitted.set(self.held)
 
@@ -358,8 +361,7 @@ class EngineServer:
         if conn.leases.pop(rid, None) is not None:
             if isinstance(reply, wire.Done):
                 # Every batch that read these slots has returned its rows: free them now.
-                self._free.extend(lease.slots)
-                self.metrics.admitted.set(self.held)
+                self._give_back(lease.slots)
             else:  # a batch being run may still read them
                 asyncio.get_running_loop().create_task(self._free_after_batch(lease.slots))
         conn.send(reply)

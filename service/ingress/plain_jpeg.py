@@ -11,9 +11,9 @@ Everything after the decode (mode, resize, crop, normalisation) is still
 model's size and colour, as the embedded model's 1/8 scale of a 224x224 JPEG has). A file is
 plain when nothing before its first scan can change the pixels Pillow would give: only
 JFIF/comment segments, tables, restart interval and a baseline, extended or progressive
-frame, in YCbCr or grayscale. Anything else (EXIF or
-XMP orientation, ICC, Adobe colour transforms, CMYK, arithmetic coding, a recoverable
-libjpeg warning) is None here and goes the Pillow way, which also gives every error its text.
+frame, in YCbCr or grayscale. Anything else (EXIF or XMP orientation, ICC, Adobe colour
+transforms, CMYK, arithmetic coding, a recoverable libjpeg warning) is None here and goes
+the Pillow way, which also gives every error its text.
 """
 
 from __future__ import annotations
